@@ -1,0 +1,33 @@
+# ambient-testbed: everything a user needs on a fresh Debian 12 VM, as root.
+VENV := .venv
+PY := $(VENV)/bin/python
+TESTBED := $(VENV)/bin/testbed
+EXPERIMENT ?= experiments/default.yaml
+
+.PHONY: setup test unit integration experiment report lint typecheck clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+experiment: setup
+	$(TESTBED) run $(EXPERIMENT) --report
+
+report: setup
+	$(TESTBED) report $(RUN)
+
+lint: setup
+	$(VENV)/bin/ruff check testbed tests topologies
+	$(VENV)/bin/ruff format --check testbed tests topologies
+	$(VENV)/bin/mypy testbed
+
+clean: setup
+	$(TESTBED) clean --all
