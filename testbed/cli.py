@@ -1,0 +1,300 @@
+"""The `testbed` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from testbed.cluster.loader import parse_value
+from testbed.cluster.model import TopologyError
+from testbed.netlab import ManifestError, NetlabError
+from testbed.netlab.manifest import RUNS_ROOT, list_runs
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """A mistake on the command line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from testbed.experiment.spec import SpecError
+    from testbed.redirect import ModeError
+
+    return (TopologyError, ModeError, ManifestError, SpecError, UsageError)
+
+
+# -- doctor ---------------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from testbed.netlab.features import detect_features
+
+    features = detect_features()
+    if args.json:
+        print(json.dumps([f.as_dict() for f in features], indent=2))
+    else:
+        table = Table("feature", "status", "detail", "needed by", title="testbed doctor")
+        for f in features:
+            status = "[green]ok[/green]" if f.ok else (
+                "[red]MISSING[/red]" if f.essential else "[yellow]missing[/yellow]")
+            table.add_row(f.name, status, f.detail, f.needed_by)
+        console.print(table)
+        fallbacks = [f for f in features if f.name == "geneve" and not f.ok]
+        if fallbacks:
+            console.print("legacy mode will use VXLAN tunnels (tunnel=vxlan): no geneve here")
+    missing = [f.name for f in features if f.essential and not f.ok]
+    if missing:
+        err_console.print(f"essential features missing: {', '.join(missing)}")
+        return 1
+    return 0
+
+
+# -- up / ls / inspect / exec / down / clean -----------------------------------------------
+def _mode_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {item!r}: expected key=value")
+        options[key] = parse_value(value)
+    if args.inpod_variant:
+        options["inpod_variant"] = args.inpod_variant
+    return options
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from testbed.cluster.cluster import Cluster
+    from testbed.inventory import inventory_tables, summary_line
+    from testbed.shell import ClusterShell
+
+    started = time.monotonic()
+    cluster = Cluster(args.topology, mode=args.mode, name=args.name,
+                      mode_options=_mode_options(args), root=args.root)
+    cluster.start()
+    inv = cluster.inventory()
+    console.print(f"{summary_line(inv)} (built in {time.monotonic() - started:.1f} s)")
+    if args.detach:
+        console.print(f"left running; 'testbed inspect {cluster.run}', "
+                      f"'testbed exec {cluster.run} POD -- CMD', 'testbed down {cluster.run}'")
+        return 0
+    try:
+        for _, table in inventory_tables(inv):
+            console.print(table)
+        ClusterShell(cluster, console).cmdloop()
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from testbed.cluster.cluster import INVENTORY
+
+    table = Table("name", "topology", "mode", "nodes", "pods", "created", title="testbeds")
+    for manifest in list_runs(args.root):
+        inv_path = manifest.state_file(INVENTORY)
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.path.stat().st_ctime))
+        if inv_path.exists():
+            inv = json.loads(inv_path.read_text())
+            table.add_row(manifest.run, inv["topology"], inv["facts"].get("mode", "?"),
+                          str(len(inv["nodes"])), str(len(inv["pods"])), created)
+        else:
+            table.add_row(manifest.run, "?", "?", "?", "?", f"{created} (incomplete)")
+    console.print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from testbed.cluster.cluster import load_inventory
+    from testbed.inventory import inventory_tables, summary_line
+
+    inv = _inventory(args.name, args.root, load_inventory)
+    if args.json:
+        print(json.dumps(inv, indent=2))
+        return 0
+    console.print(summary_line(inv))
+    for _, table in inventory_tables(inv):
+        console.print(table)
+    return 0
+
+
+def _inventory(name: str, root: Path, load: Callable[[str, Path], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return load(name, root)
+    except NetlabError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_exec(args: argparse.Namespace) -> NoReturn:
+    from testbed.cluster.cluster import load_inventory
+    from testbed.netlab.nsutil import netns_path
+    from testbed.netlab.process import nsenter_argv
+
+    inv = _inventory(args.name, args.root, load_inventory)
+    pods = {p["name"]: p for p in inv["pods"]}
+    if args.pod not in pods:
+        raise UsageError(f"testbed {args.name} has no pod {args.pod!r}; pods: {', '.join(pods)}")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("exec needs a command after the pod name (testbed exec NAME POD -- CMD)")
+    resolved = [pods[w]["ip"] if w in pods else w for w in command]
+    argv = nsenter_argv(netns_path(pods[args.pod]["netns"]), resolved)
+    os.execvp(argv[0], argv)
+
+
+def _print_report(report: Any) -> int:
+    console.print(f"{report.run}: removed {len(report.removed)} resources")
+    for error in report.errors:
+        err_console.print(f"  could not remove {error}")
+    return 1 if report.errors else 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from testbed.netlab import RunManifest, clean_run
+
+    return _print_report(clean_run(RunManifest.open(args.name, args.root)))
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from testbed.netlab import RunManifest, clean_all, clean_run
+
+    if args.all == bool(args.name):
+        raise UsageError("clean takes either a testbed NAME or --all")
+    reports = clean_all(args.root) if args.all else [clean_run(RunManifest.open(args.name, args.root))]
+    if not reports:
+        console.print("nothing to clean")
+    return max((_print_report(r) for r in reports), default=0)
+
+
+# -- experiments ----------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from testbed.experiment import run_experiment
+
+    run_dir = run_experiment(args.spec, results_dir=args.results, report=args.report)
+    console.print(f"results: {run_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed.experiment import write_report
+
+    run_dir = args.run or _latest_run(args.results)
+    console.print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def _latest_run(results: Path) -> Path:
+    runs = sorted(p for p in results.glob("*") if (p / "results.csv").exists())
+    if not runs:
+        raise UsageError(f"no runs with results.csv under {results}; name one: testbed report RUN")
+    return runs[-1]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from testbed.experiment import compare_runs
+
+    for run in (args.run_a, args.run_b):
+        if not (run / "results.csv").exists():
+            raise UsageError(f"{run}: not a results directory (no results.csv)")
+    console.print(compare_runs(args.run_a, args.run_b))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        description="Network emulation testbed for Istio's ambient data plane.",
+    )
+    parser.add_argument("--root", type=Path, default=RUNS_ROOT, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="kernel features and tools, and what needs them")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("up", help="build a testbed and open a shell (or --detach)")
+    p.add_argument("topology", help="name, spec string (multi_node,nodes=3,pods=10) or file.py")
+    p.add_argument("--mode", default="none", help="redirection mode (default: none)")
+    p.add_argument("--inpod-variant", choices=["redirect", "tproxy", "nftables"],
+                   help="rules used by mode inpod (default redirect)")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help="a mode option, repeatable")
+    p.add_argument("--name", help="testbed name (default: random)")
+    p.add_argument("--detach", action="store_true", help="leave it running and return")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("ls", help="running testbeds")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("inspect", help="nodes, pods and services of a testbed")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("exec", help="run a command in a pod: exec NAME POD -- CMD...")
+    p.add_argument("name")
+    p.add_argument("pod")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("down", help="tear a testbed down")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("clean", help="remove what a testbed's manifest names (NAME or --all)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("run", help="run an experiment spec (YAML)")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--report", action="store_true", help="write the report afterwards")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write report.md and plots for a run")
+    p.add_argument("run", type=Path, nargs="?", help="results directory (default: latest)")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="what changed between two runs beyond noise")
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM tears down like Ctrl-C
+    try:
+        code: int = args.func(args)
+        return code
+    except _user_errors() as exc:
+        err_console.print(f"testbed: error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except NetlabError as exc:
+        err_console.print(f"testbed: failed: {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("testbed: interrupted; everything it created was removed")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Turning a planned topology into namespaces, veths, addresses and routes.
+
+Underlay: a `fabric` namespace holds bridge br0; each node's eth0 is a veth into it.
+Pods: one veth per pod, ptp style like the CNI ptp plugin or Calico: the pod has a /32 and a
+default route via the node's gateway address, which every host-side veth of that node
+carries; the node routes each pod's /32 to its veth and each other node's pod CIDR via that
+node's underlay address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from testbed.cluster.model import NodeSpec, PodSpec
+from testbed.netlab import Lab, Netns
+from testbed.netlab import links
+from testbed.netlab.shaping import shape_link
+
+UNDERLAY_PREFIX = 16
+BRIDGE = "br0"
+
+
+def build_fabric(lab: Lab) -> Netns:
+    fabric = lab.add_netns("fabric")
+    with fabric.iproute() as ipr:
+        links.loopback_up(ipr)
+        links.add_bridge(ipr, BRIDGE)
+    return fabric
+
+
+def build_node(lab: Lab, node: NodeSpec, fabric: Netns, others: list[NodeSpec],
+               netem_available: bool) -> Netns:
+    ns = lab.add_netns(node.name)
+    with fabric.iproute() as fab:
+        port = links.add_veth(fab, f"vn{node.index}", ns, "eth0")
+        links.set_up(fab, port, master=links.ifindex(fab, BRIDGE))
+    with ns.iproute() as ipr:
+        links.loopback_up(ipr)
+        eth0 = links.ifindex(ipr, "eth0")
+        links.add_address(ipr, eth0, node.underlay_ip, UNDERLAY_PREFIX)
+        links.set_up(ipr, eth0)
+        for other in others:
+            links.add_route(ipr, other.pod_cidr, gateway=other.underlay_ip)
+    ns.set_sysctl("net.ipv4.ip_forward", 1)
+    if node.link.shaped:
+        shape_link(ns, "eth0", rate=node.link.rate, delay=node.link.delay,
+                   loss=node.link.loss, netem_available=netem_available)
+    return ns
+
+
+def build_pod(lab: Lab, node: NodeSpec, node_ns: Netns, pod: PodSpec) -> Netns:
+    ns = lab.add_netns(node.name, pod.name)
+    with node_ns.iproute() as nipr:
+        host = links.add_veth(nipr, pod.host_ifname, ns, "eth0")
+        links.add_address(nipr, host, node.gateway_ip, 32)
+        links.set_up(nipr, host)
+        links.add_route(nipr, f"{pod.ip}/32", oif=host, link_scope=True)
+    with ns.iproute() as ipr:
+        links.loopback_up(ipr)
+        eth0 = links.ifindex(ipr, "eth0")
+        links.add_address(ipr, eth0, pod.ip, 32)
+        links.set_up(ipr, eth0)
+        links.add_route(ipr, f"{node.gateway_ip}/32", oif=eth0, link_scope=True)
+        links.add_route(ipr, "0.0.0.0/0", gateway=node.gateway_ip, oif=eth0)
+    return ns
+
+
+def next_pod_ip(node: NodeSpec, used: int) -> str:
+    return str(ipaddress.IPv4Network(node.pod_cidr).network_address + 2 + used)

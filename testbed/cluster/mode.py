@@ -1,0 +1,30 @@
+"""What a redirection mode must provide to the cluster (implemented in testbed.redirect)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from testbed.cluster.cluster import Cluster, Pod
+
+
+class RedirectMode(Protocol):
+    name: str
+
+    def install(self, cluster: Cluster) -> None:
+        """After the network is built: start proxies and enroll the pods."""
+
+    def enroll(self, pod: Pod) -> None:
+        """Capture this pod's traffic."""
+
+    def unenroll(self, pod: Pod) -> None:
+        """Stop capturing this pod's traffic."""
+
+    def facts(self) -> dict[str, str]:
+        """Mode details and fallbacks that belong in every result row."""
+
+    def proxy_pids(self) -> dict[str, int]:
+        """Label -> pid of every proxy process the mode runs."""
+
+    def describe_pod(self, pod: Pod) -> str:
+        """What the mode installed in a pod (rules), for the shell and inspect."""

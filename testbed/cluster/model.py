@@ -1,0 +1,275 @@
+"""The Mininet-style cluster model: what a topology script declares.
+
+A topology is a class whose `build()` adds nodes, pods, services, policies and underlay
+link parameters. Nothing here touches the system; `plan()` validates the whole model and
+assigns addresses before anything is created, so bad input leaves nothing half-built.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+UNDERLAY = ipaddress.IPv4Network("172.18.0.0/16")
+POD_SUPERNET = ipaddress.IPv4Network("10.244.0.0/16")
+SERVICE_NET = ipaddress.IPv4Network("10.96.0.0/16")
+MAX_NODES = 200
+MAX_PODS_PER_NODE = 250
+ROOT_NAMESPACE = "istio-system"  # policies here apply mesh-wide, as in Istio
+
+
+class TopologyError(Exception):
+    """A mistake in a topology: the message names the topology, the item and the problem."""
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    """Shaping of a node's underlay link: rate like '1gbit', delay like '1ms', loss in %."""
+
+    rate: str | None = None
+    delay: str | None = None
+    loss: float | None = None
+
+    @property
+    def shaped(self) -> bool:
+        return any(v is not None for v in (self.rate, self.delay, self.loss))
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    link: LinkParams = field(default_factory=LinkParams)
+    index: int = 0
+    underlay_ip: str = ""
+    pod_cidr: str = ""
+    gateway_ip: str = ""
+
+
+@dataclass
+class PodSpec:
+    name: str
+    node: str
+    namespace: str = "default"
+    service_account: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    ip: str = ""
+    host_ifname: str = ""
+    uid: str = ""
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    namespace: str
+    selector: dict[str, str]
+    ports: dict[int, int]  # service port -> target port
+    vip: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One rule of an AuthorizationPolicy: all listed conditions must hold."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+
+
+@dataclass
+class PolicySpec:
+    """An L4 AuthorizationPolicy. Namespace istio-system means mesh-wide."""
+
+    name: str
+    namespace: str
+    action: Literal["ALLOW", "DENY"]
+    selector: dict[str, str] | None
+    rules: list[PolicyRule]
+
+
+RULE_FIELDS = {f for f in PolicyRule.__dataclass_fields__}
+
+
+class Topology:
+    """Base class of topology scripts. Override `build()`; parameters arrive as kwargs."""
+
+    name = "custom"
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        self.nodes: dict[str, NodeSpec] = {}
+        self.pods: dict[str, PodSpec] = {}
+        self.services: dict[str, ServiceSpec] = {}
+        self.policies: dict[str, PolicySpec] = {}
+
+    def build(self) -> None:
+        """Add nodes, pods, services and policies here."""
+
+    # -- declarations --------------------------------------------------------------
+    def add_node(
+        self,
+        name: str,
+        *,
+        rate: str | None = None,
+        delay: str | None = None,
+        loss: float | None = None,
+    ) -> str:
+        self._check_name("node", name)
+        if name in self.nodes:
+            raise self.error(f"duplicate node name {name!r}")
+        self.nodes[name] = NodeSpec(name, LinkParams(rate, delay, loss))
+        return name
+
+    def add_pod(
+        self,
+        name: str,
+        node: str,
+        *,
+        namespace: str = "default",
+        service_account: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> str:
+        self._check_name("pod", name)
+        self._check_name("namespace", namespace)
+        if name in self.pods:
+            raise self.error(f"duplicate pod name {name!r}")
+        if node not in self.nodes:
+            known = ", ".join(self.nodes) or "none declared yet"
+            raise self.error(f"pod {name!r} is placed on unknown node {node!r} (nodes: {known})")
+        sa = service_account or name
+        self._check_name("service account", sa)
+        self.pods[name] = PodSpec(name, node, namespace, sa, dict(labels or {}))
+        return name
+
+    def add_service(
+        self,
+        name: str,
+        *,
+        selector: dict[str, str],
+        ports: dict[int, int] | list[int],
+        namespace: str = "default",
+    ) -> str:
+        self._check_name("service", name)
+        if name in self.services:
+            raise self.error(f"duplicate service name {name!r}")
+        if not selector:
+            raise self.error(f"service {name!r} needs a non-empty selector")
+        port_map = {p: p for p in ports} if isinstance(ports, list) else dict(ports)
+        for port in (*port_map, *port_map.values()):
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise self.error(f"service {name!r}: port {port!r} is not in 1-65535")
+        self.services[name] = ServiceSpec(name, namespace, dict(selector), port_map)
+        return name
+
+    def add_policy(
+        self,
+        name: str,
+        *,
+        action: str = "ALLOW",
+        namespace: str = "default",
+        selector: dict[str, str] | None = None,
+        rules: list[dict[str, Any]] | None = None,
+    ) -> str:
+        self._check_name("policy", name)
+        if name in self.policies:
+            raise self.error(f"duplicate policy name {name!r}")
+        act = action.upper()
+        if act not in ("ALLOW", "DENY"):
+            raise self.error(f"policy {name!r}: action {action!r} is not ALLOW or DENY")
+        parsed = [self._policy_rule(name, i, r) for i, r in enumerate(rules or [])]
+        self.policies[name] = PolicySpec(name, namespace, act, selector, parsed)  # type: ignore[arg-type]
+        return name
+
+    def remove_policy(self, name: str) -> None:
+        if self.policies.pop(name, None) is None:
+            raise self.error(f"no policy named {name!r}")
+
+    # -- helpers -------------------------------------------------------------------
+    def error(self, message: str) -> TopologyError:
+        return TopologyError(f"topology {self.name}: {message}")
+
+    def _check_name(self, what: str, name: str) -> None:
+        if not isinstance(name, str) or not DNS_LABEL.match(name):
+            raise self.error(
+                f"{what} name {name!r} is not a DNS label "
+                "(lowercase letters, digits and '-', at most 63 characters)"
+            )
+
+    def _policy_rule(self, policy: str, index: int, rule: dict[str, Any]) -> PolicyRule:
+        unknown = set(rule) - RULE_FIELDS
+        if unknown:
+            raise self.error(
+                f"policy {policy!r} rule {index}: unknown field(s) {sorted(unknown)}; "
+                f"expected some of {sorted(RULE_FIELDS)}"
+            )
+        values: dict[str, tuple[Any, ...]] = {}
+        for key, value in rule.items():
+            items = tuple(value) if isinstance(value, list | tuple) else (value,)
+            if key.endswith("ports") and not all(isinstance(p, int) for p in items):
+                raise self.error(f"policy {policy!r} rule {index}: {key} must be integers")
+            values[key] = items
+        return PolicyRule(**values)
+
+
+def plan(topology: Topology) -> Topology:
+    """Run `build()`, validate, and assign addresses and interface names."""
+    try:
+        topology.build()
+    except TopologyError:
+        raise
+    except Exception as exc:
+        raise TopologyError(
+            f"topology {topology.name}: build() raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not topology.nodes:
+        raise topology.error("declares no nodes")
+    if len(topology.nodes) > MAX_NODES:
+        raise topology.error(f"{len(topology.nodes)} nodes; at most {MAX_NODES} are supported")
+    hosts = UNDERLAY.hosts()
+    next(hosts)  # .0.1 stays free, like a docker bridge's gateway
+    for index, node in enumerate(topology.nodes.values(), start=1):
+        node.index = index
+        node.underlay_ip = str(next(hosts))
+        cidr = ipaddress.IPv4Network((int(POD_SUPERNET.network_address) + (index << 8), 24))
+        node.pod_cidr = str(cidr)
+        node.gateway_ip = str(cidr.network_address + 1)
+    _assign_pods(topology)
+    for offset, svc in enumerate(topology.services.values(), start=10):
+        svc.vip = str(SERVICE_NET.network_address + offset)
+    return topology
+
+
+def _assign_pods(topology: Topology) -> None:
+    per_node: dict[str, int] = {name: 0 for name in topology.nodes}
+    for pod in topology.pods.values():
+        node = topology.nodes[pod.node]
+        count = per_node[pod.node]
+        if count >= MAX_PODS_PER_NODE:
+            raise topology.error(
+                f"node {node.name} has more than {MAX_PODS_PER_NODE} pods (its pod CIDR is a /24)"
+            )
+        per_node[pod.node] = count + 1
+        pod.ip = str(ipaddress.IPv4Network(node.pod_cidr).network_address + 2 + count)
+        pod.host_ifname = f"vp{count}"
+        pod.uid = f"{pod.namespace}-{pod.name}"
+
+
+def service_endpoints(topology: Topology, service: ServiceSpec) -> list[PodSpec]:
+    return [
+        pod
+        for pod in topology.pods.values()
+        if pod.namespace == service.namespace
+        and all(pod.labels.get(k) == v for k, v in service.selector.items())
+    ]
