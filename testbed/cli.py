@@ -46,8 +46,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         table = Table("feature", "status", "detail", "needed by", title="testbed doctor")
         for f in features:
-            status = "[green]ok[/green]" if f.ok else (
-                "[red]MISSING[/red]" if f.essential else "[yellow]missing[/yellow]")
+            status = (
+                "[green]ok[/green]"
+                if f.ok
+                else ("[red]MISSING[/red]" if f.essential else "[yellow]missing[/yellow]")
+            )
             table.add_row(f.name, status, f.detail, f.needed_by)
         console.print(table)
         fallbacks = [f for f in features if f.name == "geneve" and not f.ok]
@@ -79,14 +82,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     from testbed.shell import ClusterShell
 
     started = time.monotonic()
-    cluster = Cluster(args.topology, mode=args.mode, name=args.name,
-                      mode_options=_mode_options(args), root=args.root)
+    cluster = Cluster(
+        args.topology,
+        mode=args.mode,
+        name=args.name,
+        mode_options=_mode_options(args),
+        root=args.root,
+    )
     cluster.start()
     inv = cluster.inventory()
     console.print(f"{summary_line(inv)} (built in {time.monotonic() - started:.1f} s)")
     if args.detach:
-        console.print(f"left running; 'testbed inspect {cluster.run}', "
-                      f"'testbed exec {cluster.run} POD -- CMD', 'testbed down {cluster.run}'")
+        console.print(
+            f"left running; 'testbed inspect {cluster.run}', "
+            f"'testbed exec {cluster.run} POD -- CMD', 'testbed down {cluster.run}'"
+        )
         return 0
     try:
         for _, table in inventory_tables(inv):
@@ -106,8 +116,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.path.stat().st_ctime))
         if inv_path.exists():
             inv = json.loads(inv_path.read_text())
-            table.add_row(manifest.run, inv["topology"], inv["facts"].get("mode", "?"),
-                          str(len(inv["nodes"])), str(len(inv["pods"])), created)
+            table.add_row(
+                manifest.run,
+                inv["topology"],
+                inv["facts"].get("mode", "?"),
+                str(len(inv["nodes"])),
+                str(len(inv["pods"])),
+                created,
+            )
         else:
             table.add_row(manifest.run, "?", "?", "?", "?", f"{created} (incomplete)")
     console.print(table)
@@ -128,7 +144,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inventory(name: str, root: Path, load: Callable[[str, Path], dict[str, Any]]) -> dict[str, Any]:
+def _inventory(
+    name: str, root: Path, load: Callable[[str, Path], dict[str, Any]]
+) -> dict[str, Any]:
     try:
         return load(name, root)
     except NetlabError as exc:
@@ -170,7 +188,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     if args.all == bool(args.name):
         raise UsageError("clean takes either a testbed NAME or --all")
-    reports = clean_all(args.root) if args.all else [clean_run(RunManifest.open(args.name, args.root))]
+    reports = (
+        clean_all(args.root) if args.all else [clean_run(RunManifest.open(args.name, args.root))]
+    )
     if not reports:
         console.print("nothing to clean")
     return max((_print_report(r) for r in reports), default=0)
@@ -226,10 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="build a testbed and open a shell (or --detach)")
     p.add_argument("topology", help="name, spec string (multi_node,nodes=3,pods=10) or file.py")
     p.add_argument("--mode", default="none", help="redirection mode (default: none)")
-    p.add_argument("--inpod-variant", choices=["redirect", "tproxy", "nftables"],
-                   help="rules used by mode inpod (default redirect)")
-    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                   help="a mode option, repeatable")
+    p.add_argument(
+        "--inpod-variant",
+        choices=["redirect", "tproxy", "nftables"],
+        help="rules used by mode inpod (default redirect)",
+    )
+    p.add_argument(
+        "-o", "--option", action="append", metavar="KEY=VALUE", help="a mode option, repeatable"
+    )
     p.add_argument("--name", help="testbed name (default: random)")
     p.add_argument("--detach", action="store_true", help="leave it running and return")
     p.set_defaults(func=cmd_up)

@@ -11,23 +11,26 @@ def inventory_tables(inv: dict[str, Any]) -> list[tuple[str, Table]]:
     nodes = Table("node", "netns", "underlay", "pod CIDR", "link", title="nodes")
     for node in inv["nodes"]:
         link = ", ".join(f"{k}={v}" for k, v in node["link"].items() if v is not None)
-        nodes.add_row(node["name"], node["netns"], node["underlay_ip"], node["pod_cidr"],
-                      link or "-")
+        nodes.add_row(
+            node["name"], node["netns"], node["underlay_ip"], node["pod_cidr"], link or "-"
+        )
     pods = Table("pod", "node", "namespace", "service account", "IP", "labels", title="pods")
     for pod in inv["pods"]:
         labels = ",".join(f"{k}={v}" for k, v in pod["labels"].items())
         name = pod["name"] + (" (system)" if pod.get("system") else "")
-        pods.add_row(name, pod["node"], pod["namespace"], pod["service_account"], pod["ip"],
-                     labels)
+        pods.add_row(name, pod["node"], pod["namespace"], pod["service_account"], pod["ip"], labels)
     services = Table("service", "namespace", "VIP", "ports", "endpoints", title="services")
     for svc in inv["services"]:
         ports = ",".join(f"{p}->{t}" for p, t in svc["ports"].items())
-        services.add_row(svc["name"], svc["namespace"], svc["vip"], ports,
-                         ", ".join(svc["endpoints"]))
+        services.add_row(
+            svc["name"], svc["namespace"], svc["vip"], ports, ", ".join(svc["endpoints"])
+        )
     return [("nodes", nodes), ("pods", pods), ("services", services)]
 
 
 def summary_line(inv: dict[str, Any]) -> str:
     facts = ", ".join(f"{k}={v}" for k, v in inv["facts"].items())
-    return (f"testbed {inv['run']}: topology {inv['topology']}, {len(inv['nodes'])} nodes, "
-            f"{sum(1 for p in inv['pods'] if not p.get('system'))} pods, {facts}")
+    return (
+        f"testbed {inv['run']}: topology {inv['topology']}, {len(inv['nodes'])} nodes, "
+        f"{sum(1 for p in inv['pods'] if not p.get('system'))} pods, {facts}"
+    )

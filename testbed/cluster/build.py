@@ -12,8 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from testbed.cluster.model import NodeSpec, PodSpec
-from testbed.netlab import Lab, Netns
-from testbed.netlab import links
+from testbed.netlab import Lab, Netns, links
 from testbed.netlab.shaping import shape_link
 
 UNDERLAY_PREFIX = 16
@@ -28,8 +27,9 @@ def build_fabric(lab: Lab) -> Netns:
     return fabric
 
 
-def build_node(lab: Lab, node: NodeSpec, fabric: Netns, others: list[NodeSpec],
-               netem_available: bool) -> Netns:
+def build_node(
+    lab: Lab, node: NodeSpec, fabric: Netns, others: list[NodeSpec], netem_available: bool
+) -> Netns:
     ns = lab.add_netns(node.name)
     with fabric.iproute() as fab:
         port = links.add_veth(fab, f"vn{node.index}", ns, "eth0")
@@ -43,8 +43,14 @@ def build_node(lab: Lab, node: NodeSpec, fabric: Netns, others: list[NodeSpec],
             links.add_route(ipr, other.pod_cidr, gateway=other.underlay_ip)
     ns.set_sysctl("net.ipv4.ip_forward", 1)
     if node.link.shaped:
-        shape_link(ns, "eth0", rate=node.link.rate, delay=node.link.delay,
-                   loss=node.link.loss, netem_available=netem_available)
+        shape_link(
+            ns,
+            "eth0",
+            rate=node.link.rate,
+            delay=node.link.delay,
+            loss=node.link.loss,
+            netem_available=netem_available,
+        )
     return ns
 
 

@@ -1,7 +1,7 @@
 """The running cluster: build, inventory, pod handles, connectivity checks, teardown.
 
-    with Cluster(load_topology("two_nodes"), mode="none") as c:
-        c.ping_all()
+with Cluster(load_topology("two_nodes"), mode="none") as c:
+    c.ping_all()
 """
 
 from __future__ import annotations
@@ -173,7 +173,12 @@ class Cluster:
             node.netns.run(["iptables-restore", "--noflush"], input=rules)
 
     def add_system_pod(
-        self, node: str, name: str, *, namespace: str, service_account: str,
+        self,
+        node: str,
+        name: str,
+        *,
+        namespace: str,
+        service_account: str,
         labels: dict[str, str] | None = None,
     ) -> Pod:
         """A pod the mode needs (a ztunnel, a waypoint), on the node's pod CIDR."""
@@ -263,16 +268,26 @@ class Cluster:
             "facts": self.facts(),
             "fabric": self.fabric.name if self.fabric else None,
             "nodes": [
-                {"name": n.name, "netns": n.netns.name, "underlay_ip": n.underlay_ip,
-                 "pod_cidr": n.spec.pod_cidr, "link": asdict(n.spec.link)}
+                {
+                    "name": n.name,
+                    "netns": n.netns.name,
+                    "underlay_ip": n.underlay_ip,
+                    "pod_cidr": n.spec.pod_cidr,
+                    "link": asdict(n.spec.link),
+                }
                 for n in self.nodes.values()
             ],
             "pods": [_pod_record(p, system=False) for p in self.pods.values()]
             + [_pod_record(p, system=True) for p in self.system_pods.values()],
             "services": [
-                {"name": s.name, "namespace": s.namespace, "vip": s.vip,
-                 "ports": {str(k): v for k, v in s.ports.items()}, "selector": s.selector,
-                 "endpoints": [p.name for p in service_endpoints(self.topology, s)]}
+                {
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "vip": s.vip,
+                    "ports": {str(k): v for k, v in s.ports.items()},
+                    "selector": s.selector,
+                    "endpoints": [p.name for p in service_endpoints(self.topology, s)],
+                }
                 for s in self.services.values()
             ],
             "proxies": self.proxy_pids(),
@@ -284,9 +299,16 @@ class Cluster:
 
 
 def _pod_record(pod: Pod, *, system: bool) -> dict[str, Any]:
-    return {"name": pod.name, "node": pod.node, "namespace": pod.namespace,
-            "service_account": pod.service_account, "ip": pod.ip, "labels": pod.labels,
-            "netns": pod.netns.name, "system": system}
+    return {
+        "name": pod.name,
+        "node": pod.node,
+        "namespace": pod.namespace,
+        "service_account": pod.service_account,
+        "ip": pod.ip,
+        "labels": pod.labels,
+        "netns": pod.netns.name,
+        "system": system,
+    }
 
 
 def _tcp_reaches(ip: str, port: int, timeout: float) -> bool:

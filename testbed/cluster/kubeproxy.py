@@ -12,8 +12,12 @@ from testbed.cluster.model import PodSpec, ServiceSpec
 
 
 def render_service_rules(services: Iterable[tuple[ServiceSpec, list[PodSpec]]]) -> str:
-    lines = ["*nat", ":KUBE-SERVICES - [0:0]", "-A PREROUTING -j KUBE-SERVICES",
-             "-A OUTPUT -j KUBE-SERVICES"]
+    lines = [
+        "*nat",
+        ":KUBE-SERVICES - [0:0]",
+        "-A PREROUTING -j KUBE-SERVICES",
+        "-A OUTPUT -j KUBE-SERVICES",
+    ]
     for service, endpoints in services:
         for port, target in sorted(service.ports.items()):
             match = f"-A KUBE-SERVICES -d {service.vip}/32 -p tcp -m tcp --dport {port}"

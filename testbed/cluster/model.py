@@ -237,7 +237,7 @@ def plan(topology: Topology) -> Topology:
         raise topology.error("declares no nodes")
     if len(topology.nodes) > MAX_NODES:
         raise topology.error(f"{len(topology.nodes)} nodes; at most {MAX_NODES} are supported")
-    hosts = UNDERLAY.hosts()
+    hosts = iter(UNDERLAY.hosts())
     next(hosts)  # .0.1 stays free, like a docker bridge's gateway
     for index, node in enumerate(topology.nodes.values(), start=1):
         node.index = index

@@ -141,32 +141,84 @@ def _probe_all(lab: Lab) -> list[Feature]:
         ("netns", "everything", True, lambda: (True, "network namespaces work")),
         ("veth", "everything", True, lambda: (True, "veth pairs work")),
         ("bridge", "underlay fabric", True, lambda: _link_probe(ns, "bridge")),
-        ("vxlan", "legacy mode tunnels (fallback)", False,
-         lambda: _link_probe(ns, "vxlan", vxlan_id=42, vxlan_port=4789)),
-        ("geneve", "legacy mode tunnels (Istio's choice)", False,
-         lambda: _link_probe(ns, "geneve", geneve_id=42, geneve_remote="192.0.2.1")),
-        ("htb", "link rate shaping", False,
-         lambda: _qdisc_probe(ns, ["root", "handle", "1:", "htb"])),
-        ("tbf", "link rate shaping", False,
-         lambda: _qdisc_probe(ns, ["root", "tbf", "rate", "1gbit", "burst", "64kb",
-                                   "latency", "50ms"])),
-        ("netem", "link delay and loss", False,
-         lambda: _qdisc_probe(ns, ["root", "netem", "delay", "1ms"])),
+        (
+            "vxlan",
+            "legacy mode tunnels (fallback)",
+            False,
+            lambda: _link_probe(ns, "vxlan", vxlan_id=42, vxlan_port=4789),
+        ),
+        (
+            "geneve",
+            "legacy mode tunnels (Istio's choice)",
+            False,
+            lambda: _link_probe(ns, "geneve", geneve_id=42, geneve_remote="192.0.2.1"),
+        ),
+        (
+            "htb",
+            "link rate shaping",
+            False,
+            lambda: _qdisc_probe(ns, ["root", "handle", "1:", "htb"]),
+        ),
+        (
+            "tbf",
+            "link rate shaping",
+            False,
+            lambda: _qdisc_probe(
+                ns, ["root", "tbf", "rate", "1gbit", "burst", "64kb", "latency", "50ms"]
+            ),
+        ),
+        (
+            "netem",
+            "link delay and loss",
+            False,
+            lambda: _qdisc_probe(ns, ["root", "netem", "delay", "1ms"]),
+        ),
         ("clsact", "ebpf mode", False, lambda: _qdisc_probe(ns, ["clsact"])),
-        ("iptables REDIRECT", "inpod (redirect), sidecar, kube-proxy", True,
-         lambda: _iptables_probe(ns, "nat", "-A OUTPUT -p tcp -d 192.0.2.1 -j REDIRECT --to-ports 1")),
-        ("iptables TPROXY", "inpod (tproxy), legacy", False,
-         lambda: _iptables_probe(ns, "mangle", "-A PREROUTING -p tcp -d 192.0.2.1 -j TPROXY --on-port 1 "
-                                 "--tproxy-mark 0x1/0x1")),
-        ("iptables socket match", "inpod (tproxy), legacy", False,
-         lambda: _iptables_probe(ns, "mangle", "-A PREROUTING -p tcp -d 192.0.2.1 -m socket -j ACCEPT")),
-        ("nftables", "inpod (nftables)", False,
-         lambda: _ok_run(ns, ["nft", "add", "table", "inet", "probe"])),
-        ("ipset", "legacy mode", False,
-         lambda: _ok_run(ns, ["ipset", "create", "probe", "hash:ip"])),
+        (
+            "iptables REDIRECT",
+            "inpod (redirect), sidecar, kube-proxy",
+            True,
+            lambda: _iptables_probe(
+                ns, "nat", "-A OUTPUT -p tcp -d 192.0.2.1 -j REDIRECT --to-ports 1"
+            ),
+        ),
+        (
+            "iptables TPROXY",
+            "inpod (tproxy), legacy",
+            False,
+            lambda: _iptables_probe(
+                ns,
+                "mangle",
+                "-A PREROUTING -p tcp -d 192.0.2.1 -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1",
+            ),
+        ),
+        (
+            "iptables socket match",
+            "inpod (tproxy), legacy",
+            False,
+            lambda: _iptables_probe(
+                ns, "mangle", "-A PREROUTING -p tcp -d 192.0.2.1 -m socket -j ACCEPT"
+            ),
+        ),
+        (
+            "nftables",
+            "inpod (nftables)",
+            False,
+            lambda: _ok_run(ns, ["nft", "add", "table", "inet", "probe"]),
+        ),
+        (
+            "ipset",
+            "legacy mode",
+            False,
+            lambda: _ok_run(ns, ["ipset", "create", "probe", "hash:ip"]),
+        ),
         ("bpf_sk_assign", "ebpf mode", False, _bpf_helper_probe),
-        ("ktls", "TLS splicing (not used; Python proxies copy TLS bytes)", False,
-         lambda: _ktls_probe(peer)),
+        (
+            "ktls",
+            "TLS splicing (not used; Python proxies copy TLS bytes)",
+            False,
+            lambda: _ktls_probe(peer),
+        ),
     ]
     found = []
     for name, needed_by, essential, probe in checks:

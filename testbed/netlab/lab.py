@@ -67,9 +67,7 @@ class Lab:
         return log
 
     def _after_spawn(self, proc: ManagedProcess) -> None:
-        self.manifest.record(
-            "process", pid=proc.pid, start_time=proc.start_time, label=proc.label
-        )
+        self.manifest.record("process", pid=proc.pid, start_time=proc.start_time, label=proc.label)
         self.processes.append(proc)
 
     def add_file(self, path: Path) -> Path:

@@ -35,7 +35,9 @@ def add_veth(ipr: IPRoute, ifname: str, peer: Netns, peer_ifname: str) -> int:
     """Create a veth pair: `ifname` in ipr's namespace, `peer_ifname` inside `peer`."""
     with netns_fd(peer) as fd:
         try:
-            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer_ifname, "net_ns_fd": fd})
+            ipr.link(
+                "add", ifname=ifname, kind="veth", peer={"ifname": peer_ifname, "net_ns_fd": fd}
+            )
         except NetlinkError as exc:
             raise NetlabError(f"veth {ifname} <-> {peer.name}/{peer_ifname}: {exc}") from exc
     return ifindex(ipr, ifname)
@@ -65,8 +67,9 @@ def add_vxlan(
 
 
 def add_geneve(ipr: IPRoute, ifname: str, *, vni: int, remote: str, port: int = 6081) -> int:
-    ipr.link("add", ifname=ifname, kind="geneve", geneve_id=vni, geneve_remote=remote,
-             geneve_port=port)
+    ipr.link(
+        "add", ifname=ifname, kind="geneve", geneve_id=vni, geneve_remote=remote, geneve_port=port
+    )
     return ifindex(ipr, ifname)
 
 

@@ -52,8 +52,12 @@ def _prepare_rundir() -> None:
         os.makedirs(NETNS_DIR, exist_ok=True)
         rundir = NETNS_DIR.encode()
         if _libc.mount(b"", rundir, b"none", _MS_SHARED | _MS_REC, None) != 0:
-            _check(_libc.mount(rundir, rundir, b"none", _MS_BIND | _MS_REC, None), "bind", NETNS_DIR)
-            _check(_libc.mount(b"", rundir, b"none", _MS_SHARED | _MS_REC, None), "share", NETNS_DIR)
+            _check(
+                _libc.mount(rundir, rundir, b"none", _MS_BIND | _MS_REC, None), "bind", NETNS_DIR
+            )
+            _check(
+                _libc.mount(b"", rundir, b"none", _MS_SHARED | _MS_REC, None), "share", NETNS_DIR
+            )
         _rundir_ready = True
 
 

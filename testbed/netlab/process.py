@@ -6,6 +6,7 @@ crash never signals a process that merely reused the pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,10 +107,8 @@ class ManagedProcess:
 
 def signal_group(pid: int, sig: int) -> None:
     """Signal the process group led by `pid` (processes are started as group leaders)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def start_process(

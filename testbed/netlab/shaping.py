@@ -33,8 +33,23 @@ def shape_link(
         parent = ["parent", "1:"]
     if rate is not None:
         commands.append(
-            ["tc", "qdisc", "add", "dev", ifname, *parent, "handle", "10:", "tbf",
-             "rate", rate, "burst", "256kb", "latency", "50ms"]
+            [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                ifname,
+                *parent,
+                "handle",
+                "10:",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            ]
         )
     for argv in commands:
         ns.run(argv)

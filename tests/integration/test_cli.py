@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hoststate import root_namespace_state, netns_of_run
+from hoststate import netns_of_run, root_namespace_state
 
 from testbed.netlab import nsutil
 
@@ -20,8 +20,12 @@ BROKEN = str(Path(__file__).with_name("topo_broken.py"))
 
 def cli(root: Path, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*TESTBED, "--root", str(root), *args], capture_output=True, text=True,
-        timeout=120, check=False, **kwargs,  # type: ignore[arg-type]
+        [*TESTBED, "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -79,8 +83,19 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-unty
 def test_sigint_during_build_leaves_nothing(tmp_path: Path) -> None:
     name = fresh_name()
     proc = subprocess.Popen(
-        [*TESTBED, "--root", str(tmp_path), "up", "multi_node,nodes=2,pods=200", "--name",
-         name, "--detach"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *TESTBED,
+            "--root",
+            str(tmp_path),
+            "up",
+            "multi_node,nodes=2,pods=200",
+            "--name",
+            name,
+            "--detach",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for(lambda: len(netns_of_run(name)) >= 20)
     proc.send_signal(signal.SIGINT)
@@ -92,8 +107,9 @@ def test_sigint_during_build_leaves_nothing(tmp_path: Path) -> None:
 
 SCRIPT = """
 import sys, time
+from pathlib import Path
 from testbed.cluster import Cluster, load_topology
-c = Cluster(load_topology("two_nodes"), name=sys.argv[1], root=__import__("pathlib").Path(sys.argv[2]))
+c = Cluster(load_topology("two_nodes"), name=sys.argv[1], root=Path(sys.argv[2]))
 c.start()
 p = c.pod("server2").spawn(["sleep", "600"], label="sleeper")
 print(p.pid, flush=True)
@@ -104,8 +120,9 @@ time.sleep(600)
 def test_sigkill_then_clean_leaves_nothing(tmp_path: Path) -> None:
     name = fresh_name()
     root = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, name, str(root)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, name, str(root)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     sleeper = int(proc.stdout.readline())
     proc.kill()
@@ -115,8 +132,11 @@ def test_sigkill_then_clean_leaves_nothing(tmp_path: Path) -> None:
     done = cli(root, "clean", name)
     assert done.returncode == 0, done.stderr
     assert netns_of_run(name) == []
-    _wait_for(lambda: not Path(f"/proc/{sleeper}").exists() or
-              Path(f"/proc/{sleeper}/stat").read_text().split()[2] == "Z", timeout=5)
+    _wait_for(
+        lambda: not Path(f"/proc/{sleeper}").exists()
+        or Path(f"/proc/{sleeper}/stat").read_text().split()[2] == "Z",
+        timeout=5,
+    )
     assert not (root / name).exists()
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from hoststate import root_namespace_state, netns_of_run
+from hoststate import netns_of_run, root_namespace_state
 
 from testbed.cluster import Cluster, load_topology
 

@@ -1,0 +1,20 @@
+"""Keeping tools' raw output next to the parsed rows, for later inspection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_raw(raw_dir: Path | None, name: str, text: str) -> Path | None:
+    """Write `text` to `raw_dir/name`, or to `stem-2.ext`, `stem-3.ext`... if that exists,
+    so that repetitions into the same directory never overwrite each other."""
+    if raw_dir is None:
+        return None
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    first = raw_dir / name
+    path, number = first, 1
+    while path.exists():
+        number += 1
+        path = first.with_name(f"{first.stem}-{number}{first.suffix}")
+    path.write_text(text)
+    return path
