@@ -152,3 +152,15 @@ def test_clean_all_spares_what_it_did_not_create(tmp_path: Path) -> None:
         assert nsutil.netns_exists(lookalike)
     finally:
         nsutil.delete_netns(lookalike)
+
+
+def test_interactive_shell_then_exit_tears_down(tmp_path: Path) -> None:
+    name = fresh_name()
+    typed = "pods\nclient ping -c 1 server2\nexec server1 ip -o addr show eth0\npingall\nexit\n"
+    done = cli(tmp_path, "up", "two_nodes", "--name", name, input=typed)
+    assert done.returncode == 0, done.stderr
+    assert "1 received" in done.stdout  # `client ping server2`, the name resolved to its IP
+    assert "10.244.1.3/32" in done.stdout  # server1's address, from inside server1
+    assert "6/6 pairs reachable" in done.stdout
+    assert netns_of_run(name) == []
+    assert list(tmp_path.iterdir()) == []
