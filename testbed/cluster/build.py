@@ -16,14 +16,18 @@ from testbed.netlab import Lab, Netns, links
 from testbed.netlab.shaping import shape_link
 
 UNDERLAY_PREFIX = 16
-BRIDGE = "br0"
 
 
-def build_fabric(lab: Lab) -> Netns:
+def build_fabric(lab: Lab, bridges: list[str], bridge_links: list[tuple[str, str]]) -> Netns:
     fabric = lab.add_netns("fabric")
     with fabric.iproute() as ipr:
         links.loopback_up(ipr)
-        links.add_bridge(ipr, BRIDGE)
+        for bridge in bridges:
+            links.add_bridge(ipr, bridge)
+        for i, (a, b) in enumerate(bridge_links, start=1):
+            end_a = links.add_veth(ipr, f"bl{i}a", fabric, f"bl{i}b")
+            links.set_up(ipr, end_a, master=links.ifindex(ipr, a))
+            links.set_up(ipr, links.ifindex(ipr, f"bl{i}b"), master=links.ifindex(ipr, b))
     return fabric
 
 
@@ -33,7 +37,7 @@ def build_node(
     ns = lab.add_netns(node.name)
     with fabric.iproute() as fab:
         port = links.add_veth(fab, f"vn{node.index}", ns, "eth0")
-        links.set_up(fab, port, master=links.ifindex(fab, BRIDGE))
+        links.set_up(fab, port, master=links.ifindex(fab, node.bridge))
     with ns.iproute() as ipr:
         links.loopback_up(ipr)
         eth0 = links.ifindex(ipr, "eth0")

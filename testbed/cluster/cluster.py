@@ -149,7 +149,7 @@ class Cluster:
         lab = self._lab
         specs = list(self.topology.nodes.values())
         netem = detect_netem(lab) if any(n.link.delay or n.link.loss for n in specs) else True
-        self.fabric = build.build_fabric(lab)
+        self.fabric = build.build_fabric(lab, self.topology.bridges, self.topology.bridge_links)
         for spec in specs:
             others = [o for o in specs if o is not spec]
             ns = build.build_node(lab, spec, self.fabric, others, netem)

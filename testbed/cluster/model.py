@@ -42,6 +42,7 @@ class LinkParams:
 class NodeSpec:
     name: str
     link: LinkParams = field(default_factory=LinkParams)
+    bridge: str = "br0"
     index: int = 0
     underlay_ip: str = ""
     pod_cidr: str = ""
@@ -113,6 +114,8 @@ class Topology:
         self.pods: dict[str, PodSpec] = {}
         self.services: dict[str, ServiceSpec] = {}
         self.policies: dict[str, PolicySpec] = {}
+        self.bridges: list[str] = ["br0"]
+        self.bridge_links: list[tuple[str, str]] = []
 
     def build(self) -> None:
         """Add nodes, pods, services and policies here."""
@@ -125,12 +128,24 @@ class Topology:
         rate: str | None = None,
         delay: str | None = None,
         loss: float | None = None,
+        bridge: str = "br0",
     ) -> str:
         self._check_name("node", name)
         if name in self.nodes:
             raise self.error(f"duplicate node name {name!r}")
-        self.nodes[name] = NodeSpec(name, LinkParams(rate, delay, loss))
+        if bridge not in self.bridges:
+            raise self.error(f"node {name!r} is attached to unknown bridge {bridge!r}")
+        self.nodes[name] = NodeSpec(name, LinkParams(rate, delay, loss), bridge)
         return name
+
+    def add_mininet_underlay(self, topo: Any) -> list[str]:
+        """Take the underlay from a Mininet `Topo`: its switches become bridges in the
+        fabric namespace, its hosts become nodes (with `bw`/`delay`/`loss` of their link).
+        Only Mininet's description is used, not its runtime (no Open vSwitch, no mnexec).
+        Returns the node names."""
+        from testbed.cluster.mininet import underlay_from_topo
+
+        return underlay_from_topo(self, topo)
 
     def add_pod(
         self,
