@@ -63,12 +63,15 @@ def test_up_detach_exec_inspect_down(tmp_path: Path) -> None:
     name = fresh_name()
     before = root_namespace_state()
     assert cli(tmp_path, "up", "two_nodes", "--name", name, "--detach").returncode == 0
-    ping = cli(tmp_path, "exec", name, "client", "--", "ping", "-c", "1", "server2")
-    assert ping.returncode == 0 and "10.244.2.2" in ping.stdout
-    inv = json.loads(cli(tmp_path, "inspect", name, "--json").stdout)
-    assert {p["name"] for p in inv["pods"]} == {"client", "server1", "server2"}
-    assert name in cli(tmp_path, "ls").stdout
-    assert cli(tmp_path, "down", name).returncode == 0
+    try:
+        ping = cli(tmp_path, "exec", name, "client", "--", "ping", "-c", "1", "server2")
+        assert ping.returncode == 0 and "10.244.2.2" in ping.stdout
+        inv = json.loads(cli(tmp_path, "inspect", name, "--json").stdout)
+        assert {p["name"] for p in inv["pods"]} == {"client", "server1", "server2"}
+        assert name in cli(tmp_path, "ls").stdout
+        assert cli(tmp_path, "down", name).returncode == 0
+    finally:
+        cli(tmp_path, "clean", "--all")
     assert netns_of_run(name) == []
     assert root_namespace_state() == before
 
