@@ -1,5 +1,8 @@
 import os
+import shutil
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,3 +17,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(skip)
+
+
+TEST_RUNS = Path("/run/testbed-tests")
+
+
+@pytest.fixture
+def runs_root() -> Iterator[Path]:
+    """A manifest root of the test's own, outside pytest's rotating tmp dirs, so that
+    whatever a failing test leaves is still named by a manifest and cleaned here."""
+    from testbed.netlab import clean_all
+
+    root = TEST_RUNS / uuid.uuid4().hex[:12]
+    root.mkdir(parents=True)
+    yield root
+    clean_all(root)
+    shutil.rmtree(root, ignore_errors=True)

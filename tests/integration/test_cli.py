@@ -46,32 +46,32 @@ def fresh_name() -> str:
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_created(
-    args: list[str], message: str, tmp_path: Path
+    args: list[str], message: str, runs_root: Path
 ) -> None:
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    done = cli(tmp_path, *args, "--detach")
+    done = cli(runs_root, *args, "--detach")
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert list(runs_root.iterdir()) == []
     netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not {n for n in netns_after - netns_before if n.startswith("tb-")}
 
 
-def test_up_detach_exec_inspect_down(tmp_path: Path) -> None:
+def test_up_detach_exec_inspect_down(runs_root: Path) -> None:
     name = fresh_name()
     before = root_namespace_state()
-    assert cli(tmp_path, "up", "two_nodes", "--name", name, "--detach").returncode == 0
+    assert cli(runs_root, "up", "two_nodes", "--name", name, "--detach").returncode == 0
     try:
-        ping = cli(tmp_path, "exec", name, "client", "--", "ping", "-c", "1", "server2")
+        ping = cli(runs_root, "exec", name, "client", "--", "ping", "-c", "1", "server2")
         assert ping.returncode == 0 and "10.244.2.2" in ping.stdout
-        inv = json.loads(cli(tmp_path, "inspect", name, "--json").stdout)
+        inv = json.loads(cli(runs_root, "inspect", name, "--json").stdout)
         assert {p["name"] for p in inv["pods"]} == {"client", "server1", "server2"}
-        assert name in cli(tmp_path, "ls").stdout
-        assert cli(tmp_path, "down", name).returncode == 0
+        assert name in cli(runs_root, "ls").stdout
+        assert cli(runs_root, "down", name).returncode == 0
     finally:
-        cli(tmp_path, "clean", "--all")
+        cli(runs_root, "clean", "--all")
     assert netns_of_run(name) == []
     assert root_namespace_state() == before
 
@@ -83,13 +83,13 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-unty
         time.sleep(0.02)
 
 
-def test_sigint_during_build_leaves_nothing(tmp_path: Path) -> None:
+def test_sigint_during_build_leaves_nothing(runs_root: Path) -> None:
     name = fresh_name()
     proc = subprocess.Popen(
         [
             *TESTBED,
             "--root",
-            str(tmp_path),
+            str(runs_root),
             "up",
             "multi_node,nodes=2,pods=200",
             "--name",
@@ -105,7 +105,7 @@ def test_sigint_during_build_leaves_nothing(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert netns_of_run(name) == []
-    assert list(tmp_path.iterdir()) == []
+    assert list(runs_root.iterdir()) == []
 
 
 SCRIPT = """
@@ -120,9 +120,9 @@ time.sleep(600)
 """
 
 
-def test_sigkill_then_clean_leaves_nothing(tmp_path: Path) -> None:
+def test_sigkill_then_clean_leaves_nothing(runs_root: Path) -> None:
     name = fresh_name()
-    root = tmp_path / "runs"
+    root = runs_root
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, name, str(root)], stdout=subprocess.PIPE, text=True
     )
@@ -143,13 +143,13 @@ def test_sigkill_then_clean_leaves_nothing(tmp_path: Path) -> None:
     assert not (root / name).exists()
 
 
-def test_clean_all_spares_what_it_did_not_create(tmp_path: Path) -> None:
+def test_clean_all_spares_what_it_did_not_create(runs_root: Path) -> None:
     name = fresh_name()
     lookalike = f"tb-{name}x-node1"  # looks like ours, is not in any manifest
     nsutil.create_netns(lookalike)
     try:
-        assert cli(tmp_path, "up", "single_node", "--name", name, "--detach").returncode == 0
-        done = cli(tmp_path, "clean", "--all")
+        assert cli(runs_root, "up", "single_node", "--name", name, "--detach").returncode == 0
+        done = cli(runs_root, "clean", "--all")
         assert done.returncode == 0, done.stderr
         assert netns_of_run(name) == []
         assert nsutil.netns_exists(lookalike)
@@ -157,13 +157,13 @@ def test_clean_all_spares_what_it_did_not_create(tmp_path: Path) -> None:
         nsutil.delete_netns(lookalike)
 
 
-def test_interactive_shell_then_exit_tears_down(tmp_path: Path) -> None:
+def test_interactive_shell_then_exit_tears_down(runs_root: Path) -> None:
     name = fresh_name()
     typed = "pods\nclient ping -c 1 server2\nexec server1 ip -o addr show eth0\npingall\nexit\n"
-    done = cli(tmp_path, "up", "two_nodes", "--name", name, input=typed)
+    done = cli(runs_root, "up", "two_nodes", "--name", name, input=typed)
     assert done.returncode == 0, done.stderr
     assert "1 received" in done.stdout  # `client ping server2`, the name resolved to its IP
     assert "10.244.1.3/32" in done.stdout  # server1's address, from inside server1
     assert "6/6 pairs reachable" in done.stdout
     assert netns_of_run(name) == []
-    assert list(tmp_path.iterdir()) == []
+    assert list(runs_root.iterdir()) == []

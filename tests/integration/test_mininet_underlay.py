@@ -32,8 +32,8 @@ class MininetUnderlay(Topology):
         self.add_pod("server", "h2", labels={"role": "server"})
 
 
-def test_hosts_become_nodes_across_three_bridges(tmp_path: Path) -> None:
-    with Cluster(MininetUnderlay(), root=tmp_path) as cluster:
+def test_hosts_become_nodes_across_three_bridges(runs_root: Path) -> None:
+    with Cluster(MininetUnderlay(), root=runs_root) as cluster:
         assert set(cluster.nodes) == {"h1", "h2"}
         assert cluster.ping_all() == [] and cluster.tcp_all() == []
         assert cluster.fabric is not None
