@@ -315,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     except NetlabError as exc:
         err_console.print(f"testbed: failed: {exc}", highlight=False, soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         err_console.print("testbed: interrupted; everything it created was removed")
+        partial = getattr(exc, "run_dir", None)  # an experiment keeps what it measured
+        if partial is not None:
+            err_console.print(f"partial results: {partial}")
         return 130
 
 

@@ -1,0 +1,71 @@
+"""Summaries over repetitions, shared by the report and the run comparison.
+
+A case's value of a metric is the sum over its rows (one row per proxy for the proxy
+resource metrics, one row otherwise); the summary over repetitions is the median with the
+minimum and maximum as the spread, robust with the 2-5 repetitions a run has.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+BASELINE_MODE = "none"
+PARAMETER_COLUMNS = ["msg_size", "parallel", "connections", "qps", "payload"]
+CASE_KEY = ["mode", "placement", "workload", *PARAMETER_COLUMNS]
+GROUP_KEY = [*CASE_KEY, "metric", "unit"]
+
+
+def measured(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[(frame["status"] == "ok") & frame["metric"].notna()]
+
+
+def per_repetition(frame: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One value per case and metric: GROUP_KEY + repetition + value."""
+    rows = measured(frame)
+    rows = rows[rows["metric"].isin(metrics)]
+    grouped = rows.groupby([*GROUP_KEY, "repetition"], dropna=False, observed=True)
+    return grouped["value"].sum().reset_index()
+
+
+def summarize(values: pd.DataFrame) -> pd.DataFrame:
+    """Median, min, max and count over repetitions, per GROUP_KEY."""
+    grouped = values.groupby(GROUP_KEY, dropna=False, observed=True)["value"]
+    summary = grouped.agg(median="median", low="min", high="max", n="count").reset_index()
+    return summary
+
+
+def add_ratio_to_baseline(summary: pd.DataFrame, baseline: str = BASELINE_MODE) -> pd.DataFrame:
+    """ratio, ratio_low, ratio_high: each statistic over the baseline mode's median of the
+    same case and metric in the same run (NaN where the baseline lacks it)."""
+    key = [column for column in GROUP_KEY if column != "mode"]
+    reference = summary[summary["mode"] == baseline][[*key, "median"]]
+    reference = reference.rename(columns={"median": "baseline_median"})
+    merged = summary.merge(reference, on=key, how="left")
+    base = merged["baseline_median"].where(merged["baseline_median"] != 0)
+    for column, source in (("ratio", "median"), ("ratio_low", "low"), ("ratio_high", "high")):
+        merged[column] = merged[source] / base
+    return merged.drop(columns=["baseline_median"])
+
+
+def mode_order(frame: pd.DataFrame) -> list[str]:
+    """Modes in the order the run measured them, the baseline first."""
+    modes = list(dict.fromkeys(frame["mode"].dropna()))
+    return sorted(modes, key=lambda mode: mode != BASELINE_MODE)
+
+
+def proxy_cpu_per_1000_rps(frame: pd.DataFrame) -> pd.DataFrame:
+    """vCPU the proxies used per 1000 requests/s of HTTP (Istio's published figure), per
+    repetition: their summed cpu_percent / 100 over achieved_qps / 1000. cpu_percent covers
+    the sampled window (the load's own warm-up at the same rate included), so it is the
+    right numerator where cpu_seconds / duration would overstate."""
+    rows = measured(frame)
+    rows = rows[rows["workload"] == "http_fixed_qps"]
+    key = [*CASE_KEY, "repetition"]
+    cpu = rows[rows["metric"] == "cpu_percent"].groupby(key, dropna=False)["value"].sum()
+    rate = rows[rows["metric"] == "achieved_qps"].groupby(key, dropna=False)["value"].sum()
+    joined = pd.concat({"cpu": cpu, "rate": rate}, axis=1, join="inner").reset_index()
+    joined = joined[joined["rate"] > 0]
+    joined["value"] = joined["cpu"] / 100.0 / (joined["rate"] / 1000.0)
+    joined["metric"] = "proxy_vcpu_per_1000_rps"
+    joined["unit"] = "vCPU"
+    return joined[[*GROUP_KEY, "repetition", "value"]]

@@ -1,0 +1,107 @@
+"""The case matrix of a spec: one Case per measured run of one workload."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from testbed.experiment.spec import ExperimentSpec, ModeSpec
+
+# Building a cluster and starting its proxies, and each workload's start and stop of its
+# tools on top of the seconds it measures (sockperf takes ~2.4 s more than asked), as
+# measured on a 2-vCPU VM: used only for the ETA and the budget check of a spec.
+CLUSTER_BUILD_SECONDS = 10.0
+RUN_OVERHEAD_SECONDS = {"tcp_stream": 0.6, "tcp_rr": 2.5, "tcp_crr": 1.5, "http_fixed_qps": 1.5}
+# Workloads that warm up inside their measured run (on the very connections they measure),
+# so the runner does not run them a separate time first.
+SELF_WARMING = frozenset({"http_fixed_qps"})
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str  # the mode's label in the spec (unique within a run)
+    placement: str
+    workload: str
+    repetition: int  # 1-based
+    duration: int
+    warmup: int
+    msg_size: int | None = None
+    parallel: int | None = None
+    connections: int | None = None
+    qps: int | None = None
+    payload: int | None = None
+
+    @property
+    def case_id(self) -> str:
+        """A file-name-safe name, unique within a run."""
+        swept = [
+            f"{name}{value}"
+            for name, value in (
+                ("m", self.msg_size),
+                ("p", self.parallel),
+                ("c", self.connections),
+                ("q", self.qps),
+            )
+            if value is not None
+        ]
+        return "-".join([self.mode, self.placement, self.workload, *swept, f"r{self.repetition}"])
+
+    def parameters(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        swept = {
+            key: value
+            for key, value in self.parameters().items()
+            if key in ("msg_size", "parallel", "connections", "qps") and value is not None
+        }
+        params = " ".join(f"{key}={value}" for key, value in swept.items())
+        return f"{self.mode} {self.placement} {self.workload} {params} rep {self.repetition}"
+
+
+def _workload_variants(spec: ExperimentSpec, workload: str) -> list[dict[str, int]]:
+    """The sweep axes that apply to a workload, as keyword sets for Case."""
+    sweeps = spec.sweeps
+    if workload == "tcp_stream":
+        return [{"parallel": streams} for streams in sweeps.parallel]
+    if workload in ("tcp_rr", "tcp_crr"):
+        return [{"msg_size": size} for size in sweeps.msg_sizes]
+    return [
+        {"connections": connections, "qps": rate, "payload": spec.http_payload}
+        for connections, rate in itertools.product(sweeps.connections, sweeps.qps)
+    ]
+
+
+def mode_cases(spec: ExperimentSpec, mode: ModeSpec) -> list[Case]:
+    """Every case of one mode; repetitions outermost so a slow drift spreads over all cases."""
+    return [
+        Case(
+            mode=mode.label,
+            placement=placement,
+            workload=workload,
+            repetition=repetition,
+            duration=spec.duration,
+            warmup=spec.warmup,
+            **variant,
+        )
+        for repetition in range(1, spec.repetitions + 1)
+        for placement in spec.placements
+        for workload in spec.workloads
+        for variant in _workload_variants(spec, workload)
+    ]
+
+
+def separate_warmup(case: Case) -> bool:
+    return case.warmup > 0 and case.workload not in SELF_WARMING
+
+
+def case_seconds(case: Case) -> float:
+    runs = 2 if separate_warmup(case) else 1
+    return case.duration + case.warmup + runs * RUN_OVERHEAD_SECONDS[case.workload]
+
+
+def estimated_seconds(spec: ExperimentSpec) -> float:
+    """How long a run of the spec should take, cluster builds included."""
+    per_mode = sum(case_seconds(case) for case in mode_cases(spec, spec.modes[0]))
+    return len(spec.modes) * (CLUSTER_BUILD_SECONDS + per_mode)

@@ -1,0 +1,48 @@
+"""CPU pinning of the client and server workloads, by prefixing their commands with taskset.
+
+Waking a process on the other vCPU costs ~40 us here (DESIGN.md section 8), so unpinned
+latency is bimodal; "split" keeps client and server each on its own CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+SPLIT_CPUS = {"client": 0, "server": 1}
+
+
+class PinnedHost:
+    """A pod handle whose run() and spawn() execute under `taskset -c <cpu>`.
+
+    taskset execs the command, so a spawned process keeps the pid its handle reports.
+    Every other attribute (ip, node, name, netns...) is the wrapped pod's.
+    """
+
+    def __init__(self, host: Any, cpu: int) -> None:
+        self._host = host
+        self.cpu = cpu
+
+    def _pinned(self, argv: Sequence[str]) -> list[str]:
+        return ["taskset", "-c", str(self.cpu), *argv]
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> Any:
+        return self._host.run(self._pinned(argv), **kwargs)
+
+    def spawn(self, argv: Sequence[str], **kwargs: Any) -> Any:
+        return self._host.spawn(self._pinned(argv), **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+
+def apply_pinning(policy: str, client: Any, server: Any) -> tuple[Any, Any]:
+    if policy == "split":
+        return PinnedHost(client, SPLIT_CPUS["client"]), PinnedHost(server, SPLIT_CPUS["server"])
+    return client, server
+
+
+def describe_pinning(policy: str) -> dict[str, object]:
+    if policy == "split":
+        return {"policy": policy, "cpus": dict(SPLIT_CPUS), "proxies": "as the mode starts them"}
+    return {"policy": policy}

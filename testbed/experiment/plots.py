@@ -1,0 +1,198 @@
+"""PNG figures for the report (matplotlib, Agg backend: no display needed).
+
+Every figure has an absolute row and, when the run measured the baseline mode, a second
+row with the same numbers as a ratio to that baseline. Bars and points are medians over
+repetitions; the whiskers span the minimum to the maximum repetition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from testbed.experiment.analysis import BASELINE_MODE
+
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Scale:
+    factor: float
+    unit: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    summary: pd.DataFrame  # rows of analysis.add_ratio_to_baseline, one panel's worth
+
+
+def mode_colors(modes: list[str]) -> dict[str, str]:
+    palette = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]
+    return {
+        mode: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, mode in enumerate(modes)
+    }
+
+
+def _has_ratio(panels: list[Panel]) -> bool:
+    """Whether some mode other than the baseline has a ratio to show."""
+    return any(
+        (panel.summary["ratio"].notna() & (panel.summary["mode"] != BASELINE_MODE)).any()
+        for panel in panels
+    )
+
+
+def _spread(
+    frame: pd.DataFrame, columns: tuple[str, str, str], factor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Medians and the (below, above) whisker lengths matplotlib's yerr takes."""
+    middle, low, high = (frame[c].to_numpy(dtype=float) * factor for c in columns)
+    return middle, np.clip(np.vstack([middle - low, high - middle]), 0, None)
+
+
+def _bars(
+    ax: Axes,
+    panel: Panel,
+    modes: list[str],
+    group_of: Callable[[pd.Series], str],
+    columns: tuple[str, str, str],
+    factor: float,
+) -> None:
+    groups = list(dict.fromkeys(panel.summary.apply(group_of, axis=1)))
+    plotted: list[float] = []
+    width = min(0.8 / max(len(modes), 1), 0.3)
+    colors = mode_colors(modes)
+    for index, mode in enumerate(modes):
+        rows = panel.summary[panel.summary["mode"] == mode]
+        if rows.empty:
+            continue
+        where = [
+            groups.index(group_of(row)) + (index - (len(modes) - 1) / 2) * width
+            for _, row in rows.iterrows()
+        ]
+        heights, errors = _spread(rows, columns, factor)
+        ax.bar(where, heights, width, yerr=errors, capsize=3, label=mode, color=colors[mode])
+        plotted.extend(heights)
+    crowded = len(groups) > 4
+    ax.set_xticks(
+        range(len(groups)),
+        groups,
+        rotation=30 if crowded else 0,
+        ha="right" if crowded else "center",
+    )
+    ax.set_title(panel.title)
+    ax.grid(axis="y", alpha=0.3)
+    _fit_y(ax, plotted)
+
+
+def bar_figure(
+    panels: list[Panel],
+    modes: list[str],
+    group_of: Callable[[pd.Series], str],
+    *,
+    title: str,
+    scale: Scale,
+    path: Path,
+) -> Path:
+    """Grouped bars: a column of panels each, x = groups, one bar per mode."""
+    rows = 2 if _has_ratio(panels) else 1
+    fig, axes = plt.subplots(
+        rows, len(panels), figsize=(5.5 * len(panels), 4 * rows), squeeze=False
+    )
+    for column, panel in enumerate(panels):
+        _bars(axes[0][column], panel, modes, group_of, ("median", "low", "high"), scale.factor)
+        axes[0][column].set_ylabel(scale.unit)
+        if rows == 2:
+            ax = axes[1][column]
+            _bars(ax, panel, modes, group_of, ("ratio", "ratio_low", "ratio_high"), 1.0)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylabel(f"ratio to {BASELINE_MODE}")
+    return _save(fig, axes, title, path)
+
+
+def _fit_y(ax: Axes, values: list[float]) -> None:
+    """A log y axis where the values span more than a decade (latency tails, a slow mode
+    next to a fast one), else a linear one from 0."""
+    positive = [value for value in values if value > 0]
+    if positive and max(positive) > 10 * min(positive):
+        _log_axis(ax)
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def _log_axis(ax: Axes) -> None:
+    """Log y with plain numbers; minor ticks labelled too when the axis spans < 1 decade."""
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
+
+
+def line_figure(
+    panels: list[Panel], modes: list[str], *, x: str, title: str, scale: Scale, path: Path
+) -> Path:
+    """Lines over x (e.g. connections): one line per mode, whiskers min-max."""
+    rows = 2 if _has_ratio(panels) else 1
+    fig, axes = plt.subplots(
+        rows, len(panels), figsize=(5.5 * len(panels), 4 * rows), squeeze=False
+    )
+    colors = mode_colors(modes)
+    for column, panel in enumerate(panels):
+        row_specs = [(("median", "low", "high"), scale.factor, scale.unit)]
+        if rows == 2:
+            row_specs.append(
+                (("ratio", "ratio_low", "ratio_high"), 1.0, f"ratio to {BASELINE_MODE}")
+            )
+        for row, (columns, factor, ylabel) in enumerate(row_specs):
+            ax = axes[row][column]
+            plotted: list[float] = []
+            for mode in modes:
+                data = panel.summary[panel.summary["mode"] == mode].sort_values(x)
+                if data.empty:
+                    continue
+                middle, errors = _spread(data, columns, factor)
+                ax.errorbar(
+                    data[x].to_numpy(dtype=float),
+                    middle,
+                    yerr=errors,
+                    marker="o",
+                    capsize=3,
+                    label=mode,
+                    color=colors[mode],
+                )
+                plotted.extend(middle)
+            ax.set_xscale("log", base=2)
+            ticks = sorted(panel.summary[x].dropna().astype(float).unique())
+            ax.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
+            ax.minorticks_off()
+            _fit_y(ax, plotted)
+            ax.set_xlabel(x)
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel.title)
+            ax.grid(alpha=0.3)
+    return _save(fig, axes, title, path)
+
+
+def _save(fig: plt.Figure, axes: object, title: str, path: Path) -> Path:
+    first = fig.axes[0]
+    handles, labels = first.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", title="mode")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -1,0 +1,263 @@
+"""`testbed report RUN`: report.md with PNG figures, from a run's results and metadata."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from testbed.experiment.analysis import (
+    BASELINE_MODE,
+    PARAMETER_COLUMNS,
+    add_ratio_to_baseline,
+    mode_order,
+    per_repetition,
+    proxy_cpu_per_1000_rps,
+    summarize,
+)
+from testbed.experiment.plots import Panel, Scale, bar_figure, line_figure
+from testbed.experiment.store import RunStore
+from testbed.results import load
+
+REPORT_NAME = "report.md"
+PLACEMENT_ORDER = {"same-node": 0, "cross-node": 1}
+FIGURES_DIR = "figures"
+PERCENTILES = ("p50", "p90", "p99", "p99.9")
+# tcp_rr: one request/response on a kept connection; tcp_crr: connect, request, response, close.
+LATENCY_PREFIX = {"tcp_rr": "rtt", "tcp_crr": "transaction"}
+LATENCY_TITLE = {
+    "tcp_rr": "Request/response round trip on one connection (tcp_rr)",
+    "tcp_crr": "Connect, request/response and close (tcp_crr)",
+}
+HTTP_PERCENTILE = re.compile(r"_p(50|90|99|99\.9|999)$")
+HTTP_PLOTTED = ("p90", "p99")  # as on Istio's performance page
+GBITS = Scale(1e-9, "Gbit/s")
+MICROSECONDS = Scale(1.0, "us")
+VCPU = Scale(0.01, "vCPU, all proxies")
+MEGABYTES = Scale(1e-6, "MB RSS, all proxies")
+
+
+def variant_label(row: pd.Series) -> str:
+    """The swept parameters of a summary row, e.g. "connections=16 qps=1000"."""
+    parts = [f"{c}={row[c]}" for c in PARAMETER_COLUMNS if c != "payload" and pd.notna(row[c])]
+    return " ".join(parts) or "-"
+
+
+def short_case_label(row: pd.Series) -> str:
+    """A compact x tick for a case: "stream x1", "rr 64B", "http c16 1000/s"."""
+    workload = str(row["workload"])
+    if workload == "tcp_stream":
+        return f"stream x{row['parallel']}"
+    if workload in ("tcp_rr", "tcp_crr"):
+        return f"{workload.removeprefix('tcp_')} {row['msg_size']}B"
+    return f"http c{row['connections']} {row['qps']}/s"
+
+
+def _number(value: Any, factor: float = 1.0) -> str:
+    return "" if pd.isna(value) else f"{float(value) * factor:.4g}"
+
+
+def markdown_table(summary: pd.DataFrame, scale: Scale) -> str:
+    header = f"| mode | placement | workload | case | metric | median ({scale.unit}) "
+    header += f"| min-max | n | ratio to {BASELINE_MODE} |\n" + "|---" * 9 + "|\n"
+    lines = []
+    for _, row in summary.iterrows():
+        spread = f"{_number(row['low'], scale.factor)}-{_number(row['high'], scale.factor)}"
+        cells = [
+            row["mode"],
+            row["placement"],
+            row["workload"],
+            variant_label(row),
+            row["metric"],
+            _number(row["median"], scale.factor),
+            spread,
+            str(row["n"]),
+            _number(row["ratio"]),
+        ]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def _summary(frame: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
+    return _order(add_ratio_to_baseline(summarize(per_repetition(frame, metrics))), modes)
+
+
+def _order(summary: pd.DataFrame, modes: list[str]) -> pd.DataFrame:
+    """Summary rows in reading order: modes as measured, same-node first, then the case."""
+    order = summary.assign(
+        mode_rank=summary["mode"].map(modes.index),
+        placement_rank=summary["placement"].map(lambda p: PLACEMENT_ORDER.get(p, 2)),
+    )
+    keys = ["mode_rank", "placement_rank", "workload", *PARAMETER_COLUMNS, "metric"]
+    return order.sort_values(keys).drop(columns=["mode_rank", "placement_rank"])
+
+
+def _panels(summary: pd.DataFrame, by: str) -> list[Panel]:
+    """One panel per value of `by`, same-node before cross-node."""
+    keys = sorted(summary[by].unique(), key=lambda key: (PLACEMENT_ORDER.get(key, 2), key))
+    return [Panel(str(key), summary[summary[by] == key]) for key in keys]
+
+
+def _image(run_dir: Path, path: Path, alt: str) -> str:
+    return f"![{alt}]({path.relative_to(run_dir)})\n"
+
+
+def _throughput(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
+    summary = _summary(frame[frame["workload"] == "tcp_stream"], ["throughput"], modes)
+    if summary.empty:
+        return ""
+    path = bar_figure(
+        _panels(summary, "placement"),
+        modes,
+        variant_label,
+        title="TCP throughput (iperf3, receiver side)",
+        scale=GBITS,
+        path=run_dir / FIGURES_DIR / "throughput.png",
+    )
+    text = "## Throughput (tcp_stream)\n\n" + _image(run_dir, path, "throughput per mode")
+    return text + "\n" + markdown_table(summary, GBITS)
+
+
+def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
+    text = ""
+    for workload, prefix in LATENCY_PREFIX.items():
+        metrics = [f"{prefix}_{percentile}" for percentile in PERCENTILES]
+        summary = _summary(frame[frame["workload"] == workload], metrics, modes)
+        if summary.empty:
+            continue
+        several = summary.apply(variant_label, axis=1).nunique() > 1
+
+        def group(row: pd.Series, several: bool = several, prefix: str = prefix) -> str:
+            name = str(row["metric"]).removeprefix(f"{prefix}_")
+            return f"{name} {variant_label(row)}" if several else name
+
+        path = bar_figure(
+            _panels(summary, "placement"),
+            modes,
+            group,
+            title=f"{LATENCY_TITLE[workload]}: latency percentiles",
+            scale=MICROSECONDS,
+            path=run_dir / FIGURES_DIR / f"latency_{workload}.png",
+        )
+        text += f"## Latency percentiles ({workload})\n\n" + _image(run_dir, path, workload)
+        text += "\n" + markdown_table(summary, MICROSECONDS) + "\n"
+    return text
+
+
+def _http(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
+    rows = frame[(frame["workload"] == "http_fixed_qps") & frame["metric"].notna()]
+    metrics = sorted({m for m in rows["metric"] if HTTP_PERCENTILE.search(str(m))})
+    summary = _summary(rows, metrics, modes)
+    if summary.empty:
+        return ""
+    text = "## HTTP latency at a fixed request rate (http_fixed_qps)\n\n"
+    plotted = summary[summary["metric"].str.endswith(HTTP_PLOTTED)]
+    for (placement, qps), part in plotted.groupby(
+        ["placement", "qps"], sort=False
+    ):  # same-node first
+        unit = str(part["unit"].iloc[0])
+        path = line_figure(
+            _panels(part, "metric"),
+            modes,
+            x="connections",
+            title=f"HTTP latency at {qps} requests/s, {placement}",
+            scale=Scale(1.0, unit),
+            path=run_dir / FIGURES_DIR / f"http_{placement}_{qps}qps.png",
+        )
+        text += _image(run_dir, path, f"HTTP latency against connections, {placement}, {qps} rps")
+    unit = str(summary["unit"].iloc[0])
+    return text + "\n" + markdown_table(summary, Scale(1.0, unit))
+
+
+def _resources(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
+    text = ""
+    for metric, scale, name in (
+        ("cpu_percent", VCPU, "cpu"),
+        ("rss_max_bytes", MEGABYTES, "memory"),
+    ):
+        summary = _summary(frame, [metric], modes)
+        if summary.empty:
+            continue
+        path = bar_figure(
+            _panels(summary, "placement"),
+            modes,
+            short_case_label,
+            title=f"Proxy {name} during the measured part of each case",
+            scale=scale,
+            path=run_dir / FIGURES_DIR / f"proxy_{name}.png",
+        )
+        text += f"### Proxy {name}\n\n" + _image(run_dir, path, f"proxy {name} per mode")
+        text += "\n" + markdown_table(summary, scale) + "\n"
+    text += _cpu_per_rate(frame, modes)
+    if not text:
+        return ""
+    note = (
+        f"Mode `{BASELINE_MODE}` runs no proxies, so these figures have no ratio row; "
+        "values are summed over every proxy process of the cluster.\n\n"
+    )
+    return "## Proxy CPU and memory\n\n" + note + text
+
+
+def _cpu_per_rate(frame: pd.DataFrame, modes: list[str]) -> str:
+    values = proxy_cpu_per_1000_rps(frame)
+    if values.empty:
+        return ""
+    summary = _order(add_ratio_to_baseline(summarize(values)), modes)
+    title = "### Proxy vCPU per 1000 requests/s (http_fixed_qps)\n\n"
+    return title + markdown_table(summary, Scale(1.0, "vCPU")) + "\n"
+
+
+def _header(metadata: dict[str, Any], frame: pd.DataFrame) -> str:
+    env = metadata.get("environment", {})
+    tools = ", ".join(f"{k} {v}" for k, v in env.get("tools", {}).items())
+    features = ", ".join(f"{k}: {v}" for k, v in env.get("kernel_features", {}).items())
+    cases = frame.drop_duplicates("case_id")
+    lines = [
+        f"# Experiment {metadata.get('experiment', '?')}, run {metadata.get('run_id', '?')}",
+        "",
+        f"- status: {metadata.get('status', '?')}; cases ok: {(cases['status'] == 'ok').sum()}, "
+        f"not ok: {(cases['status'] != 'ok').sum()}",
+        f"- started {metadata.get('started_at', '?')}, finished {metadata.get('finished_at', '?')}",
+        f"- kernel {env.get('kernel', '?')}; CPU {env.get('cpu_model', '?')} "
+        f"x{env.get('cpu_count', '?')}; git {env.get('git_commit', '?')}",
+        f"- tools: {tools}",
+        f"- kernel features: {features}",
+        f"- pinning: {metadata.get('pinning', {})}",
+        f"- fallbacks and mode details: {', '.join(metadata.get('fallbacks', [])) or 'none'}",
+        "",
+        "Bars and points are medians over repetitions; whiskers span the lowest to the highest "
+        f"repetition. Where the run has modes besides `{BASELINE_MODE}`, each figure's lower row "
+        f"divides by `{BASELINE_MODE}`'s median of the same case in this run "
+        "(1.0 = no difference).",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _failures(frame: pd.DataFrame) -> str:
+    failed = frame[frame["status"] != "ok"].drop_duplicates("case_id")
+    if failed.empty:
+        return ""
+    lines = ["## Cases not measured\n", "| case | status | error |", "|---|---|---|"]
+    for _, row in failed.iterrows():
+        error = str(row["error"]).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {row['case_id']} | {row['status']} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = (_throughput, _latency, _http, _resources)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write run_dir/report.md and run_dir/figures/*.png; returns the report's path."""
+    run_dir = Path(run_dir)
+    frame = load(run_dir)
+    modes = mode_order(frame)
+    parts = [_header(RunStore(run_dir).read_metadata(), frame)]
+    parts += [section(frame, modes, run_dir) for section in SECTIONS]
+    parts.append(_failures(frame))
+    path = run_dir / REPORT_NAME
+    path.write_text("\n".join(part for part in parts if part))
+    return path

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_experiment_fakes import (
+    SMALL_SPEC,
+    FakeClusterFactory,
+    fake_runner,
+    fake_stream,
+    load_fake_spec,
+)
+
+from testbed.experiment.cases import Case
+from testbed.experiment.pinning import PinnedHost, apply_pinning
+from testbed.experiment.run import execute, run_experiment
+from testbed.experiment.spec import SpecError
+from testbed.experiment.store import RunStore
+from testbed.results import COLUMNS, load
+
+
+def run_fake(
+    tmp_path: Path, text: str = SMALL_SPEC, **kwargs: Any
+) -> tuple[Path, FakeClusterFactory]:
+    spec_path, spec = load_fake_spec(tmp_path, text)
+    store = RunStore.create(tmp_path / "results", spec.name)
+    factory = kwargs.pop("factory", FakeClusterFactory())
+    execute(spec_path, spec, store, fake_runner(spec, store, factory, **kwargs))
+    return store.path, factory
+
+
+def test_small_run_stores_tidy_rows_with_every_case_parameter(tmp_path: Path) -> None:
+    run_dir, factory = run_fake(tmp_path)
+    assert run_dir.name.endswith("-small") and (run_dir / "raw").is_dir()
+    frame = load(run_dir)
+    assert list(frame.columns[: len(COLUMNS)]) == list(COLUMNS)
+    throughput = frame[frame["metric"] == "throughput"]
+    assert len(throughput) == 2 * 2  # 2 modes x 2 repetitions
+    assert set(throughput["mode"]) == {"none", "inpod"}
+    assert set(throughput["repetition"]) == {1, 2}
+    assert (throughput["parallel"] == 1).all() and throughput["msg_size"].isna().all()
+    assert set(throughput["run_id"]) == {run_dir.name}
+    assert (frame["status"] == "ok").all()
+    # a fresh cluster per mode, torn down before the next one is built
+    assert factory.log == ["build none", "teardown none", "build inpod", "teardown inpod"]
+
+
+def test_cluster_facts_and_proxy_samples_become_columns(tmp_path: Path) -> None:
+    frame = load(run_fake(tmp_path)[0])
+    inpod = frame[frame["mode"] == "inpod"]
+    assert set(inpod["tunnel"]) == {"vxlan"}
+    assert set(inpod["fact_mode"]) == {"inpod"}  # a fact named like a column is prefixed
+    proxy = inpod[inpod["metric"] == "rss_max_bytes"]
+    assert len(proxy) == 2 and set(proxy["process"]) == {"ztunnel-node1"}
+    assert (proxy["value"] > 0).all()
+    assert not (frame[frame["mode"] == "none"]["metric"] == "rss_max_bytes").any()
+
+
+def test_csv_and_parquet_hold_the_same_rows(tmp_path: Path) -> None:
+    run_dir = run_fake(tmp_path)[0]
+    from_parquet = load(run_dir / "results.parquet")
+    from_csv = load(run_dir / "results.csv")
+    assert from_csv.shape == from_parquet.shape
+    assert list(from_csv["value"]) == pytest.approx(list(from_parquet["value"]), nan_ok=True)
+    assert list(from_csv["repetition"]) == list(from_parquet["repetition"])
+
+
+def test_raw_outputs_are_kept_per_case(tmp_path: Path) -> None:
+    run_dir = run_fake(tmp_path)[0]
+    raw = sorted(p.parent.name for p in (run_dir / "raw").glob("*/iperf3-client.json"))
+    assert raw == [
+        "inpod-same-node-tcp_stream-p1-r1",
+        "inpod-same-node-tcp_stream-p1-r2",
+        "none-same-node-tcp_stream-p1-r1",
+        "none-same-node-tcp_stream-p1-r2",
+    ]
+
+
+def test_metadata_records_environment_pinning_and_fallbacks(tmp_path: Path) -> None:
+    run_dir = run_fake(tmp_path)[0]
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["status"] == "complete"
+    assert metadata["cases_ok"] == 4 and metadata["cases_failed"] == 0
+    assert metadata["fallbacks"] == ["tunnel=vxlan"]
+    assert metadata["modes"]["inpod"]["facts"]["tunnel"] == "vxlan"
+    assert metadata["pinning"] == {"policy": "none"}
+    environment = metadata["environment"]
+    assert environment["kernel"] and environment["tools"]["python"].startswith("3.")
+    assert set(environment["kernel_features"]) >= {"geneve", "vxlan", "ktls"}
+    assert (run_dir / "spec.yaml").read_text().startswith("\nname: small")
+
+
+def test_warmup_runs_before_each_measured_case(tmp_path: Path) -> None:
+    calls: list[tuple[float, bool]] = []
+
+    def recording(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        calls.append((case.duration, raw_dir is None))
+        return fake_stream(client, server, case, raw_dir)
+
+    run_fake(tmp_path, workloads={"tcp_stream": recording})
+    assert calls == [(1, True), (2, False)] * 4
+
+
+def test_failing_case_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
+    def flaky(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        if case.mode == "none" and case.repetition == 1 and raw_dir is not None:
+            raise RuntimeError("iperf3: unable to connect")
+        return fake_stream(client, server, case, raw_dir)
+
+    run_dir = run_fake(tmp_path, workloads={"tcp_stream": flaky})[0]
+    frame = load(run_dir)
+    failed = frame[frame["status"] == "failed"]
+    assert list(failed["case_id"]) == ["none-same-node-tcp_stream-p1-r1"]
+    assert failed["error"].iloc[0] == "RuntimeError: iperf3: unable to connect"
+    assert failed["metric"].isna().all()
+    assert len(frame[frame["metric"] == "throughput"]) == 3
+    assert (
+        "unable to connect"
+        in (run_dir / "raw" / failed["case_id"].iloc[0] / "error.txt").read_text()
+    )
+
+
+def test_cluster_that_fails_to_build_fails_its_cases_only(tmp_path: Path) -> None:
+    run_dir = run_fake(tmp_path, factory=FakeClusterFactory(fail_modes=["none"]))[0]
+    frame = load(run_dir)
+    none = frame[frame["mode"] == "none"]
+    assert len(none) == 2 and (none["status"] == "failed").all()
+    assert none["error"].str.contains("no such kernel feature").all()
+    assert (frame[frame["mode"] == "inpod"]["status"] == "ok").all()
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert "no such kernel feature" in metadata["modes"]["none"]["cluster_error"]
+
+
+def test_ctrl_c_keeps_what_was_measured_and_tears_down(tmp_path: Path) -> None:
+    def interrupted(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        if case.mode == "inpod" and raw_dir is not None:
+            raise KeyboardInterrupt
+        return fake_stream(client, server, case, raw_dir)
+
+    run_dir, factory = run_fake(tmp_path, workloads={"tcp_stream": interrupted})
+    assert factory.log[-1] == "teardown inpod"
+    frame = load(run_dir)
+    assert len(frame[frame["metric"] == "throughput"]) == 2  # mode none, both repetitions
+    assert list(frame[frame["status"] == "interrupted"]["case_id"]) == [
+        "inpod-same-node-tcp_stream-p1-r1"
+    ]
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["status"] == "interrupted" and metadata["cases_ok"] == 2
+
+
+def test_split_pinning_prefixes_commands_with_taskset(tmp_path: Path) -> None:
+    run_dir, factory = run_fake(tmp_path, SMALL_SPEC + "pinning: split\n")
+    client = factory.clusters[0].pods[0]
+    assert client.commands[0][:3] == ["taskset", "-c", "0"]
+    assert set(load(run_dir)["pinning"]) == {"split"}
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["pinning"]["cpus"] == {"client": 0, "server": 1}
+
+
+def test_pinned_host_keeps_the_pod_attributes() -> None:
+    class Pod:
+        ip = "10.0.0.1"
+
+        def run(self, argv: list[str], **kwargs: Any) -> list[str]:
+            return argv
+
+        spawn = run
+
+    client, server = apply_pinning("split", Pod(), Pod())
+    assert isinstance(server, PinnedHost) and server.ip == "10.0.0.1"
+    assert server.spawn(["sockperf", "server"], label="s") == [
+        "taskset",
+        "-c",
+        "1",
+        "sockperf",
+        "server",
+    ]
+    assert apply_pinning("none", client, server) == (client, server)
+
+
+def test_crashed_runner_still_leaves_results_and_says_aborted(tmp_path: Path) -> None:
+    def crashing(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        if case.mode == "inpod":
+            raise SystemExit(3)
+        return fake_stream(client, server, case, raw_dir)
+
+    with pytest.raises(SystemExit):
+        run_fake(tmp_path, workloads={"tcp_stream": crashing})
+    (run_dir,) = (tmp_path / "results").iterdir()
+    assert json.loads((run_dir / "metadata.json").read_text())["status"] == "aborted"
+    assert len(load(run_dir)) > 0
+
+
+def test_unknown_topology_is_a_spec_error_before_anything_is_built(tmp_path: Path) -> None:
+    spec_path = load_fake_spec(tmp_path, SMALL_SPEC.replace("two_nodes", "no_such_topology"))[0]
+    with pytest.raises(SpecError, match=r"small\.yaml: topology: .*no_such_topology"):
+        run_experiment(
+            spec_path, results_dir=tmp_path / "results", available_modes=lambda: ["none", "inpod"]
+        )
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_experiment_fakes import SMALL_SPEC, write_spec
+
+from testbed.experiment.cases import estimated_seconds, mode_cases
+from testbed.experiment.spec import KNOWN_MODES, SpecError, load_spec
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def spec_error(tmp_path: Path, text: str, **kwargs: object) -> str:
+    path = write_spec(tmp_path, text, name="bad.yaml")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, **kwargs)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert str(path) in message
+    return message
+
+
+def test_small_spec_loads_with_shorthands_and_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path))
+    assert spec.topology.as_argument() == "two_nodes"
+    assert [mode.label for mode in spec.modes] == ["none", "inpod"]
+    assert spec.sweeps.qps == [1000]
+    assert spec.pinning == "none"
+
+
+def test_topology_parameters_make_the_load_topology_argument(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace(
+        "topology: two_nodes", "topology: {name: multi_node, params: {nodes: 3, pods: 10}}"
+    )
+    spec = load_spec(write_spec(tmp_path, text))
+    assert spec.topology.as_argument() == "multi_node,nodes=3,pods=10"
+
+
+def test_unknown_mode_names_the_field_and_the_choices(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("[none, inpod]", "[none, bogus]"))
+    assert "modes[1].mode" in message
+    assert "unknown mode 'bogus'" in message
+    assert "none, sidecar, inpod, legacy, ebpf" in message
+
+
+def test_unknown_workload_names_the_field(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("[tcp_stream]", "[tcp_strem]"))
+    assert "workloads[0]" in message
+    assert "'tcp_stream'" in message and "tcp_strem" in message
+
+
+def test_wrong_type_names_the_field(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("repetitions: 2", "repetitions: three"))
+    assert "repetitions: Input should be a valid integer" in message
+
+
+def test_negative_duration_names_the_field(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("duration: 2", "duration: -5"))
+    assert "duration: Input should be greater than 0 (got -5)" in message
+
+
+def test_fractional_seconds_are_rejected(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("warmup: 1", "warmup: 0.5"))
+    assert "warmup: Input should be a valid integer" in message
+
+
+def test_misspelt_field_is_rejected(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC + "repetition: 3\n")
+    assert "repetition: Extra inputs are not permitted" in message
+
+
+def test_missing_field_is_named(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("placements: [same-node]\n", ""))
+    assert "placements: Field required" in message
+
+
+def test_negative_sweep_value_names_its_index(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC + "sweeps: {connections: [1, -4]}\n")
+    assert "sweeps.connections[1]" in message
+
+
+def test_repeated_mode_needs_a_label(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC.replace("[none, inpod]", "[inpod, inpod]"))
+    assert "labels must be unique" in message
+    relabelled = SMALL_SPEC.replace(
+        "[none, inpod]", "[inpod, {mode: inpod, label: inpod-nft, options: {backend: nftables}}]"
+    )
+    spec = load_spec(write_spec(tmp_path, relabelled))
+    assert spec.modes[1].options == {"backend": "nftables"}
+
+
+def test_unavailable_mode_is_a_spec_error(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC, available_modes=lambda: ["none"])
+    assert "modes[1]: mode 'inpod' is not available on this machine" in message
+
+
+def test_modes_all_takes_the_available_modes(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, SMALL_SPEC.replace("[none, inpod]", "all"))
+    spec = load_spec(path, available_modes=lambda: ["none", "sidecar"])
+    assert [mode.mode for mode in spec.modes] == ["none", "sidecar"]
+
+
+def test_yaml_that_is_not_a_mapping_is_reported(tmp_path: Path) -> None:
+    assert "expected a mapping" in spec_error(tmp_path, "- just\n- a list\n")
+    assert "not valid YAML" in spec_error(tmp_path, "name: [unclosed\n")
+
+
+def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
+    spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=lambda: KNOWN_MODES)
+    assert [mode.mode for mode in spec.modes] == list(KNOWN_MODES)
+    assert set(spec.placements) == {"same-node", "cross-node"}
+    assert {"tcp_stream", "tcp_rr", "http_fixed_qps"} <= set(spec.workloads)
+    assert spec.repetitions == 3
+    assert estimated_seconds(spec) < 15 * 60
+
+
+def test_baseline_spec_is_mode_none_throughput_and_latency() -> None:
+    spec = load_spec(EXPERIMENTS / "baseline.yaml", available_modes=lambda: ["none"])
+    assert [mode.mode for mode in spec.modes] == ["none"]
+    assert set(spec.placements) == {"same-node", "cross-node"}
+    assert set(spec.workloads) == {"tcp_stream", "tcp_rr"}
+    assert len(mode_cases(spec, spec.modes[0])) == 2 * 2 * 3
