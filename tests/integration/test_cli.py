@@ -1,7 +1,6 @@
 """Issue #2: the command line: bad input, interrupts, crashes and `clean`."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -48,15 +47,15 @@ def fresh_name() -> str:
 def test_bad_input_one_line_exit_2_nothing_created(
     args: list[str], message: str, runs_root: Path
 ) -> None:
-    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    done = cli(runs_root, *args, "--detach")
+    name = fresh_name()
+    named = args if "--name" in args else [*args, "--name", name]
+    done = cli(runs_root, *named, "--detach")
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert list(runs_root.iterdir()) == []
-    netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    assert not {n for n in netns_after - netns_before if n.startswith("tb-")}
+    assert netns_of_run(name) == []
 
 
 def test_up_detach_exec_inspect_down(runs_root: Path) -> None:
