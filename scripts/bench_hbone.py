@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
@@ -46,6 +47,7 @@ from testbed.mesh.hbone.testcerts import TestPki
 LOCALHOST = "127.0.0.1"
 SERVER_ID = ("ns-b", "sa-b")
 CLIENT_ID = ("ns-a", "sa-a")
+READY = "ready"  # printed by a proxy process once it listens
 
 
 # -- proxy processes ----------------------------------------------------------------------
@@ -68,6 +70,7 @@ async def run_inbound(port: int, certs: Path) -> None:
 
     server = HboneServer(context, on_connect)
     await server.start(_listen(port))
+    print(READY, flush=True)
     await asyncio.Event().wait()
 
 
@@ -81,6 +84,7 @@ async def run_outbound(port: int, hbone_port: int, target: str, certs: Path) -> 
     loop = asyncio.get_running_loop()
     listener = _listen(port)
     listener.setblocking(False)
+    print(READY, flush=True)
 
     async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
@@ -123,9 +127,16 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def process(argv: list[str], await_ready: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `argv`; with `await_ready`, return once it printed READY (a proxy of ours).
+
+    Proxies are not probed with a connection: a probe through the chain would reach the
+    iperf3 server, which then refuses the real test as busy."""
+    output = subprocess.PIPE if await_ready else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.DEVNULL)
     try:
+        if await_ready and proc.stdout is not None and proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"{argv} exited with {proc.wait()} before getting ready")
         yield proc
     finally:
         proc.terminate()
@@ -141,8 +152,8 @@ def pinned(cpu: int | None, argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def chain(target_port: int, certs: Path, pin: bool) -> Iterator[int]:
-    """Start inbound + outbound proxies towards `target_port`; yields the outbound port."""
+def chain(target_port: int, certs: Path, pin: bool) -> Iterator[tuple[int, list[int]]]:
+    """Start inbound + outbound proxies towards `target_port`; yields (outbound port, pids)."""
     hbone_port, out_port = free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     inbound = pinned(0 if pin else None, [*me, "inbound", str(hbone_port), str(certs)])
@@ -150,37 +161,27 @@ def chain(target_port: int, certs: Path, pin: bool) -> Iterator[int]:
     outbound = pinned(
         1 if pin else None, [*me, "outbound", str(out_port), str(hbone_port), target, str(certs)]
     )
-    with process(inbound), process(outbound):
-        wait_listening(hbone_port)
-        wait_listening(out_port)
-        yield out_port
+    with process(inbound, True) as inbound_proc, process(outbound, True) as outbound_proc:
+        yield out_port, [inbound_proc.pid, outbound_proc.pid]  # taskset execs: same pids
 
 
-def iperf3_gbps(port: int, seconds: int) -> float:
-    out = subprocess.run(
-        ["iperf3", "-J", "-c", LOCALHOST, "-p", str(port), "-t", str(seconds)],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=True,
-    ).stdout
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+def iperf3_gbps(port: int, seconds: int, attempts: int = 3) -> float:
+    """Single-stream throughput; retried because the iperf3 server is sometimes still busy."""
+    argv = ["iperf3", "-J", "-c", LOCALHOST, "-p", str(port), "-t", str(seconds)]
+    for _ in range(attempts):
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+        result = json.loads(run.stdout or "{}")
+        if "sum_received" in result.get("end", {}):
+            return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+        print(f"iperf3 failed: {result.get('error', run.stderr.strip())}", file=sys.stderr)
+        time.sleep(2)
+    raise RuntimeError("iperf3 kept failing")
 
 
 def sockperf_p50_us(port: int, seconds: int) -> float:
+    argv = ["sockperf", "pp", "--tcp", "--full-rtt", "-i", LOCALHOST, "-p", str(port)]
     out = subprocess.run(
-        [
-            "sockperf",
-            "pp",
-            "--tcp",
-            "--full-rtt",
-            "-i",
-            LOCALHOST,
-            "-p",
-            str(port),
-            "-t",
-            f"{seconds}",
-        ],
+        [*argv, "-t", str(seconds)],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -192,51 +193,76 @@ def sockperf_p50_us(port: int, seconds: int) -> float:
     return float(match.group(1))
 
 
-def measure(port: int, seconds: int, rr_port: int) -> tuple[float, float]:
-    return iperf3_gbps(port, seconds), sockperf_p50_us(rr_port, min(seconds, 5))
+def cpu_and_wait(pids: list[int]) -> tuple[float, float]:
+    """Seconds the processes ran, and waited runnable for a CPU (/proc/<pid>/schedstat)."""
+    ran = waited = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+        ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
+@dataclass
+class Sample:
+    gbps: float
+    rtt_us: float
+    proxy_cpu: float = 0.0  # CPU seconds of both proxies per second of iperf3
+    proxy_wait: float = 0.0  # seconds both proxies waited for a CPU, per second of iperf3
+
+
+def measure_direct(ports: tuple[int, int], seconds: int) -> Sample:
+    return Sample(iperf3_gbps(ports[0], seconds), sockperf_p50_us(ports[1], min(seconds, 5)))
+
+
+def measure_chain(ports: tuple[int, int], certs: Path, pin: bool, seconds: int) -> Sample:
+    with chain(ports[0], certs, pin) as (port, pids):
+        ran, waited = cpu_and_wait(pids)
+        gbps = iperf3_gbps(port, seconds)
+        ran_after, waited_after = cpu_and_wait(pids)
+    with chain(ports[1], certs, pin) as (port, _):
+        rtt = sockperf_p50_us(port, min(seconds, 5))
+    return Sample(gbps, rtt, (ran_after - ran) / seconds, (waited_after - waited) / seconds)
 
 
 def benchmark(reps: int, seconds: int) -> None:
-    iperf_port, sockperf_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
+    ports = (free_port(), free_port())  # iperf3, sockperf
+    servers = [
+        ["iperf3", "-s", "-p", str(ports[0])],
+        ["sockperf", "sr", "--tcp", "-i", LOCALHOST, "-p", str(ports[1])],
+    ]
+    results: dict[str, list[Sample]] = {"direct": [], "unpinned": [], "pinned": []}
+    with tempfile.TemporaryDirectory() as tmp, process(servers[0]), process(servers[1]):
         certs = Path(tmp)
         pki = TestPki(certs)
         pki.identity(*SERVER_ID)
         pki.identity(*CLIENT_ID)
-        servers = [
-            ["iperf3", "-s", "-p", str(iperf_port)],
-            ["sockperf", "sr", "--tcp", "-i", LOCALHOST, "-p", str(sockperf_port)],
-        ]
-        with process(servers[0]), process(servers[1]):
-            wait_listening(iperf_port)
-            time.sleep(0.5)  # sockperf's server does not like probe connections
-            results: dict[str, list[tuple[float, float]]] = {"direct": [], "unpinned": []}
-            results["pinned cpu0/cpu1"] = []
-            for rep in range(reps):
-                results["direct"].append(measure(iperf_port, seconds, sockperf_port))
-                for pin, label in ((False, "unpinned"), (True, "pinned cpu0/cpu1")):
-                    with (
-                        chain(iperf_port, certs, pin) as out_iperf,
-                        chain(sockperf_port, certs, pin) as out_rr,
-                    ):
-                        results[label].append(measure(out_iperf, seconds, out_rr))
-                print(f"rep {rep + 1}: " + ", ".join(f"{k}={v[-1]}" for k, v in results.items()))
+        wait_listening(ports[0])
+        time.sleep(0.5)  # sockperf's server does not like probe connections
+        for rep in range(reps):
+            results["direct"].append(measure_direct(ports, seconds))
+            results["unpinned"].append(measure_chain(ports, certs, False, seconds))
+            results["pinned"].append(measure_chain(ports, certs, True, seconds))
+            print(f"rep {rep + 1}: " + "; ".join(f"{k} {v[-1]}" for k, v in results.items()))
     report(results)
 
 
-def report(results: dict[str, list[tuple[float, float]]]) -> None:
-    direct_gbps = statistics.median(r[0] for r in results["direct"])
-    direct_rtt = statistics.median(r[1] for r in results["direct"])
-    print(f"\nmedians over {len(results['direct'])} reps (iperf3 single stream, sockperf p50 RTT)")
-    print(f"{'path':<20}{'Gbit/s':>9}{'ratio':>8}{'p50 RTT us':>12}{'added us':>10}")
-    for label, rows in results.items():
-        gbps = statistics.median(r[0] for r in rows)
-        rtt = statistics.median(r[1] for r in rows)
+def report(results: dict[str, list[Sample]]) -> None:
+    def median(label: str, field: str) -> float:
+        return statistics.median(getattr(sample, field) for sample in results[label])
+
+    direct_gbps, direct_rtt = median("direct", "gbps"), median("direct", "rtt_us")
+    print(f"\nmedians over {len(results['direct'])} reps: iperf3 single stream, sockperf p50 RTT")
+    print("proxy cpu/wait: CPU-seconds the two proxies ran / waited for a CPU, per second")
+    header = f"{'path':<10}{'Gbit/s':>8}{'ratio':>7}{'RTT us':>8}{'added':>7}{'cpu':>6}{'wait':>6}"
+    print(header)
+    for label in results:
+        gbps, rtt = median(label, "gbps"), median(label, "rtt_us")
         print(
-            f"{label:<20}{gbps:>9.2f}{gbps / direct_gbps:>8.2f}{rtt:>12.1f}"
-            f"{rtt - direct_rtt:>10.1f}"
+            f"{label:<10}{gbps:>8.2f}{gbps / direct_gbps:>7.2f}{rtt:>8.1f}{rtt - direct_rtt:>7.1f}"
+            f"{median(label, 'proxy_cpu'):>6.2f}{median(label, 'proxy_wait'):>6.2f}"
         )
-    print(f"cpus: {os.cpu_count()}; pinned = inbound proxy on cpu0, outbound proxy on cpu1")
+    print(f"cpus: {os.cpu_count()}; pinned: inbound proxy on cpu0, outbound proxy on cpu1;")
+    print("iperf3/sockperf unpinned; 1-minute load average at the end:", os.getloadavg()[0])
 
 
 def main() -> None:

@@ -1,0 +1,78 @@
+"""HBONE: HTTP/2 CONNECT over mutual TLS 1.3 (ALPN h2), as Istio's ztunnel speaks it.
+
+Inbound (a server on a listening socket the caller created, e.g. inside a pod netns):
+
+    async def on_connect(req: ConnectRequest) -> ConnectDecision:
+        # req.authority (ip, port), req.peer_identity (SPIFFE URI of the client certificate),
+        # req.peer_address, req.local_address, req.forwarded / .forwarded_for / .baggage /
+        # .traceparent, req.headers
+        if not allowed(req):
+            return ConnectDecision.reject(STATUS_UNAUTHORIZED)           # 401
+        upstream = await connect_tcp(req.authority, source=(client_ip, 0), transparent=True)
+        return ConnectDecision.accept(upstream, on_closed=record)        # OSError -> 503
+
+    server = HboneServer(server_context(cert, key, roots), on_connect)
+    await server.start(listen_sock)          # 400 for non-CONNECT / bad authority, no callback
+    await server.close()
+
+Outbound (a client with a connection pool; one stream per captured connection):
+
+    client = HboneClient(socket_factory=make_socket_in_pod_netns)   # optional factory
+    stream = await client.open((dst_pod_ip, 15008), "10.0.0.7:8080", ssl_context=ctx,
+                               expected_identities={server_uri}, source_identity=my_uri,
+                               source=client_addr, headers={"traceparent": ...})
+    stats = await stream.relay(accepted_socket)   # StreamStats once both directions closed
+
+`open` raises HboneError (`.status` set for a non-200 answer; a server whose URI SAN is not
+expected fails the connection). Passthrough TCP: `await relay_tcp(accepted, await
+connect_tcp(dest))` (os.splice in two threads). Works on asyncio and uvloop event loops.
+
+Data path: one asyncio protocol per TLS connection drives an SSLObject over MemoryBIOs with
+1 MiB reads; DATA frames are written from 9 bytes of headroom in the socket read buffer and
+parsed as memoryview slices, WINDOW_UPDATEs go out per MiB (stream 4 MiB, connection 16 MiB
+windows, 1 MiB frames). Server and client tune glibc malloc once so 1 MiB buffers are reused
+(see memory.py).
+
+Modules: frames (HTTP/2 framing), flow (window accounting), tls (contexts, SANs, TlsSession),
+connect (requests, decisions), connection + stream (the data path), server, client, relay
+(plain TCP), memory (buffer reuse), testcerts (throwaway PKI for tests and benchmarks).
+"""
+
+from .client import HboneClient, HboneStream
+from .connect import (
+    STATUS_BAD_REQUEST,
+    STATUS_OK,
+    STATUS_UNAUTHORIZED,
+    STATUS_UNAVAILABLE,
+    ConnectDecision,
+    ConnectRequest,
+    StreamStats,
+    parse_authority,
+    spiffe_parts,
+)
+from .connection import HboneError
+from .relay import connect_tcp, relay_tcp, reset_socket
+from .server import HboneServer
+from .tls import client_context, server_context, uri_sans
+
+__all__ = [
+    "STATUS_BAD_REQUEST",
+    "STATUS_OK",
+    "STATUS_UNAUTHORIZED",
+    "STATUS_UNAVAILABLE",
+    "ConnectDecision",
+    "ConnectRequest",
+    "HboneClient",
+    "HboneError",
+    "HboneServer",
+    "HboneStream",
+    "StreamStats",
+    "client_context",
+    "connect_tcp",
+    "parse_authority",
+    "relay_tcp",
+    "reset_socket",
+    "server_context",
+    "spiffe_parts",
+    "uri_sans",
+]

@@ -1,0 +1,188 @@
+"""HBONE client with a connection pool (the outbound side of a ztunnel).
+
+    client = HboneClient()
+    stream = await client.open(("10.0.0.7", 15008), "10.0.0.7:8080", ssl_context=ctx,
+                               expected_identities={"spiffe://cluster.local/ns/b/sa/b"},
+                               source=("10.0.0.5", 40000), headers={"traceparent": ...})
+    await stream.relay(accepted_client_socket)   # until both directions are closed
+    await client.close()
+
+Connections are pooled per (source identity, destination identities, destination address,
+source IP) and carry at most `max_streams` concurrent streams; a full connection makes the
+pool open another. A server whose certificate's URI SAN is not among `expected_identities`
+fails the connection with HboneError; a non-200 answer raises HboneError with `.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+
+from .connect import Address, StreamStats, format_address, request_headers, response_status
+from .connection import STREAM_WINDOW, HboneError, TunnelConnection
+from .memory import keep_buffers_in_heap
+from .stream import TunnelStream
+
+MAX_STREAMS_PER_CONNECTION = 100
+CONNECT_TIMEOUT = 10.0
+_LAST_STREAM_ID = 2**31 - 1
+
+PoolKey = tuple[str, frozenset[str], Address, str | None]
+SocketFactory = Callable[[int], socket.socket]
+
+
+class ClientConnection(TunnelConnection):
+    server_side = False
+
+    def __init__(self, context: ssl.SSLContext, expected: frozenset[str], max_streams: int) -> None:
+        super().__init__(context)
+        self.expected = expected
+        self.max_streams = max_streams
+        self._next_stream_id = 1
+
+    def on_established(self) -> None:
+        if self.expected and not self.expected.intersection(self.peer_identities):
+            raise HboneError(
+                f"server {self.peer_address} identity {self.peer_identities} is not one of the "
+                f"expected {sorted(self.expected)}"
+            )
+
+    def on_headers(self, stream_id: int, headers: list[tuple[str, str]], end: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if not stream.response.done():
+            stream.response.set_result(headers)
+        if end:
+            stream.on_remote_end()
+
+    def has_capacity(self) -> bool:
+        usable = (
+            self.ready.done()
+            and self.ready.exception() is None
+            and not self.closed.done()
+            and not self.goaway_received
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+        limit = min(self.max_streams, self.peer_max_streams)
+        return usable and len(self.streams) < limit and self._next_stream_id < _LAST_STREAM_ID
+
+    def open_stream(self, headers: list[tuple[str, str]]) -> TunnelStream:
+        stream_id, self._next_stream_id = self._next_stream_id, self._next_stream_id + 2
+        stream = TunnelStream(self, stream_id, self.peer_initial_window, STREAM_WINDOW)
+        self.streams[stream_id] = stream
+        self.send_headers(stream_id, headers, end=False)
+        return stream
+
+
+class HboneStream:
+    """An accepted (200) CONNECT stream; `relay()` binds it to a connected TCP socket."""
+
+    def __init__(self, stream: TunnelStream, connection: ClientConnection) -> None:
+        self._stream = stream
+        self.connection = connection
+
+    @property
+    def stream_id(self) -> int:
+        return self._stream.id
+
+    async def relay(self, sock: socket.socket) -> StreamStats:
+        """Relay bytes both ways between the stream and `sock` until both sides are closed."""
+        return await self._stream.attach(sock)
+
+    def reset(self) -> None:
+        self._stream.reset()
+
+
+class HboneClient:
+    def __init__(
+        self,
+        *,
+        max_streams: int = MAX_STREAMS_PER_CONNECTION,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        socket_factory: SocketFactory | None = None,
+    ) -> None:
+        """`socket_factory(family)` makes the TCP socket to connect (e.g. inside a pod netns)."""
+        keep_buffers_in_heap()
+        self.max_streams = max_streams
+        self.connect_timeout = connect_timeout
+        self.socket_factory = socket_factory or (lambda family: socket.socket(family))
+        self._pools: dict[PoolKey, list[ClientConnection]] = {}
+        self._locks: dict[PoolKey, asyncio.Lock] = {}
+
+    async def open(
+        self,
+        dest: Address,
+        authority: str,
+        *,
+        ssl_context: ssl.SSLContext,
+        expected_identities: Iterable[str],
+        source_identity: str = "",
+        source_ip: str | None = None,
+        source: Address | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HboneStream:
+        """CONNECT to `authority` through the HBONE server at `dest`; returns once 200 came.
+
+        `source` is the original client address sent as `forwarded: for=`; `headers` adds
+        e.g. `baggage` and `traceparent`. Raises HboneError (with `.status` for non-200).
+        """
+        key = (source_identity, frozenset(expected_identities), dest, source_ip)
+        request = request_headers(authority, source, headers)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            conn = await self._connection_for(key, ssl_context)
+            stream = conn.open_stream(request)
+        try:
+            response = await asyncio.wait_for(stream.response, self.connect_timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            stream.reset()
+            raise HboneError(f"CONNECT {authority} via {format_address(dest)}: {exc}") from exc
+        status = response_status(response)
+        if status != 200:
+            stream.reset()
+            raise HboneError(f"CONNECT {authority} via {format_address(dest)}: {status}", status)
+        return HboneStream(stream, conn)
+
+    async def _connection_for(self, key: PoolKey, context: ssl.SSLContext) -> ClientConnection:
+        pool = self._pools.setdefault(key, [])
+        pool[:] = [conn for conn in pool if not conn.closed.done()]
+        for conn in pool:
+            if conn.has_capacity():
+                return conn
+        conn = await self._connect(key, context)
+        pool.append(conn)
+        return conn
+
+    async def _connect(self, key: PoolKey, context: ssl.SSLContext) -> ClientConnection:
+        _, expected, dest, source_ip = key
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+        sock = self.socket_factory(family)
+        try:
+            sock.setblocking(False)
+            if source_ip is not None:
+                sock.bind((source_ip, 0))
+            await asyncio.wait_for(loop.sock_connect(sock, dest), self.connect_timeout)
+            _, conn = await loop.create_connection(
+                lambda: ClientConnection(context, expected, self.max_streams), sock=sock
+            )
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            raise HboneError(f"HBONE connect to {format_address(dest)} failed: {exc}") from exc
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.ready), self.connect_timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            conn.close()
+            raise HboneError(f"HBONE handshake with {format_address(dest)}: {exc}") from exc
+        return conn
+
+    def connections(self) -> list[ClientConnection]:
+        return [conn for pool in self._pools.values() for conn in pool if not conn.closed.done()]
+
+    async def close(self) -> None:
+        for conn in self.connections():
+            conn.close()
+        self._pools.clear()

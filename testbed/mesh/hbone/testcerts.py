@@ -1,0 +1,88 @@
+"""Throwaway SPIFFE certificates for HBONE tests and benchmarks (the mesh CA lives in ca.py).
+
+bundle = TestPki(tmp_path)
+server = bundle.identity("ns-b", "sa-b")   # -> Identity(cert, key, roots, uri)
+ctx = server_context(server.cert, server.key, server.roots)
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+_VALIDITY = datetime.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert: Path
+    key: Path
+    roots: Path
+    uri: str
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class TestPki:
+    """A root CA in `directory` issuing ECDSA P-256 leaves with a SPIFFE URI SAN."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path, trust_domain: str = "cluster.local") -> None:
+        self.directory = directory
+        self.trust_domain = trust_domain
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
+        now = datetime.datetime.now(datetime.UTC)
+        self._name = name
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        self.roots = directory / "root-cert.pem"
+        self.roots.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+
+    def identity(self, namespace: str, service_account: str) -> Identity:
+        uri = f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self._name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + _VALIDITY)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        stem = f"{namespace}.{service_account}"
+        cert_path = self.directory / f"{stem}.cert.pem"
+        key_path = self.directory / f"{stem}.key.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(_key_pem(key))
+        return Identity(cert_path, key_path, self.roots, uri)
