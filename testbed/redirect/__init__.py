@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from testbed.cluster.mode import RedirectMode
+from testbed.redirect.inpod import InPodMode
 from testbed.redirect.none import NoMesh
 
 
@@ -19,6 +20,7 @@ class ModeError(Exception):
 
 MODES: dict[str, Callable[[dict[str, Any]], RedirectMode]] = {
     "none": NoMesh.from_options,
+    "inpod": InPodMode.from_options,
 }
 
 
