@@ -79,7 +79,8 @@ class ClusterShell(cmd.Cmd):
     def do_rules(self, line: str) -> None:
         """rules POD: what the redirection mode installed in the pod"""
         try:
-            self.console.print(self.cluster.mode.describe_pod(self.cluster.pod(line.strip())))
+            rules = self.cluster.mode.describe_pod(self.cluster.pod(line.strip()))
+            self.console.print(rules, soft_wrap=True, highlight=False, markup=False)
         except TopologyError as exc:
             self.console.print(f"[red]{exc}[/red]")
 
