@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from testbed.cluster import waypoints
+
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 UNDERLAY = ipaddress.IPv4Network("172.18.0.0/16")
 POD_SUPERNET = ipaddress.IPv4Network("10.244.0.0/16")
@@ -116,6 +118,7 @@ class Topology:
         self.policies: dict[str, PolicySpec] = {}
         self.bridges: list[str] = ["br0"]
         self.bridge_links: list[tuple[str, str]] = []
+        self.l7 = waypoints.L7Declarations()  # waypoints, namespace labels, routes, L7 policies
 
     def build(self) -> None:
         """Add nodes, pods, services and policies here."""
@@ -175,6 +178,7 @@ class Topology:
         selector: dict[str, str],
         ports: dict[int, int] | list[int],
         namespace: str = "default",
+        labels: dict[str, str] | None = None,
     ) -> str:
         self._check_name("service", name)
         if name in self.services:
@@ -185,7 +189,9 @@ class Topology:
         for port in (*port_map, *port_map.values()):
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise self.error(f"service {name!r}: port {port!r} is not in 1-65535")
-        self.services[name] = ServiceSpec(name, namespace, dict(selector), port_map)
+        self.services[name] = ServiceSpec(
+            name, namespace, dict(selector), port_map, labels=dict(labels or {})
+        )
         return name
 
     def add_policy(
@@ -206,6 +212,43 @@ class Topology:
         parsed = [self._policy_rule(name, i, r) for i, r in enumerate(rules or [])]
         self.policies[name] = PolicySpec(name, namespace, act, selector, parsed)  # type: ignore[arg-type]
         return name
+
+    def label_namespace(self, namespace: str, labels: dict[str, str]) -> None:
+        """Namespace labels, e.g. istio.io/use-waypoint (the model has no namespace objects)."""
+        self._check_name("namespace", namespace)
+        self.l7.namespace_labels.setdefault(namespace, {}).update(labels)
+
+    def add_waypoint(
+        self, name: str, node: str, *, namespace: str = "default", waypoint_for: str = "service"
+    ) -> str:
+        """A waypoint pod (L7 proxy) with its own identity; see testbed.cluster.waypoints."""
+        return waypoints.declare_waypoint(self, name, node, namespace, waypoint_for)
+
+    def add_http_route(
+        self,
+        name: str,
+        *,
+        services: list[str],
+        rules: list[dict[str, Any]],
+        namespace: str = "default",
+    ) -> str:
+        """An HTTPRoute-like route for `services` (names) in their waypoint."""
+        return waypoints.declare_route(self, name, namespace, services, rules)
+
+    def add_l7_policy(
+        self,
+        name: str,
+        *,
+        action: str = "ALLOW",
+        namespace: str = "default",
+        services: list[str] | None = None,
+        rules: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """An L7 AuthorizationPolicy enforced by the waypoint of `services` (none: all the
+        traffic of the namespace's waypoints)."""
+        return waypoints.declare_l7_policy(
+            self, name, namespace, action, services or [], rules or []
+        )
 
     def remove_policy(self, name: str) -> None:
         if self.policies.pop(name, None) is None:

@@ -25,6 +25,7 @@ from testbed.cluster.model import (
     Topology,
     service_endpoints,
 )
+from testbed.cluster.waypoints import attach_topology
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN, CertificateAuthority, Identity
 from testbed.mesh.config import Authorization, LocalConfig, RbacMatch, Service, Workload
 from testbed.mesh.ztunnel.certs import identity_dir
@@ -145,7 +146,7 @@ def mesh_config(
 ) -> LocalConfig:
     """Everything a ztunnel needs to know about a planned topology; pods named in
     `unenrolled` were taken out of the mesh although their labels put them in."""
-    return LocalConfig(
+    config = LocalConfig(
         workloads=[
             workload_of(p, topology, trust_domain, is_captured(p) and p.name not in unenrolled)
             for p in topology.pods.values()
@@ -156,6 +157,7 @@ def mesh_config(
         ],
         policies=[authorization_of(p) for p in topology.policies.values()],
     )
+    return attach_topology(config, topology)  # waypoints asked for by istio.io labels
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from testbed.cluster.waypoints import WaypointProcesses
 from testbed.mesh import zds
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
+from testbed.mesh.waypoint import READY_PORT as WAYPOINT_READY_PORT
 from testbed.mesh.ztunnel import ADMIN_PORT, READY_PORT
 from testbed.mesh.ztunnel.state import config_digest
 from testbed.netlab import Lab, ManagedProcess
@@ -98,6 +100,7 @@ class InPodMode:
         self.nodes: dict[str, NodeMesh] = {}
         self.control: ControlPlane | None = None
         self.unenrolled: set[str] = set()  # captured by their labels, taken out since
+        self.waypoints: WaypointProcesses | None = None
         self._cluster: Cluster | None = None
 
     @classmethod
@@ -121,12 +124,16 @@ class InPodMode:
         folder = lab.add_dir(cluster.workdir / "mesh")
         self.control = ControlPlane(folder, self.trust_domain)
         lab.add_file(self.control.config_path)
-        self.control.write_config(cluster.topology)
+        config = self.control.write_config(cluster.topology)
         for node in cluster.nodes:
             self.nodes[node] = self._start_node(cluster, node, folder)
         for mesh in self.nodes.values():
             mesh.agent.wait_listening()
             self._await_ready(mesh)
+        self.waypoints = WaypointProcesses(
+            cluster, self.control.config_path, self.control.ca, folder
+        )
+        self.waypoints.start_all(config, self.waypoint_ready)
         for pod in cluster.pods.values():
             if is_captured(pod.spec):
                 self.enroll(pod)
@@ -172,6 +179,13 @@ class InPodMode:
             if time.monotonic() > deadline:
                 raise InPodError(f"ztunnel on {mesh.node} not ready after {timeout} s")
             time.sleep(POLL_INTERVAL)
+
+    @staticmethod
+    def waypoint_ready(pod: Pod) -> bool:
+        try:
+            return http_get(pod, WAYPOINT_READY_PORT, "/healthz/ready")[0] == 200
+        except OSError:
+            return False
 
     # -- pods -----------------------------------------------------------------------------
     def enroll(self, pod: Pod) -> None:
@@ -221,6 +235,8 @@ class InPodMode:
         assert self.control is not None and self._cluster is not None
         config = self.control.write_config(topology or self._cluster.topology, self.unenrolled)
         digest = config_digest(config)
+        if self.waypoints is not None:
+            self.waypoints.write_l7(config)
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             while self.config_dump(node)["configDigest"] != digest:
@@ -233,11 +249,12 @@ class InPodMode:
         return {"inpod_variant": self.variant, "trust_domain": self.trust_domain}
 
     def proxy_pids(self) -> dict[str, int]:
-        return {
+        pids = {
             f"ztunnel-{node}": mesh.process.pid
             for node, mesh in self.nodes.items()
             if mesh.process is not None and mesh.process.poll() is None
         }
+        return pids | (self.waypoints.proxy_pids() if self.waypoints else {})
 
     def describe_pod(self, pod: Pod) -> str:
         if not is_captured(pod.spec):

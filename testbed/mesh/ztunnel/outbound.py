@@ -16,6 +16,7 @@ import socket
 from testbed.mesh.config import Workload
 from testbed.mesh.hbone import HboneError, connect_tcp, relay_tcp, reset_socket
 from testbed.mesh.hbone.connect import format_address
+from testbed.mesh.waypoint.via import ViaWaypoint, waypoint_route
 from testbed.mesh.ztunnel import OUTBOUND_PORT, ZTUNNEL_PORTS
 from testbed.mesh.ztunnel.netio import Address, ByteMeter, destination_of
 from testbed.mesh.ztunnel.pods import PodProxy
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 async def serve_outbound(pod: PodProxy, client: socket.socket, peer: Address) -> None:
     destination = destination_of(client, OUTBOUND_PORT)
+    via = waypoint_route(pod.mesh.config, *destination)
+    if via is not None and destination[1] not in ZTUNNEL_PORTS:
+        await _via_waypoint(pod, client, peer, via)
+        return
     route = pod.mesh.route(*destination)
     if destination[1] in ZTUNNEL_PORTS or route is None:
         log.info("outbound %s -> %s refused", format_address(peer), format_address(destination))
@@ -81,6 +86,31 @@ async def _tunnel(pod: PodProxy, client: socket.socket, peer: Address, route: Ro
         source=peer,
         headers=tracing_headers(pod.workload),
     )
+    await stream.relay(client)
+
+
+async def _via_waypoint(
+    pod: PodProxy, client: socket.socket, peer: Address, via: ViaWaypoint
+) -> None:
+    """HBONE to the destination's waypoint, CONNECT to the original VIP:port (or pod ip:port);
+    the waypoint picks the endpoint."""
+    source_identity = pod.workload.identity
+    try:
+        stream = await pod.hbone_client.open(
+            via.address,
+            via.authority,
+            ssl_context=pod.mesh.certs.client_context(source_identity),
+            expected_identities=via.identities,
+            source_identity=source_identity.uri,
+            source=peer,
+            headers=tracing_headers(pod.workload),
+        )
+    except (HboneError, OSError) as exc:
+        log.info(
+            "outbound %s -> %s via waypoint failed: %s", format_address(peer), via.authority, exc
+        )
+        reset_socket(client)
+        return
     await stream.relay(client)
 
 

@@ -1,0 +1,132 @@
+"""The waypoint's request metrics (Istio's standard HTTP metrics) and access log line.
+
+`istio_requests_total` and `istio_request_duration_milliseconds` carry the traffic labels
+ztunnel uses plus `response_code`, with reporter "waypoint" and request_protocol "http", as
+Istio's waypoints report them. Durations use Istio's default buckets (ms).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field, replace
+
+from testbed.mesh.config import Service, Workload
+from testbed.mesh.metrics import (
+    TRAFFIC_LABEL_NAMES,
+    Counter,
+    CounterChild,
+    Histogram,
+    HistogramChild,
+    Registry,
+    TrafficLabels,
+)
+
+REQUEST_LABEL_NAMES = (*TRAFFIC_LABEL_NAMES, "response_code")
+DURATION_BUCKETS_MS = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+    600000, 1800000, 3600000,
+)  # fmt: skip
+UNKNOWN = "unknown"
+
+
+def _workload_labels(side: str, workload: Workload | None) -> dict[str, str]:
+    if workload is None:
+        return {}
+    return {
+        f"{side}_workload": workload.workload_name or workload.name or UNKNOWN,
+        f"{side}_workload_namespace": workload.namespace,
+        f"{side}_canonical_service": workload.canonical_name or UNKNOWN,
+        f"{side}_canonical_revision": workload.canonical_revision or UNKNOWN,
+        f"{side}_app": workload.canonical_name or UNKNOWN,
+        f"{side}_version": workload.canonical_revision or UNKNOWN,
+        f"{side}_cluster": workload.cluster_id or UNKNOWN,
+    }
+
+
+def request_labels(
+    *,
+    source: Workload | None,
+    source_principal: str | None,
+    service: Service | None,
+    destination: Workload | None,
+) -> TrafficLabels:
+    values = {**_workload_labels("source", source), **_workload_labels("destination", destination)}
+    if destination is not None:
+        values["destination_principal"] = destination.identity.uri
+    if service is not None:
+        values["destination_service"] = service.hostname
+        values["destination_service_name"] = service.name
+        values["destination_service_namespace"] = service.namespace
+    return TrafficLabels(
+        reporter="waypoint",
+        source_principal=source_principal or UNKNOWN,
+        request_protocol="http",
+        connection_security_policy="mutual_tls",
+        **values,
+    )
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    requests: Counter
+    duration: Histogram
+    # (labels, status, flags) -> the children: resolved once, requests repeat them
+    _children: dict[tuple[TrafficLabels, int, str], tuple[CounterChild, HistogramChild]] = field(
+        default_factory=dict
+    )
+
+    @classmethod
+    def register(cls, registry: Registry) -> RequestMetrics:
+        return cls(
+            registry.register(
+                Counter("istio_requests_total", "Total requests handled", REQUEST_LABEL_NAMES)
+            ),
+            registry.register(
+                Histogram(
+                    "istio_request_duration_milliseconds",
+                    "Request duration in milliseconds",
+                    REQUEST_LABEL_NAMES,
+                    DURATION_BUCKETS_MS,
+                )
+            ),
+        )
+
+    def record(self, labels: TrafficLabels, status: int, flags: str, duration_ms: float) -> None:
+        key = (labels, status, flags)
+        children = self._children.get(key)
+        if children is None:
+            values = replace(labels, response_flags=flags).as_labels()
+            values["response_code"] = str(status)
+            children = self._children[key] = (
+                self.requests.labels(**values),
+                self.duration.labels(**values),
+            )
+        children[0].inc()
+        children[1].observe(duration_ms)
+
+
+@dataclass(frozen=True)
+class AccessLogEntry:
+    start: datetime.datetime
+    method: str
+    target: str
+    protocol: str
+    status: int
+    flags: str
+    bytes_received: int
+    bytes_sent: int
+    duration_ms: float
+    upstream: str
+    authority: str
+    source_principal: str | None
+    route: str
+
+    def line(self) -> str:
+        """Envoy's default access log format, plus the client identity and the route."""
+        return (
+            f"[{self.start.isoformat(timespec='milliseconds')}] "
+            f'"{self.method} {self.target} {self.protocol}" {self.status} {self.flags} '
+            f"{self.bytes_received} {self.bytes_sent} {round(self.duration_ms)} "
+            f'"{self.upstream}" "{self.authority}" "{self.source_principal or "-"}" '
+            f'"{self.route}"'
+        )
