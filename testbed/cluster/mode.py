@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
+    from testbed.cluster.model import Topology
 
 
 class RedirectMode(Protocol):
@@ -25,6 +26,9 @@ class RedirectMode(Protocol):
 
     def proxy_pids(self) -> dict[str, int]:
         """Label -> pid of every proxy process the mode runs."""
+
+    def update_policies(self, topology: Topology) -> None:
+        """Apply the topology's current policies (after add_policy/remove_policy)."""
 
     def describe_pod(self, pod: Pod) -> str:
         """What the mode installed in a pod (rules), for the shell and inspect."""

@@ -10,8 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 from testbed.cluster.mode import RedirectMode
+from testbed.redirect.ebpf import EbpfMode
 from testbed.redirect.inpod import InPodMode
+from testbed.redirect.legacy import LegacyMode
 from testbed.redirect.none import NoMesh
+from testbed.redirect.sidecar import SidecarMode
 
 
 class ModeError(Exception):
@@ -21,6 +24,9 @@ class ModeError(Exception):
 MODES: dict[str, Callable[[dict[str, Any]], RedirectMode]] = {
     "none": NoMesh.from_options,
     "inpod": InPodMode.from_options,
+    "ebpf": EbpfMode.from_options,
+    "legacy": LegacyMode.from_options,
+    "sidecar": SidecarMode.from_options,
 }
 
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
+    from testbed.cluster.model import Topology
 
 
 class NoMesh:
@@ -27,6 +28,9 @@ class NoMesh:
 
     def unenroll(self, pod: Pod) -> None:
         pass
+
+    def update_policies(self, topology: Topology) -> None:
+        """Without a mesh nothing enforces AuthorizationPolicies, as in Kubernetes."""
 
     def facts(self) -> dict[str, str]:
         return {}

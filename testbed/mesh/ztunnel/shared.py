@@ -1,0 +1,172 @@
+"""ztunnel in the "shared netns" shape of Istio's legacy ambient mode (DESIGN.md 4.2).
+
+One process in the ztunnel pod's own namespace serves every mesh workload of its node. The
+node's rules and the TPROXY rules in this namespace deliver captured connections to three
+IP_TRANSPARENT listeners: 15001 (outbound, from a local pod), 15006 (plaintext inbound) and
+15008 (HBONE inbound). The original destination is the accepted socket's local address; the
+local workload is found by address: the client's for outbound, the destination's for
+inbound, whose certificate the HBONE server then presents.
+
+Per workload the in-pod handlers (testbed.mesh.ztunnel.outbound/inbound) run unchanged on a
+`PodProxy` whose "pod namespace" is ztunnel's own: connections to apps leave from the
+client's address (IP_TRANSPARENT) and come back through the node's 0x210/0x040 marks and the
+0x4d3 rule here. HBONE connections leave from ztunnel's own address, bound explicitly, so that
+one to a workload of this same node (routed to the local table by the ztunnel-netns rule
+for port 15008) is answered over loopback.
+
+    python -m testbed.mesh.ztunnel.shared --config FILE --certs DIR --node N --ztunnel-ip IP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from contextvars import ContextVar
+
+from testbed.mesh.config import LocalConfig
+from testbed.mesh.hbone import HboneClient, HboneServer, reset_socket
+from testbed.mesh.hbone.server import ServerConnection
+from testbed.mesh.podsockets import IP_TRANSPARENT
+from testbed.mesh.ztunnel import (
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+)
+from testbed.mesh.ztunnel.inbound import HboneInbound, serve_inbound_plaintext
+from testbed.mesh.ztunnel.netio import Address
+from testbed.mesh.ztunnel.outbound import serve_outbound
+from testbed.mesh.ztunnel.pods import PodProxy
+from testbed.mesh.ztunnel.standalone import Settings, StandaloneProxy, main
+from testbed.mesh.ztunnel.state import MeshState
+
+log = logging.getLogger(__name__)
+
+
+# The client of the outbound connection being handled (set per connection task): plain
+# pass-through connections leave from its address, as legacy ztunnel's original source did.
+_client_ip: ContextVar[str | None] = ContextVar("client_ip", default=None)
+
+
+class SharedPod(PodProxy):
+    """A workload served from ztunnel's own namespace."""
+
+    def __init__(self, mesh: MeshState, uid: str, home_fd: int, ztunnel_ip: str) -> None:
+        super().__init__(mesh, uid, os.dup(home_fd))
+        self.ztunnel_ip = ztunnel_ip
+        self.hbone_client = HboneClient(socket_factory=self._hbone_socket)
+        self.hbone_server = HboneServer(
+            mesh.certs.server_context(self.workload.identity), HboneInbound(self)
+        )
+
+    def _hbone_socket(self, family: int) -> socket.socket:
+        """From ztunnel's own address, so that replies from a same-node HBONE listener
+        come back over loopback."""
+        sock = super().upstream_socket(family)
+        sock.bind((self.ztunnel_ip, 0))
+        return sock
+
+    def upstream_socket(self, family: int) -> socket.socket:
+        """Pass-through to a workload outside the mesh, from the client's own address."""
+        client_ip = _client_ip.get()
+        if client_ip is None:
+            return self._hbone_socket(family)
+        sock = self.transparent_socket(family)
+        sock.bind((client_ip, 0))
+        return sock
+
+
+def transparent_listener(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class SharedZtunnel(StandaloneProxy):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.ztunnel_ip = settings.extra["ztunnel-ip"]
+        self.home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def pod_for(self, ip: str) -> PodProxy | None:
+        """The local mesh workload with this address (None for any other address)."""
+        workload = self.mesh.config.workload_by_ip(ip)
+        if workload is None or workload.node != self.settings.node:
+            return None
+        if workload.protocol != "HBONE":
+            return None
+        pod = self.pods.get(workload.uid)
+        if pod is None:
+            pod = SharedPod(self.mesh, workload.uid, self.home_fd, self.ztunnel_ip)
+            self.pods[workload.uid] = pod
+        return pod
+
+    def on_config(self, config: LocalConfig) -> None:
+        super().on_config(config)
+        for uid in list(self.pods):
+            workload = config.workload_by_uid(uid)
+            if workload is None or workload.protocol != "HBONE":
+                self.spawn(self.pods.pop(uid).stop())
+
+    async def serve(self) -> None:
+        listeners = [
+            transparent_listener(port)
+            for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT)
+        ]
+        self.ready = True
+        try:
+            await asyncio.gather(*(self._accept_loop(sock) for sock in listeners))
+        finally:
+            for sock in listeners:
+                sock.close()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        port = listener.getsockname()[1]
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except OSError as exc:
+                log.warning("accept on %d failed: %s", port, exc)
+                await asyncio.sleep(0.05)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.spawn(self._dispatch(port, conn, (str(peer[0]), int(peer[1]))))
+
+    async def _dispatch(self, port: int, conn: socket.socket, peer: Address) -> None:
+        local_ip = str(conn.getsockname()[0])
+        pod = self.pod_for(peer[0] if port == OUTBOUND_PORT else local_ip)
+        if pod is None:
+            log.info("port %d: %s -> %s is no workload of this node", port, peer, local_ip)
+            reset_socket(conn)
+            return
+        try:
+            if port == OUTBOUND_PORT:
+                _client_ip.set(peer[0])
+                await serve_outbound(pod, conn, peer)
+            elif port == INBOUND_PLAINTEXT_PORT:
+                await serve_inbound_plaintext(pod, conn, peer)
+            else:
+                await _serve_hbone(pod, conn)
+        except Exception:
+            log.exception("port %d: connection from %s failed", port, peer)
+            conn.close()
+
+
+async def _serve_hbone(pod: PodProxy, conn: socket.socket) -> None:
+    """Hand an accepted connection to the destination workload's HBONE server (its cert)."""
+    server = pod.hbone_server
+    assert server is not None
+    await asyncio.get_running_loop().connect_accepted_socket(
+        lambda: ServerConnection(server.ssl_context, server), conn
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:], "shared", SharedZtunnel, {"ztunnel-ip": "this ztunnel pod's address"})

@@ -1,0 +1,245 @@
+"""One conformance suite for every redirection mode (DESIGN.md section 4).
+
+Each mode gets one cluster for the whole module: on node1 a client and server1, on node2
+server2 and an `outsider` that stays out of the mesh (istio.io/dataplane-mode: none). Every
+pod runs a server that greets with "<pod> <peer ip>" and answers the sha256 of what it
+received. A new mode joins by adding one entry to MODES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from testbed.cluster import Cluster, Pod, Topology
+from testbed.redirect import available_modes
+
+APP_PORT = 8080
+BLOCK = os.urandom(1 << 20)
+TRANSFER_MB = 4
+
+# id -> (mode, options); modes not registered (yet) are left out
+MODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("none", {}),
+    "sidecar": ("sidecar", {}),
+    "inpod-redirect": ("inpod", {"inpod_variant": "redirect"}),
+    "inpod-tproxy": ("inpod", {"inpod_variant": "tproxy"}),
+    "inpod-nftables": ("inpod", {"inpod_variant": "nftables"}),
+    "legacy": ("legacy", {}),
+    "ebpf": ("ebpf", {}),
+}
+PRESENT = [key for key, (mode, _) in MODES.items() if mode in available_modes()]
+PLACEMENTS = {"same-node": "server1", "cross-node": "server2"}
+
+
+class ConformanceTopology(Topology):
+    name = "conformance"
+
+    def build(self) -> None:
+        self.add_node("node1")
+        self.add_node("node2")
+        self.add_pod("client", "node1", labels={"app": "client", "role": "client"})
+        self.add_pod("server1", "node1", service_account="server", labels={"app": "server"})
+        self.add_pod("server2", "node2", service_account="server", labels={"app": "server"})
+        self.add_pod("outsider", "node2", labels={"istio.io/dataplane-mode": "none"})
+
+
+class HashServer:
+    """Greets, then reads to EOF and answers the sha256 of what it read."""
+
+    def __init__(self, pod: Pod) -> None:
+        self.pod = pod
+        with pod.netns.entered():
+            self.listener = socket.create_server(("0.0.0.0", APP_PORT), backlog=128)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
+        digest = hashlib.sha256()
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
+            while chunk := conn.recv(1 << 20):
+                digest.update(chunk)
+            conn.sendall(digest.hexdigest().encode())
+
+
+@dataclass
+class Mesh:
+    key: str
+    cluster: Cluster
+
+    @property
+    def meshed(self) -> bool:
+        return self.cluster.mode.name != "none"
+
+    def pod(self, name: str) -> Pod:
+        return self.cluster.pods[name]
+
+
+@pytest.fixture(scope="module", params=PRESENT)
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    mode, options = MODES[request.param]
+    cluster = Cluster(ConformanceTopology(), mode=mode, mode_options=options)
+    servers: list[HashServer] = []
+    try:
+        cluster.start()
+        servers = [HashServer(pod) for pod in cluster.pods.values()]
+        yield Mesh(request.param, cluster)
+    finally:
+        for server in servers:
+            server.listener.close()
+        cluster.stop()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def connect(pod: Pod, ip: str, timeout: float = 10.0) -> socket.socket:
+    with pod.netns.entered():
+        return socket.create_connection((ip, APP_PORT), timeout=timeout)
+
+
+def read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def greeting(pod: Pod, ip: str) -> str | None:
+    """'<server> <peer ip as the server saw it>', or None if the connection failed."""
+    try:
+        with connect(pod, ip, timeout=3.0) as sock:
+            return read_line(sock) or None
+    except OSError:
+        return None
+
+
+def finish(sock: socket.socket) -> str:
+    """Half-close and read the server's sha256 answer."""
+    sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := sock.recv(128):
+        answer += chunk
+    return answer.decode()
+
+
+@contextlib.contextmanager
+def policy(mesh: Mesh, name: str, **spec: Any) -> Iterator[None]:
+    topology, mode = mesh.cluster.topology, mesh.cluster.mode
+    topology.add_policy(name, **spec)
+    try:
+        mode.update_policies(topology)
+        yield
+    finally:
+        topology.remove_policy(name)
+        mode.update_policies(topology)
+
+
+# ---------------------------------------------------------------- the suite
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_app_sees_the_client_address(mesh: Mesh, placement: str) -> None:
+    client, server = mesh.pod("client"), mesh.pod(PLACEMENTS[placement])
+    assert greeting(client, server.ip) == f"{server.name} {client.ip}"
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_bytes_arrive_intact(mesh: Mesh, placement: str) -> None:
+    client, server = mesh.pod("client"), mesh.pod(PLACEMENTS[placement])
+    sent = hashlib.sha256()
+    with connect(client, server.ip, timeout=60) as sock:
+        assert read_line(sock) == f"{server.name} {client.ip}"
+        for _ in range(TRANSFER_MB):
+            sock.sendall(BLOCK)
+            sent.update(BLOCK)
+        assert finish(sock) == sent.hexdigest()
+
+
+def test_wire_between_nodes_carries_mtls_only(mesh: Mesh) -> None:
+    """No mesh: the marker is visible on node1's eth0; any mesh: only HBONE (15008)."""
+    capture = mesh.cluster.nodes["node1"].netns.spawn(
+        ["tcpdump", "-i", "eth0", "-n", "-A", "-U", "-l", "tcp"], label="tcpdump-conformance"
+    )
+    marker = b"PLAINTEXT-MARKER-" * 64
+    try:
+        time.sleep(0.8)  # tcpdump needs a moment before it captures
+        with connect(mesh.pod("client"), mesh.pod("server2").ip) as sock:
+            read_line(sock)
+            sock.sendall(marker)
+            assert finish(sock) == hashlib.sha256(marker).hexdigest()
+        time.sleep(0.5)
+    finally:
+        capture.terminate()
+    dump = capture.output()
+    if mesh.meshed:
+        assert ".15008" in dump
+        assert "PLAINTEXT-MARKER" not in dump
+    else:
+        assert "PLAINTEXT-MARKER" in dump
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_l4_deny_policy_is_enforced(mesh: Mesh, placement: str) -> None:
+    client, server = mesh.pod("client"), mesh.pod(PLACEMENTS[placement])
+    deny = [{"principals": ["cluster.local/ns/default/sa/client"]}]
+    with policy(mesh, "deny-client", action="DENY", selector={"app": "server"}, rules=deny):
+        blocked = greeting(client, server.ip) is None
+        assert blocked == mesh.meshed  # without a mesh nothing enforces the policy
+    assert greeting(client, server.ip) == f"{server.name} {client.ip}"
+
+
+def test_uncaptured_and_captured_pods_reach_each_other(mesh: Mesh) -> None:
+    outsider, client, server1 = mesh.pod("outsider"), mesh.pod("client"), mesh.pod("server1")
+    assert greeting(outsider, server1.ip) == f"server1 {outsider.ip}"
+    assert greeting(client, outsider.ip) == f"outsider {client.ip}"
+
+
+def test_enrolment_changes_leave_other_connections_alone(mesh: Mesh) -> None:
+    client, server1, server2 = mesh.pod("client"), mesh.pod("server1"), mesh.pod("server2")
+    mode = mesh.cluster.mode
+    sent = hashlib.sha256()
+    with connect(client, server2.ip, timeout=30) as running:
+        assert read_line(running) == f"server2 {client.ip}"
+        for _ in range(2):
+            mode.unenroll(server1)
+            running.sendall(BLOCK)
+            sent.update(BLOCK)
+            assert greeting(client, server1.ip) == f"server1 {client.ip}"
+            mode.enroll(server1)
+            running.sendall(BLOCK)
+            sent.update(BLOCK)
+            assert greeting(client, server1.ip) == f"server1 {client.ip}"
+        assert finish(running) == sent.hexdigest()
+
+
+def test_facts_name_the_mode_and_its_fallbacks(mesh: Mesh) -> None:
+    facts = mesh.cluster.inventory()["facts"]
+    assert facts["mode"] == mesh.cluster.mode.name
+    if facts["mode"] == "legacy":
+        from testbed.redirect.legacy import probe_geneve
+
+        geneve, _ = probe_geneve(mesh.cluster.nodes["node1"].netns)
+        assert facts["tunnel"] == ("geneve" if geneve else "vxlan")
+    if mesh.meshed:
+        assert mesh.cluster.proxy_pids()
