@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian 12 machine, run as root:
-# apt packages (only the missing ones), a virtualenv with the pinned packages.
+# apt packages (only the missing ones), a virtualenv with the pinned packages, and the
+# ebpf mode's programs compiled against the running kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iptables nftables ipset iperf3 sockperf iputils-ping tcpdump
   ethtool procps openssl make python3-venv
+  clang bpftool libbpf-dev
 )
 
 missing=()
@@ -32,3 +34,5 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+bash scripts/build_bpf.sh

@@ -24,9 +24,9 @@ class ModeError(Exception):
 MODES: dict[str, Callable[[dict[str, Any]], RedirectMode]] = {
     "none": NoMesh.from_options,
     "inpod": InPodMode.from_options,
-    "ebpf": EbpfMode.from_options,
     "legacy": LegacyMode.from_options,
     "sidecar": SidecarMode.from_options,
+    "ebpf": EbpfMode.from_options,
 }
 
 

@@ -1,0 +1,136 @@
+"""The ebpf datapath of one node (DESIGN.md 4.3): programs, maps and ztunnel's routing.
+
+`NodeDatapath.install` loads one copy of the programs for the node, fills the host and
+ztunnel maps, attaches `ztunnel_host_ingress` to ztunnel's host-side veth and
+`ztunnel_tproxy` to eth0 inside ztunnel's namespace, and gives that namespace the routing
+that delivers bpf_sk_assign'ed packets locally. `enroll`/`unenroll` add and remove one pod:
+its map entry and the two programs on its host-side veth. Nothing is configured outside
+the node's and ztunnel's namespaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from testbed.netlab import Lab, Netns, links
+from testbed.redirect import bpfload
+from testbed.redirect.bpfmaps import PodEntry, ZtunnelEntry
+from testbed.redirect.tcx import Direction
+
+TPROXY_MARK = "0x400/0xfff"  # set by ztunnel_tproxy: route to the local table
+LOCAL_TABLE = "100"
+TPROXY_RULE_PRIORITY = "20000"
+POD_DEV = "eth0"
+DIRECTIONS: tuple[Direction, Direction] = ("ingress", "egress")
+
+
+def link_facts(ns: Netns, ifname: str) -> tuple[int, str]:
+    """(ifindex, MAC) of an interface in `ns`."""
+    with ns.iproute() as ipr:
+        index = links.ifindex(ipr, ifname)
+        mac = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+    return index, str(mac)
+
+
+def ztunnel_routing_argvs() -> list[list[str]]:
+    """ip commands (after `ip`) that make ztunnel's namespace deliver marked packets."""
+    return [
+        ["rule", "add", "priority", TPROXY_RULE_PRIORITY, "fwmark", TPROXY_MARK,
+         "lookup", LOCAL_TABLE],
+        ["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", LOCAL_TABLE],
+    ]  # fmt: skip
+
+
+ZTUNNEL_SYSCTLS = {
+    # ztunnel's hairpinned HBONE to a pod of its own node arrives from its own address
+    f"net.ipv4.conf.{POD_DEV}.accept_local": 1,
+}
+
+
+def node_sysctls(ztunnel_host_dev: str) -> dict[str, int]:
+    """ztunnel sends with pods' addresses (spoofed source) from its own veth."""
+    return {
+        "net.ipv4.conf.all.rp_filter": 0,
+        f"net.ipv4.conf.{ztunnel_host_dev}.rp_filter": 0,
+    }
+
+
+Hook = Literal["tc", "tcx"]
+
+
+@dataclass
+class NodeDatapath:
+    lab: Lab
+    node: Netns
+    ztunnel: Netns
+    ztunnel_host_dev: str
+    loaded: bpfload.LoadedObject
+    hook: Hook
+
+    @classmethod
+    def install(
+        cls,
+        lab: Lab,
+        bpffs: Path,
+        name: str,
+        *,
+        node: Netns,
+        ztunnel: Netns,
+        ztunnel_host_dev: str,
+        ztunnel_ip: str,
+        host_ip: str,
+        hook: Hook = "tc",
+        obj: Path = bpfload.OBJECT,
+    ) -> NodeDatapath:
+        """Load, fill the node's maps, route ztunnel's namespace, then attach."""
+        loaded = bpfload.load_object(lab, bpffs, name, obj)
+        datapath = cls(lab, node, ztunnel, ztunnel_host_dev, loaded, hook)
+        if hook == "tcx":
+            lab.add_dir(loaded.dir / "links")
+        ifindex, _ = link_facts(node, ztunnel_host_dev)
+        _, mac = link_facts(ztunnel, POD_DEV)
+        loaded.maps.set_host(host_ip)
+        loaded.maps.set_ztunnel(ZtunnelEntry(ifindex, ztunnel_ip, mac))
+        datapath._route_ztunnel()
+        datapath._attach(ztunnel, POD_DEV, "ingress", "ztunnel_tproxy")
+        datapath._attach(node, ztunnel_host_dev, "ingress", "ztunnel_host_ingress")
+        return datapath
+
+    def _route_ztunnel(self) -> None:
+        for argv in ztunnel_routing_argvs():
+            self.ztunnel.run(["ip", *argv])
+        for key, value in ZTUNNEL_SYSCTLS.items():
+            self.ztunnel.set_sysctl(key, value)
+        for key, value in node_sysctls(self.ztunnel_host_dev).items():
+            self.node.set_sysctl(key, value)
+
+    def _link_pin(self, ns: Netns, dev: str, direction: Direction) -> Path | None:
+        """Where a tcx link is pinned (None for tc filters, which need no pin)."""
+        if self.hook != "tcx":
+            return None
+        role = "ztunnel" if ns is self.ztunnel else "node"
+        return self.loaded.dir / "links" / f"{role}-{dev}-{direction}"
+
+    def _attach(self, ns: Netns, dev: str, direction: Direction, program: str) -> None:
+        link_pin = self._link_pin(ns, dev, direction)
+        if link_pin is not None:
+            self.lab.manifest.record("bpf_pin", path=str(link_pin))
+        bpfload.attach(ns, dev, direction, self.loaded.program(program), link_pin=link_pin)
+
+    def enroll(self, pod_ip: str, pod: Netns, host_dev: str) -> None:
+        ifindex, _ = link_facts(self.node, host_dev)
+        _, mac = link_facts(pod, POD_DEV)
+        self.loaded.maps.put_pod(PodEntry(pod_ip, ifindex, mac))
+        self._attach(self.node, host_dev, "ingress", "app_outbound")
+        self._attach(self.node, host_dev, "egress", "app_inbound")
+
+    def unenroll(self, pod_ip: str, host_dev: str) -> None:
+        for direction in DIRECTIONS:
+            link_pin = self._link_pin(self.node, host_dev, direction)
+            bpfload.detach(self.node, host_dev, direction, link_pin=link_pin)
+        self.loaded.maps.remove_pod(pod_ip)
+
+    def enrolled(self) -> list[PodEntry]:
+        return self.loaded.maps.pods()
