@@ -26,29 +26,26 @@ from typing import TYPE_CHECKING, Any
 
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
 from testbed.redirect import bpfload
-from testbed.redirect.control import is_captured
 from testbed.redirect.ebpf_node import DIRECTIONS, Hook, NodeDatapath
-from testbed.redirect.ztunnel_fleet import ZtunnelFleet
+from testbed.redirect.ztunnel_fleet import NodeZtunnelMode
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
-    from testbed.cluster.model import Topology
     from testbed.netlab import Netns
 
 OPTIONS = ("ebpf_hook", "trust_domain")
 HOOK_CHOICES = ("tc", "tcx", "auto")
 
 
-class EbpfMode:
+class EbpfMode(NodeZtunnelMode):
     name = "ebpf"
 
     def __init__(self, hook: str = "tc", trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+        super().__init__(trust_domain)
         self.wanted_hook = hook
         self.hook: Hook | None = None
-        self.trust_domain = trust_domain
         self.datapaths: dict[str, NodeDatapath] = {}
-        self.enrolled: set[str] = set()
-        self._fleet: ZtunnelFleet | None = None
+        self._bpffs: Path | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> EbpfMode:
@@ -62,34 +59,22 @@ class EbpfMode:
             raise ModeError(f"mode ebpf: ebpf_hook {hook!r}: expected one of {HOOK_CHOICES}")
         return cls(hook, str(options.get("trust_domain", DEFAULT_TRUST_DOMAIN)))
 
-    @property
-    def fleet(self) -> ZtunnelFleet:
-        if self._fleet is None:
-            raise RuntimeError("mode ebpf is not installed")
-        return self._fleet
-
     # -- install ------------------------------------------------------------------------
     def install(self, cluster: Cluster) -> None:
         bpfload.object_path()  # not built: say so before anything is created
-        self._fleet = ZtunnelFleet(cluster, self.trust_domain)
-        bpffs = bpfload.mount_bpffs(cluster._lab)
-        for node in cluster.nodes:
-            pod = self.fleet.add_ztunnel_pod(node)
-            self.datapaths[node] = self._install_datapath(cluster, node, pod, bpffs)
-            self.fleet.start(node, pod)
-        self.fleet.await_ready()
-        for app in cluster.pods.values():
-            self.enroll(app)
+        super().install(cluster)
 
-    def _install_datapath(
-        self, cluster: Cluster, node: str, ztunnel: Pod, bpffs: Path
-    ) -> NodeDatapath:
+    def prepare(self, cluster: Cluster) -> None:
+        self._bpffs = bpfload.mount_bpffs(cluster._lab)
+
+    def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
+        assert self._bpffs is not None
         target = cluster.nodes[node]
         if self.hook is None:
             self.hook = self._choose_hook(target.netns, ztunnel.spec.host_ifname)
-        return NodeDatapath.install(
+        self.datapaths[node] = NodeDatapath.install(
             cluster._lab,
-            bpffs,
+            self._bpffs,
             node,
             node=target.netns,
             ztunnel=ztunnel.netns,
@@ -105,41 +90,18 @@ class EbpfMode:
         return "tcx" if self.wanted_hook == "tcx" else "tc"
 
     # -- pods -----------------------------------------------------------------------------
-    def enroll(self, pod: Pod) -> None:
-        """Into its node's pod map, programs on its veth; announced in the mesh again if it
-        was taken out before."""
-        if not is_captured(pod.spec) or pod.name in self.enrolled:
-            return
+    def capture(self, pod: Pod) -> None:
+        """Into its node's pod map, programs on its veth."""
         self.datapaths[pod.node].enroll(pod.ip, pod.netns, pod.spec.host_ifname)
-        self.enrolled.add(pod.name)
-        self.fleet.put_back(pod.name)
 
-    def unenroll(self, pod: Pod) -> None:
-        """Out of the mesh first (peers stop sending it HBONE), then out of the datapath."""
-        if pod.name not in self.enrolled:
-            return
-        self.fleet.take_out(pod.name)
+    def release(self, pod: Pod) -> None:
         self.datapaths[pod.node].unenroll(pod.ip, pod.spec.host_ifname)
-        self.enrolled.discard(pod.name)
-
-    def update_policies(self, topology: Topology | None = None) -> None:
-        self.fleet.push_config(topology)
-
-    def config_dump(self, node: str) -> dict[str, Any]:
-        return self.fleet.ztunnels[node].config_dump()
 
     # -- facts --------------------------------------------------------------------------------
     def facts(self) -> dict[str, str]:
         return {"ebpf_hook": self.hook or self.wanted_hook, "trust_domain": self.trust_domain}
 
-    def proxy_pids(self) -> dict[str, int]:
-        return self.fleet.proxy_pids() if self._fleet else {}
-
-    def describe_pod(self, pod: Pod) -> str:
-        if not is_captured(pod.spec):
-            return f"{pod.name}: not captured (istio.io/dataplane-mode=none)"
-        if pod.name not in self.enrolled:
-            return f"{pod.name}: not captured (unenrolled)"
+    def describe_capture(self, pod: Pod) -> str:
         datapath = self.datapaths[pod.node]
         entry = next((e for e in datapath.enrolled() if e.ip == pod.ip), None)
         lines = [f"{pod.name}: pod map of {pod.node}: {entry}"]

@@ -17,35 +17,23 @@ Options: `tunnel` auto (default) | geneve | vxlan; `trust_domain` (default clust
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
-from testbed.netlab import ManagedProcess, Netns, links
+from testbed.netlab import Netns, links
 from testbed.redirect import legacy_rules as lr
-from testbed.redirect.control import ControlPlane, is_captured
-from testbed.redirect.proxy_control import (
-    await_ready,
-    config_dump,
-    lab_of,
-    push_config,
-    start_control_plane,
-)
+from testbed.redirect.ztunnel_fleet import NodeZtunnelMode
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
-    from testbed.cluster.model import Topology
 
 log = logging.getLogger(__name__)
 
 OPTIONS = ("tunnel", "trust_domain")
 TUNNEL_CHOICES = ("auto", "geneve", "vxlan")
-ZTUNNEL_NAMESPACE = "istio-system"
-ZTUNNEL_ACCOUNT = "ztunnel"
 _PROBE_LINK = "tbgeneveprobe"
 
 
@@ -126,26 +114,19 @@ def install_node_plumbing(node_ns: Netns, ztunnel_ns: Netns, facts: lr.NodeFacts
 
 @dataclass
 class NodeMesh:
-    node: str
     netns: Netns  # the node's
-    pod: Pod  # the ztunnel pod
     facts: lr.NodeFacts
-    process: ManagedProcess
 
 
-class LegacyMode:
+class LegacyMode(NodeZtunnelMode):
     name = "legacy"
 
     def __init__(self, tunnel: str = "auto", trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+        super().__init__(trust_domain)
         self.wanted_tunnel = tunnel
         self.tunnel: lr.TunnelKind | None = None
         self.tunnel_reason = ""
-        self.trust_domain = trust_domain
         self.nodes: dict[str, NodeMesh] = {}
-        self.control: ControlPlane | None = None
-        self.enrolled: set[str] = set()
-        self.unenrolled: set[str] = set()  # captured by their labels, taken out since
-        self._cluster: Cluster | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> LegacyMode:
@@ -160,74 +141,32 @@ class LegacyMode:
         return cls(tunnel, str(options.get("trust_domain", DEFAULT_TRUST_DOMAIN)))
 
     # -- install ------------------------------------------------------------------------
-    def install(self, cluster: Cluster) -> None:
-        self._cluster = cluster
-        self.control, folder = start_control_plane(cluster, self.trust_domain)
+    def prepare(self, cluster: Cluster) -> None:
         first = next(iter(cluster.nodes.values()))
         self.tunnel, self.tunnel_reason = choose_tunnel(first.netns, self.wanted_tunnel)
-        for node in cluster.nodes:
-            self.nodes[node] = self._start_node(cluster, node, folder)
-        for mesh in self.nodes.values():
-            await_ready(mesh.pod, mesh.process)
-        for pod in cluster.pods.values():
-            self.enroll(pod)
 
-    def _start_node(self, cluster: Cluster, node: str, folder: Path) -> NodeMesh:
-        assert self.control is not None and self.tunnel is not None
-        pod = cluster.add_system_pod(
-            node, f"ztunnel-{node}", namespace=ZTUNNEL_NAMESPACE, service_account=ZTUNNEL_ACCOUNT
-        )
+    def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
+        assert self.tunnel is not None
         target = cluster.nodes[node]
         facts = lr.NodeFacts(
-            target.underlay_ip, pod.ip, pod.spec.host_ifname, self.tunnel, target.spec.pod_cidr
+            target.underlay_ip,
+            ztunnel.ip,
+            ztunnel.spec.host_ifname,
+            self.tunnel,
+            target.spec.pod_cidr,
         )
-        install_node_plumbing(target.netns, pod.netns, facts)
-        certs = lab_of(cluster).add_dir(folder / f"ztunnel-{node}")
-        self.control.issue_node_certs(cluster.topology, node, certs)
-        argv = [
-            sys.executable, "-m", "testbed.mesh.ztunnel.shared",
-            "--config", str(self.control.config_path),
-            "--certs", str(certs),
-            "--node", node,
-            "--ztunnel-ip", pod.ip,
-        ]  # fmt: skip
-        return NodeMesh(node, target.netns, pod, facts, pod.spawn(argv, label="ztunnel"))
+        install_node_plumbing(target.netns, ztunnel.netns, facts)
+        self.nodes[node] = NodeMesh(target.netns, facts)
 
     # -- pods -----------------------------------------------------------------------------
-    def enroll(self, pod: Pod) -> None:
-        """Into the ipset and table 100 of its node; announced in the mesh again if it was
-        taken out before."""
-        if not is_captured(pod.spec) or pod.name in self.enrolled:
-            return
+    def capture(self, pod: Pod) -> None:
+        """Into the ipset and table 100 of its node."""
         mesh = self.nodes[pod.node]
         lr.enroll(mesh.netns, pod.ip, mesh.facts.host_ip)
-        self.enrolled.add(pod.name)
-        if pod.name in self.unenrolled:
-            self.unenrolled.discard(pod.name)
-            self.push_config()
 
-    def unenroll(self, pod: Pod) -> None:
-        """Out of the mesh first (peers stop sending it HBONE), then out of the node rules."""
-        if pod.name not in self.enrolled:
-            return
-        self.unenrolled.add(pod.name)
-        self.push_config()
+    def release(self, pod: Pod) -> None:
         mesh = self.nodes[pod.node]
         lr.unenroll(mesh.netns, pod.ip, mesh.facts.host_ip)
-        self.enrolled.discard(pod.name)
-
-    # -- config -----------------------------------------------------------------------------
-    def config_dump(self, node: str) -> dict[str, Any]:
-        return config_dump(self.nodes[node].pod)
-
-    def update_policies(self, topology: Topology | None = None) -> None:
-        """Push the topology's current policies; returns once every ztunnel runs with them."""
-        self.push_config(topology)
-
-    def push_config(self, topology: Topology | None = None) -> None:
-        assert self.control is not None and self._cluster is not None
-        ztunnels = [mesh.pod for mesh in self.nodes.values()]
-        push_config(self.control, topology or self._cluster.topology, self.unenrolled, ztunnels)
 
     # -- facts --------------------------------------------------------------------------------
     def facts(self) -> dict[str, str]:
@@ -236,18 +175,7 @@ class LegacyMode:
             found["tunnel_reason"] = self.tunnel_reason
         return found
 
-    def proxy_pids(self) -> dict[str, int]:
-        return {
-            f"ztunnel-{node}": mesh.process.pid
-            for node, mesh in self.nodes.items()
-            if mesh.process.poll() is None
-        }
-
-    def describe_pod(self, pod: Pod) -> str:
-        if not is_captured(pod.spec):
-            return f"{pod.name}: not captured (istio.io/dataplane-mode=none)"
-        if pod.name not in self.enrolled:
-            return f"{pod.name}: not captured (unenrolled)"
+    def describe_capture(self, pod: Pod) -> str:
         mesh = self.nodes[pod.node]
         route = mesh.netns.run(["ip", "route", "show", "table", lr.INBOUND_TABLE, pod.ip]).stdout
         return (

@@ -1,5 +1,6 @@
-"""What the modes that run their own proxy processes share (legacy, sidecar): the control
-plane's files, waiting for a proxy to answer ready, and for every proxy to load a config."""
+"""What the modes that run their own proxy processes share (sidecar, and legacy and ebpf
+through testbed.redirect.ztunnel_fleet): the control plane's files, waiting for a proxy to
+answer ready, and for every proxy to load a config."""
 
 from __future__ import annotations
 
@@ -49,14 +50,14 @@ def await_ready(pod: Pod, process: ManagedProcess, timeout: float = START_TIMEOU
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise ProxyError(f"{process.label} exited: {process.output()[-2000:]}")
+            raise ProxyError(f"{process.label} in {pod.name} exited: {process.output()[-2000:]}")
         try:
             if http_get(pod, READY_PORT, "/healthz/ready")[0] == 200:
                 return
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise ProxyError(f"{process.label} not ready after {timeout} s")
+            raise ProxyError(f"{process.label} in {pod.name} not ready after {timeout} s")
         time.sleep(POLL_INTERVAL)
 
 

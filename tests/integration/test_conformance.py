@@ -9,21 +9,21 @@ received. A new mode joins by adding one entry to MODES.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import podapps
 import pytest
+from podapps import GreetingServer, finish, read_line
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.redirect import available_modes
 
-APP_PORT = 8080
 BLOCK = os.urandom(1 << 20)
 TRANSFER_MB = 4
 
@@ -53,32 +53,6 @@ class ConformanceTopology(Topology):
         self.add_pod("outsider", "node2", labels={"istio.io/dataplane-mode": "none"})
 
 
-class HashServer:
-    """Greets, then reads to EOF and answers the sha256 of what it read."""
-
-    def __init__(self, pod: Pod) -> None:
-        self.pod = pod
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", APP_PORT), backlog=128)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
-        digest = hashlib.sha256()
-        with conn, contextlib.suppress(OSError):
-            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-            conn.sendall(digest.hexdigest().encode())
-
-
 @dataclass
 class Mesh:
     key: str
@@ -96,51 +70,23 @@ class Mesh:
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     mode, options = MODES[request.param]
     cluster = Cluster(ConformanceTopology(), mode=mode, mode_options=options)
-    servers: list[HashServer] = []
+    servers: list[GreetingServer] = []
     try:
         cluster.start()
-        servers = [HashServer(pod) for pod in cluster.pods.values()]
+        servers = [GreetingServer(pod) for pod in cluster.pods.values()]
         yield Mesh(request.param, cluster)
     finally:
         for server in servers:
-            server.listener.close()
+            server.close()
         cluster.stop()
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def connect(pod: Pod, ip: str, timeout: float = 10.0) -> socket.socket:
-    with pod.netns.entered():
-        return socket.create_connection((ip, APP_PORT), timeout=timeout)
-
-
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().strip()
-
-
-def greeting(pod: Pod, ip: str) -> str | None:
-    """'<server> <peer ip as the server saw it>', or None if the connection failed."""
-    try:
-        with connect(pod, ip, timeout=3.0) as sock:
-            return read_line(sock) or None
-    except OSError:
-        return None
-
-
-def finish(sock: socket.socket) -> str:
-    """Half-close and read the server's sha256 answer."""
-    sock.shutdown(socket.SHUT_WR)
-    answer = b""
-    while chunk := sock.recv(128):
-        answer += chunk
-    return answer.decode()
+# This suite gives a connection 10 s, and gives up on a refused or denied greeting after 3 s.
+connect = functools.partial(podapps.connect, timeout=10.0)
+greeting = functools.partial(podapps.greeting, timeout=3.0)
 
 
 @contextlib.contextmanager

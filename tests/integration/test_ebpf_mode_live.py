@@ -11,23 +11,20 @@ with "<pod name> <peer ip>", then answers the sha256 of what it received.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from podapps import APP_PORT, GreetingServer, connect, finish, greeting, read_line
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.redirect import bpfload
 from testbed.redirect.ebpf import EbpfMode
 from testbed.redirect.inpod import http_get
 
-APP_PORT = 8080
 TRANSFER = os.urandom(2 << 20)
 
 
@@ -44,63 +41,14 @@ class EbpfTopology(Topology):
         self.add_service("server", selector={"app": "server"}, ports=[APP_PORT])
 
 
-class GreetingServer:
-    __test__ = False
-
-    def __init__(self, pod: Pod, port: int) -> None:
-        self.pod = pod
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", port), backlog=64)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
-        digest = hashlib.sha256()
-        with conn, contextlib.suppress(OSError):
-            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-            conn.sendall(digest.hexdigest().encode())
-
-
-def _connect(pod: Pod, ip: str, port: int = APP_PORT) -> socket.socket:
-    with pod.netns.entered():
-        return socket.create_connection((ip, port), timeout=5)
-
-
-def _read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n") and (chunk := sock.recv(256)):
-        data += chunk
-    return data.decode().strip()
-
-
-def greeting(pod: Pod, ip: str, port: int = APP_PORT) -> str | None:
-    try:
-        with _connect(pod, ip, port) as sock:
-            return _read_line(sock) or None
-    except OSError:
-        return None
-
-
 def transfer(pod: Pod, ip: str) -> tuple[str, bool]:
     """(greeting, whether the server's sha256 of TRANSFER matches)."""
-    with _connect(pod, ip) as sock:
+    with connect(pod, ip) as sock:
         sock.settimeout(30)
-        hello = _read_line(sock)
+        hello = read_line(sock)
         sock.sendall(TRANSFER)
-        sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := sock.recv(128):
-            answer += chunk
-    return hello, answer.decode() == hashlib.sha256(TRANSFER).hexdigest()
+        answer = finish(sock)
+    return hello, answer == hashlib.sha256(TRANSFER).hexdigest()
 
 
 def counter(mode: EbpfMode, node: str, name: str, at_least: float = 1, **labels: str) -> float:
@@ -124,7 +72,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         cluster.start()
         for pod in cluster.pods.values():
-            GreetingServer(pod, APP_PORT)
+            GreetingServer(pod, APP_PORT, backlog=64)
         yield cluster
     finally:
         cluster.stop()

@@ -11,6 +11,7 @@ and enrolling or unenrolling a pod leaves other pods' connections alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -18,7 +19,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import podapps
 import pytest
+from podapps import APP_PORT, EchoServer, read_line
 
 from testbed.cluster import Cluster, Pod
 from testbed.mesh.podsockets import IP_TRANSPARENT
@@ -26,7 +29,6 @@ from testbed.netlab import Netns
 from testbed.redirect import legacy_rules as lr
 from testbed.redirect.legacy import choose_tunnel, install_node_plumbing
 
-APP_PORT = 8080
 RELAY_PORTS = (lr.OUTBOUND_PORT, lr.INBOUND_PLAINTEXT_PORT, lr.HBONE_PORT)
 
 
@@ -88,30 +90,6 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
 
 
-class EchoServer:
-    """Says who connected ('<pod> <peer ip>'), then echoes."""
-
-    def __init__(self, pod: Pod) -> None:
-        self.pod = pod
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", APP_PORT), backlog=64)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
-            while chunk := conn.recv(65536):
-                conn.sendall(chunk)
-
-
 @dataclass
 class Plumbed:
     cluster: Cluster
@@ -157,7 +135,7 @@ def plumbed() -> Iterator[Plumbed]:
             install_node_plumbing(node.netns, pod.netns, facts[name])
             ztunnels[name] = pod
             relays[name] = StandInRelay(pod.netns)
-        servers = [EchoServer(pod) for pod in cluster.pods.values()]
+        servers = [EchoServer(pod, backlog=64) for pod in cluster.pods.values()]
         state = Plumbed(cluster, facts, ztunnels, relays)
         for pod in cluster.pods.values():
             state.enroll(pod)
@@ -166,28 +144,13 @@ def plumbed() -> Iterator[Plumbed]:
         for relay in relays.values():
             relay.close()
         for server in servers:
-            server.listener.close()
+            server.close()
         cluster.stop()
 
 
-def connect(pod: Pod, ip: str, timeout: float = 10.0) -> socket.socket:
-    with pod.netns.entered():
-        return socket.create_connection((ip, APP_PORT), timeout=timeout)
-
-
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().strip()
-
-
-def greeting(pod: Pod, ip: str) -> str:
-    with connect(pod, ip) as sock:
-        return read_line(sock)
+# This suite gives every connection 10 s, and a failed greeting raises.
+connect = functools.partial(podapps.connect, timeout=10.0)
+greeting = functools.partial(podapps.greet, timeout=10.0)
 
 
 def echo(sock: socket.socket, payload: bytes) -> bytes:

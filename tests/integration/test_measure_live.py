@@ -4,17 +4,14 @@ two namespaces of a netlab Lab, whose Netns is the Host the testbed really uses.
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from localhost import LocalHost
 
 from testbed.measure.host import Host
 from testbed.measure.iperf import run_throughput
@@ -29,69 +26,6 @@ from testbed.netlab import Lab
 LOOPBACK = "127.0.0.1"
 
 
-class LocalProcess:
-    """A minimal stand-in for netlab's ManagedProcess: own process group, output to a file."""
-
-    def __init__(self, argv: Sequence[str], label: str, env: dict[str, str] | None) -> None:
-        self.label = label
-        self.log = tempfile.NamedTemporaryFile(prefix=f"tbt-{label}-", suffix=".log")  # noqa: SIM115
-        self.popen = subprocess.Popen(
-            list(argv),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=None if env is None else {**os.environ, **env},
-            start_new_session=True,
-        )
-        self.pid = self.popen.pid
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.popen.wait(timeout)
-
-    def terminate(self, timeout: float = 5.0) -> int | None:
-        if self.popen.poll() is None:
-            os.killpg(self.pid, signal.SIGTERM)
-            try:
-                return self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.pid, signal.SIGKILL)
-        return self.popen.wait()
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-
-class LocalHost:
-    def __init__(self) -> None:
-        self.spawned: list[LocalProcess] = []
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=check, input=input
-        )
-
-    def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        label: str,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> LocalProcess:
-        process = LocalProcess(argv, label, env)
-        self.spawned.append(process)
-        return process
-
-
 @pytest.fixture
 def host() -> Iterator[LocalHost]:
     local = LocalHost()
@@ -100,9 +34,7 @@ def host() -> Iterator[LocalHost]:
         # The run_* functions must have stopped every server they started.
         assert [p.label for p in local.spawned if p.poll() is None] == []
     finally:
-        for process in local.spawned:
-            process.terminate(timeout=2.0)
-            process.log.close()
+        local.close()
 
 
 @pytest.fixture

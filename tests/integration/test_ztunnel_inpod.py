@@ -15,7 +15,6 @@ import re
 import shlex
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from podapps import APP_PORT, GreetingServer, connect, finish, greeting, read_line
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.mesh.ca import CertificateAuthority, Identity
 from testbed.redirect.inpod import InPodMode, http_get
 
-APP_PORT = 8080
 OTHER_PORT = 9090
 BLOCK = os.urandom(1 << 20)
 BIG_TRANSFER_MB = 100
@@ -55,78 +54,19 @@ class MeshTopology(Topology):
         self.add_service("server", selector={"app": "server"}, ports=[APP_PORT])
 
 
-# ---------------------------------------------------------------- test servers and clients
-
-
-class TestServer:
-    """Greets, then reads to EOF and answers the sha256 of what it read."""
-
-    __test__ = False
-
-    def __init__(self, pod: Pod, port: int) -> None:
-        self.pod = pod
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", port), backlog=128)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
-        digest = hashlib.sha256()
-        with conn, contextlib.suppress(OSError):
-            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-            conn.sendall(digest.hexdigest().encode())
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def connect(pod: Pod, ip: str, port: int, timeout: float = 5.0) -> socket.socket:
-    with pod.netns.entered():
-        return socket.create_connection((ip, port), timeout=timeout)
-
-
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
-
-
-def greeting(pod: Pod, ip: str, port: int = APP_PORT) -> str | None:
-    """'<server pod> <peer ip as the server saw it>', or None if the connection was cut."""
-    try:
-        with connect(pod, ip, port) as sock:
-            line = read_line(sock)
-    except OSError:
-        return None
-    return line.strip() or None
+# ---------------------------------------------------------------- a bulk transfer
 
 
 def transfer(pod: Pod, ip: str, megabytes: int) -> tuple[str, str, str]:
     """Send `megabytes` MiB; (greeting, sha256 sent, sha256 the server computed)."""
     sent = hashlib.sha256()
     with connect(pod, ip, APP_PORT, timeout=60) as sock:
-        hello = read_line(sock).strip()
+        hello = read_line(sock)
         for _ in range(megabytes):
             sock.sendall(BLOCK)
             sent.update(BLOCK)
-        sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := sock.recv(128):
-            answer += chunk
-    return hello, sent.hexdigest(), answer.decode()
+        answer = finish(sock)
+    return hello, sent.hexdigest(), answer
 
 
 # ---------------------------------------------------------------- the cluster per variant
@@ -177,11 +117,11 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """One cluster per variant, shared by the module's tests."""
     mode = InPodMode(request.param)
     cluster = Cluster(MeshTopology(), mode=mode)
-    servers: list[TestServer] = []
+    servers: list[GreetingServer] = []
     try:
         cluster.start()
         servers = [
-            TestServer(pod, port)
+            GreetingServer(pod, port)
             for pod in cluster.pods.values()
             for port in (APP_PORT, OTHER_PORT)
         ]

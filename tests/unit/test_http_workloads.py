@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from localhost import LocalHost
 
 from testbed.measure.errors import MeasureError
 from testbed.measure.http import parse_http_load_json, run_http_fixed_qps
@@ -357,65 +358,12 @@ def test_parse_bad_reports_raise(text: str) -> None:
         parse_http_load_json(text)
 
 
-class LocalProcess:
-    """A process on this host, as Host.spawn returns it."""
-
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.pid = self.popen.pid
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.popen.wait(timeout)
-
-    def terminate(self, timeout: float = 5.0) -> int | None:
-        self.popen.terminate()
-        return self.popen.wait(timeout)
-
-    def output(self) -> str:
-        return ""
-
-
-class LocalHost:
-    """The Host protocol on this host's loopback: commands run without a namespace."""
-
-    name = "pod-local"
-
-    def __init__(self) -> None:
-        self.spawned: list[LocalProcess] = []
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            argv, timeout=timeout, check=check, input=input, capture_output=True, text=True
-        )
-
-    def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        label: str,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> LocalProcess:
-        self.spawned.append(LocalProcess(argv))
-        return self.spawned[-1]
-
-
 @pytest.mark.parametrize("http2", [False, True])
 def test_run_http_fixed_qps_on_loopback(http2: bool, tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    host = LocalHost()
+    host = LocalHost(name="pod-local")
     rows = run_http_fixed_qps(
         host, host, "127.0.0.1", qps=100, connections=2, duration=1, warmup=0.3, port=port,
         http2=http2, raw_dir=tmp_path,

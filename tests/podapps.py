@@ -1,0 +1,95 @@
+"""Apps the integration tests run in pods: a server that greets every connection with
+"<pod name> <peer ip>" (the address the app saw, to check that the mesh keeps the client's),
+and the client side that connects from inside a pod and reads that greeting."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import threading
+
+from testbed.cluster import Pod
+
+APP_PORT = 8080
+
+
+class GreetingServer:
+    """Listens in `pod`; greets each connection, then reads to EOF and answers the sha256
+    of what it read."""
+
+    def __init__(self, pod: Pod, port: int = APP_PORT, *, backlog: int = 128) -> None:
+        self.pod = pod
+        with pod.netns.entered():
+            self.listener = socket.create_server(("0.0.0.0", port), backlog=backlog)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
+            self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
+        digest = hashlib.sha256()
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+        conn.sendall(digest.hexdigest().encode())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class EchoServer(GreetingServer):
+    """Greets, then echoes."""
+
+    def answer(self, conn: socket.socket) -> None:
+        while chunk := conn.recv(65536):
+            conn.sendall(chunk)
+
+
+def connect(pod: Pod, ip: str, port: int = APP_PORT, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection made from inside `pod`."""
+    with pod.netns.entered():
+        return socket.create_connection((ip, port), timeout=timeout)
+
+
+def read_line(sock: socket.socket) -> str:
+    """One line, without its newline ('' if the peer closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def greet(pod: Pod, ip: str, port: int = APP_PORT, timeout: float = 5.0) -> str:
+    """'<server pod> <peer ip as the server saw it>'; OSError if the connection fails."""
+    with connect(pod, ip, port, timeout) as sock:
+        return read_line(sock)
+
+
+def greeting(pod: Pod, ip: str, port: int = APP_PORT, timeout: float = 5.0) -> str | None:
+    """The server's greeting, or None if the connection failed or was cut."""
+    try:
+        return greet(pod, ip, port, timeout) or None
+    except OSError:
+        return None
+
+
+def finish(sock: socket.socket) -> str:
+    """Half-close and read the server's sha256 answer."""
+    sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := sock.recv(128):
+        answer += chunk
+    return answer.decode()
