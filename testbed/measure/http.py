@@ -3,14 +3,12 @@ in the server host, `http_load` (open model, free of coordinated omission) in th
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from testbed.measure.errors import MeasureError
 from testbed.measure.host import Host
-from testbed.measure.raw import save_raw
+from testbed.measure.raw import last_json_line, save_raw
 from testbed.measure.rows import Measurement
 from testbed.measure.servers import run_client, serving
 
@@ -32,7 +30,7 @@ def parse_http_load_json(text: str) -> list[Measurement]:
     """Rows from http_load's JSON report (labels tool=http_load, protocol=http/1.1|h2):
     http_p50/_p90/_p99/_p999/_mean/_max (ms; absent when no response came back),
     achieved_qps (req/s), errors and requests (count)."""
-    report = _load_report(text)
+    report = last_json_line(text, "http_load")
     try:
         labels = {"tool": "http_load", "protocol": str(report["protocol"])}
         latency = report["latency_us"]
@@ -49,17 +47,6 @@ def parse_http_load_json(text: str) -> list[Measurement]:
     except (KeyError, TypeError, ValueError) as error:
         raise MeasureError(f"malformed http_load report ({error!r}): {text[:300]!r}") from None
     return rows
-
-
-def _load_report(text: str) -> dict[str, Any]:
-    lines = text.strip().splitlines()
-    try:
-        report = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        report = None
-    if not isinstance(report, dict):
-        raise MeasureError(f"http_load printed no JSON report: {text[-300:]!r}")
-    return report
 
 
 def http_load_argv(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+from testbed.measure.errors import MeasureError
 
 
 def save_raw(raw_dir: Path | None, name: str, text: str) -> Path | None:
@@ -18,3 +22,15 @@ def save_raw(raw_dir: Path | None, name: str, text: str) -> Path | None:
         path = first.with_name(f"{first.stem}-{number}{first.suffix}")
     path.write_text(text)
     return path
+
+
+def last_json_line(text: str, tool: str) -> dict[str, Any]:
+    """The JSON object a tool prints as its last line (log lines may come before it)."""
+    lines = text.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        report = None
+    if not isinstance(report, dict):
+        raise MeasureError(f"{tool} printed no JSON report: {text[-300:]!r}")
+    return report

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from testbed.measure.errors import MeasureError
 from testbed.measure.host import Host
-from testbed.measure.raw import save_raw
+from testbed.measure.raw import last_json_line, save_raw
 from testbed.measure.rows import Measurement, Summary
 from testbed.measure.servers import run_client, serving
 
@@ -26,7 +25,7 @@ def parse_rr_json(text: str) -> list[Measurement]:
     crr (label tool=crr): connect_rate (conn/s), errors (count), and the same statistics for
     connect_* (connect() time), rtt_* (request/response on the fresh connection) and
     transaction_* (connect to close), in us."""
-    report = _load_report(text)
+    report = last_json_line(text, "rr client")
     if "error" in report:
         raise MeasureError(f"rr client: {report['error']}")
     try:
@@ -35,17 +34,6 @@ def parse_rr_json(text: str) -> list[Measurement]:
         return _rr_rows(report)
     except (KeyError, TypeError, ValueError) as error:
         raise MeasureError(f"malformed rr report ({error!r}): {text[:300]!r}") from None
-
-
-def _load_report(text: str) -> dict[str, Any]:
-    lines = text.strip().splitlines()
-    try:
-        report = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        report = None
-    if not isinstance(report, dict):
-        raise MeasureError(f"rr client printed no JSON report: {text[-300:]!r}")
-    return report
 
 
 def _rr_rows(report: dict[str, Any]) -> list[Measurement]:
