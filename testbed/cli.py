@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 from rich.console import Console
@@ -18,7 +16,7 @@ from rich.table import Table
 
 from testbed.cluster.loader import parse_value
 from testbed.cluster.model import TopologyError
-from testbed.netlab import ManifestError, NetlabError
+from testbed.netlab import ManifestError, NetlabError, interrupt
 from testbed.netlab.manifest import RUNS_ROOT, list_runs
 
 console = Console()
@@ -299,13 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM tears down like Ctrl-C
+    interrupt.install()  # SIGTERM tears down like Ctrl-C; neither can be lost
     try:
         code: int = args.func(args)
         return code

@@ -30,6 +30,7 @@ from testbed.cluster.model import (
     service_endpoints,
 )
 from testbed.netlab import Lab, ManagedProcess, Netns
+from testbed.netlab.interrupt import raise_if_requested
 from testbed.netlab.manifest import RUNS_ROOT, check_run_name
 from testbed.netlab.process import NetlabError
 
@@ -122,6 +123,7 @@ class Cluster:
         try:
             self._build()
             self.mode.install(self)
+            raise_if_requested()  # a Ctrl-C that landed in a finalizer is not lost
             self.save_inventory()
         except BaseException:
             self.stop()

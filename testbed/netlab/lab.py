@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.netlab import nsutil
+from testbed.netlab.interrupt import raise_if_requested
 from testbed.netlab.manifest import RUNS_ROOT, Entry, RunManifest, list_runs
 from testbed.netlab.netns import Netns
 from testbed.netlab.process import ManagedProcess, NetlabError, stop_recorded_process
@@ -47,6 +48,7 @@ class Lab:
         return "-".join([self.prefix, *parts])
 
     def add_netns(self, *parts: str) -> Netns:
+        raise_if_requested()
         name = self.netns_name(*parts)
         self.manifest.record("netns", name=name)
         try:
