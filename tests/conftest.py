@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import sys
@@ -33,3 +34,5 @@ def runs_root() -> Iterator[Path]:
     yield root
     clean_all(root)
     shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the last test out removes the shared folder
+        TEST_RUNS.rmdir()
