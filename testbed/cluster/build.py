@@ -9,8 +9,6 @@ node's underlay address.
 
 from __future__ import annotations
 
-import ipaddress
-
 from testbed.cluster.model import NodeSpec, PodSpec
 from testbed.netlab import Lab, Netns, links
 from testbed.netlab.shaping import shape_link
@@ -73,7 +71,3 @@ def build_pod(lab: Lab, node: NodeSpec, node_ns: Netns, pod: PodSpec) -> Netns:
         links.add_route(ipr, f"{node.gateway_ip}/32", oif=eth0, link_scope=True)
         links.add_route(ipr, "0.0.0.0/0", gateway=node.gateway_ip, oif=eth0)
     return ns
-
-
-def next_pod_ip(node: NodeSpec, used: int) -> str:
-    return str(ipaddress.IPv4Network(node.pod_cidr).network_address + 2 + used)

@@ -10,7 +10,7 @@ import json
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +26,7 @@ from testbed.cluster.model import (
     ServiceSpec,
     Topology,
     TopologyError,
+    place_pod,
     plan,
     service_endpoints,
 )
@@ -186,9 +187,7 @@ class Cluster:
         """A pod the mode needs (a ztunnel, a waypoint), on the node's pod CIDR."""
         target = self.nodes[node]
         spec = PodSpec(name, node, namespace, service_account, dict(labels or {}))
-        spec.ip = build.next_pod_ip(target.spec, target.pod_count)
-        spec.host_ifname = f"vp{target.pod_count}"
-        spec.uid = f"{namespace}-{name}"
+        place_pod(target.spec, spec, target.pod_count)
         pod = self._build_pod(spec)
         self.system_pods[name] = pod
         return pod
@@ -335,7 +334,3 @@ def load_inventory(run: str, root: Path = RUNS_ROOT) -> dict[str, Any]:
         raise NetlabError(f"no running testbed named {run!r} (no {path})")
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
-
-
-def iter_pod_records(inventory: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield from inventory["pods"]

@@ -319,9 +319,15 @@ def _assign_pods(topology: Topology) -> None:
                 f"node {node.name} has more than {MAX_PODS_PER_NODE} pods (its pod CIDR is a /24)"
             )
         per_node[pod.node] = count + 1
-        pod.ip = str(ipaddress.IPv4Network(node.pod_cidr).network_address + 2 + count)
-        pod.host_ifname = f"vp{count}"
-        pod.uid = f"{pod.namespace}-{pod.name}"
+        place_pod(node, pod, count)
+
+
+def place_pod(node: NodeSpec, pod: PodSpec, index: int) -> None:
+    """The `index`-th pod of a node: its address in the node's pod CIDR (.1 is the node's
+    gateway), the name of its host-side veth, its uid."""
+    pod.ip = str(ipaddress.IPv4Network(node.pod_cidr).network_address + 2 + index)
+    pod.host_ifname = f"vp{index}"
+    pod.uid = f"{pod.namespace}-{pod.name}"
 
 
 def service_endpoints(topology: Topology, service: ServiceSpec) -> list[PodSpec]:

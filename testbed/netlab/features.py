@@ -232,10 +232,6 @@ def _probe_all(lab: Lab) -> list[Feature]:
     return found
 
 
-def feature_map(features: list[Feature]) -> dict[str, bool]:
-    return {f.name: f.ok for f in features}
-
-
 def detect_netem(lab: Lab) -> bool:
     """Whether the netem qdisc exists, probed in a scratch namespace of `lab`."""
     ns = lab.add_netns("netem-probe")
