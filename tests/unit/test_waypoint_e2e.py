@@ -29,7 +29,7 @@ from waypoint_support import (
 )
 
 from testbed.mesh.hbone import HboneError
-from testbed.mesh.waypoint.app import watch_l7
+from testbed.mesh.proxy.watch import watch
 
 REVIEWS = service_key("reviews")
 
@@ -287,9 +287,8 @@ def test_chunked_request_body_and_http10_close(tmp_path: Path) -> None:
 def test_a_changed_l7_file_is_picked_up(tmp_path: Path) -> None:
     async def scenario(lab: WaypointLab) -> tuple[int, int]:
         settings = lab.waypoint.settings
-        watcher = asyncio.create_task(
-            watch_l7(settings.l7_config, lambda config: lab.waypoint.reload(l7=config))
-        )
+        l7_file = next(w for w in lab.waypoint.watched() if w.path == settings.l7_config)
+        watcher = asyncio.create_task(watch(l7_file, interval=0.1))
         client = await lab.http()
         before = (await client.exchange(get("/v2/x"))).status
         deny_all = {"policies": [{"name": "deny", "action": "DENY", "rules": [{}]}]}
