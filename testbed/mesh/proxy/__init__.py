@@ -8,7 +8,8 @@ changes, and the HTTP endpoints Istio's proxies serve.
     15021 readiness (/healthz/ready), all addresses
 
 Modules: http (the small HTTP/1.1 server), connections (the connection records served on
-/connections), watch (config reload), shell (ProxyProcess and `main`).
+/connections), watch (config reload), telemetry (traffic labels), shell (ProxyProcess and
+`main`).
 """
 
 ADMIN_PORT = 15000
