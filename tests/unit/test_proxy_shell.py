@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +263,40 @@ def test_baggage_and_forwarded_as_istio_writes_them() -> None:
         'for="10.0.0.1:4000";host=web.shop.svc.cluster.local'
     )
     assert forwarded(("fd00::1", 4000), None) == 'for="[fd00::1]:4000"'
+
+
+COMMANDS = {
+    "testbed.mesh.ztunnel": ["--zds-socket", "/nonexistent.sock"],
+    "testbed.mesh.ztunnel.shared": ["--ztunnel-ip", "10.0.0.9"],
+    "testbed.mesh.ztunnel.sidecar": ["--uid", "default-x"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(COMMANDS))
+def test_each_ztunnel_command_line_names_a_bad_config_in_one_line(
+    module: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text("workloads: [{namespace: default}]\n")  # no workloadIps
+    argv = ["--config", str(bad), "--certs", str(tmp_path), "--node", "n1", *COMMANDS[module]]
+    result = subprocess.run(
+        [sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_waypoint_command_line_names_a_missing_certificate_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text("{}\n")
+    (tmp_path / "l7.yaml").write_text("{}\n")
+    argv = ["--mesh-config", str(tmp_path / "mesh.yaml"), "--l7-config", str(tmp_path / "l7.yaml"),
+            "--certs", str(tmp_path / "none")]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "testbed.mesh.waypoint", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cert-chain.pem" in result.stderr

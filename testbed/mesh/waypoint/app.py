@@ -71,7 +71,10 @@ class Settings:
 
 
 def _identity_of(cert_pem: Path) -> str:
-    der = x509.load_pem_x509_certificate(cert_pem.read_bytes()).public_bytes(Encoding.DER)
+    try:
+        der = x509.load_pem_x509_certificate(cert_pem.read_bytes()).public_bytes(Encoding.DER)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{cert_pem}: not a readable PEM certificate: {exc}") from exc
     spiffe = [uri for uri in uri_sans(der) if uri.startswith("spiffe://")]
     if not spiffe:
         raise ConfigError(f"{cert_pem}: no spiffe:// URI SAN")
