@@ -39,7 +39,7 @@ from testbed.mesh.ztunnel import (
 from testbed.mesh.ztunnel.inbound import HboneInbound, serve_inbound_plaintext
 from testbed.mesh.ztunnel.netio import Address
 from testbed.mesh.ztunnel.outbound import serve_outbound
-from testbed.mesh.ztunnel.pods import PodProxy
+from testbed.mesh.ztunnel.pods import PodProxy, accept_forever
 from testbed.mesh.ztunnel.process import ZtunnelProcess, main
 from testbed.mesh.ztunnel.state import MeshState
 
@@ -135,17 +135,10 @@ class SharedZtunnel(ZtunnelProcess):
         await super().stop()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        port = listener.getsockname()[1]
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(listener)
-            except OSError as exc:
-                log.warning("accept on %d failed: %s", port, exc)
-                await asyncio.sleep(0.05)
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.spawn(self._dispatch(port, conn, (str(peer[0]), int(peer[1]))))
+        port = int(listener.getsockname()[1])
+        await accept_forever(
+            listener, lambda conn, peer: self._dispatch(port, conn, peer), self.spawn, f"{port}"
+        )
 
     async def _dispatch(self, port: int, conn: socket.socket, peer: Address) -> None:
         local_ip = str(conn.getsockname()[0])
