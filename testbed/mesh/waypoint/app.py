@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from testbed.mesh.waypoint import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READY_PO
 from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.mesh.waypoint.http1 import open_streams, serve_http1
 from testbed.mesh.waypoint.http2 import Http2Server
-from testbed.mesh.waypoint.proxy import Downstream, L7Proxy, resolve_target
+from testbed.mesh.waypoint.proxy import Downstream, Endpoint, L7Proxy, resolve_target
 from testbed.mesh.waypoint.routing import DEFAULT_RULE
 from testbed.mesh.waypoint.sniff import Protocol, sniff
 from testbed.mesh.waypoint.telemetry import RequestMetrics
@@ -115,7 +115,7 @@ class Waypoint(ProxyProcess):
     # -- HBONE ----------------------------------------------------------------------------
     async def on_connect(self, request: ConnectRequest) -> ConnectDecision:
         record = self.connections.open(
-            listener=self.settings.hbone_port,
+            listener=request.local_address[1] or self.settings.hbone_port,
             direction="inbound",
             peer=request.peer_address,
             original_dst=request.authority,
@@ -157,12 +157,22 @@ class Waypoint(ProxyProcess):
         if protocol not in ("h2", "http/1.1"):
             sock.close()  # closed before saying anything (or said nothing we could pass on)
             return
-        handler = functools.partial(self.proxy.handle, downstream)
+        handler = functools.partial(self.proxy.handle, downstream, on_endpoint=self._note(record))
         if protocol == "h2":
             reader, writer = await asyncio.open_connection(sock=sock)
             await Http2Server(reader, writer, handler).run(initial)
         else:
             await serve_http1(*await open_streams(sock, initial), handler)
+
+    def _note(self, record: ConnectionRecord | None) -> Callable[[Endpoint], None] | None:
+        """Keeps the HBONE address of the endpoint that last answered in the record."""
+        if record is None:
+            return None
+
+        def note(endpoint: Endpoint) -> None:
+            record.upstream = format_address(self.upstreams.tunnel_address(endpoint))
+
+        return note
 
     async def _pass_tcp(
         self,
