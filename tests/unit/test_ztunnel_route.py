@@ -18,6 +18,7 @@ from testbed.mesh.ztunnel.route import (
 WAYPOINT_IP = "10.244.9.2"
 WAYPOINT_URI = "spiffe://cluster.local/ns/default/sa/waypoint"
 WEB_VIP, BOUND_VIP, EMPTY_VIP, SVC_WP_VIP = "10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4"
+LOST_VIP = "10.96.0.5"
 IPS = {"client": "10.244.1.2", "web": "10.244.1.3", "bound": "10.244.1.4", "old": "10.244.1.5"}
 
 
@@ -63,6 +64,7 @@ def config() -> LocalConfig:
                 _service("bound", BOUND_VIP),
                 _service("empty", EMPTY_VIP),
                 _service("fronted", SVC_WP_VIP, waypoint=waypoint),
+                _service("lost", LOST_VIP, waypoint={"destination": "default/gone.example"}),
             ],
         }
     )
@@ -139,3 +141,8 @@ def test_only_the_bound_waypoint_identity_from_its_address_counts_as_the_waypoin
     assert not from_waypoint(mesh, bound, WAYPOINT_URI, IPS["client"])  # right name, wrong IP
     assert not from_waypoint(mesh, bound, None, WAYPOINT_IP)
     assert not from_waypoint(mesh, web, WAYPOINT_URI, WAYPOINT_IP)  # web has no waypoint
+
+
+def test_a_destination_bound_to_an_unreachable_waypoint_is_refused_not_sent_around_it() -> None:
+    decision = decide(LOST_VIP, 80)
+    assert isinstance(decision, Refuse) and "gone.example" in decision.reason

@@ -60,15 +60,10 @@ def via_waypoint(config: LocalConfig, gateway: GatewayAddress, ip: str, port: in
 
 
 def waypoint_route(config: LocalConfig, ip: str, port: int) -> ViaWaypoint | None:
-    """The waypoint hop for a connection to `ip:port`, None when no (resolvable) waypoint
-    is bound to it."""
+    """The waypoint hop for a connection to `ip:port`, None when no waypoint is bound to it
+    (LookupError when one is bound but has no address: such traffic must not skip it)."""
     gateway = destination_waypoint(config, ip, port)
-    if gateway is None:
-        return None
-    try:
-        return via_waypoint(config, gateway, ip, port)
-    except LookupError:
-        return None
+    return None if gateway is None else via_waypoint(config, gateway, ip, port)
 
 
 def from_waypoint(

@@ -4,6 +4,7 @@ the destination pod, or pass it through as plain TCP.
 
     ztunnel port (15001/15006/15008)       -> Refuse (it would loop)
     VIP or pod bound to a waypoint         -> ToWaypoint (CONNECT target: the original ip:port)
+    ... whose address is unknown           -> Refuse
     service VIP, no healthy endpoint       -> Refuse
     service VIP -> endpoint with waypoint  -> ToWaypoint (target: the endpoint's ip:port)
     mesh workload (protocol HBONE)         -> Hbone to <pod ip>:15008
@@ -61,7 +62,10 @@ def decide_outbound(config: LocalConfig, destination: Address, pick: Pick) -> Ou
     if port in ZTUNNEL_PORTS:
         return Refuse(f"port {port} is ztunnel's own")
     service = config.service_by_vip(ip, port)
-    via = waypoint_route(config, ip, port)
+    try:
+        via = waypoint_route(config, ip, port)
+    except LookupError as exc:  # bound to a waypoint nobody can reach: never around it
+        return Refuse(str(exc))
     if via is not None:
         workload = None if service is not None else config.workload_by_ip(ip)
         return ToWaypoint(via, workload, service)
