@@ -132,11 +132,19 @@ class L7Proxy:
         return self.policies(downstream.target.key).evaluate(subject).allowed
 
     # -- the pipeline ---------------------------------------------------------------------
-    async def handle(self, downstream: Downstream, request: HttpRequest) -> HttpResponse:
+    async def handle(
+        self,
+        downstream: Downstream,
+        request: HttpRequest,
+        on_endpoint: Callable[[Endpoint], None] | None = None,
+    ) -> HttpResponse:
+        """Serve one request; `on_endpoint` learns which endpoint answered it, if any."""
         started, wall = time.perf_counter(), datetime.datetime.now(datetime.UTC)
         outcome = await self._process(downstream, request)
         duration_ms = (time.perf_counter() - started) * 1000.0
         self._record(downstream, request, outcome, wall, duration_ms)
+        if on_endpoint is not None and outcome.endpoint is not None:
+            on_endpoint(outcome.endpoint)
         return outcome.response
 
     async def _process(self, downstream: Downstream, request: HttpRequest) -> _Outcome:
