@@ -1,0 +1,57 @@
+"""One look at a namespace: rule counters, interface counters, conntrack, proxy records.
+
+A trace takes one before the connection and one after it in every namespace that can be on
+the path, all in parallel, and diffs the two.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from testbed.netlab import Netns
+from testbed.trace import conntrack, links, netfilter, proxies
+
+WORKERS = 8
+
+
+@dataclass
+class Snapshot:
+    rules: list[netfilter.RuleCount] = field(default_factory=list)
+    links: list[links.Link] = field(default_factory=list)
+    entries: list[conntrack.Entry] = field(default_factory=list)
+    proxy: proxies.ProxyView = field(default_factory=proxies.ProxyView)
+    conntrack_source: str = ""
+
+
+def conntrack_argv() -> tuple[list[str], str]:
+    """conntrack-tools where installed, else the kernel's /proc table (same fields)."""
+    if shutil.which("conntrack"):
+        return ["conntrack", "-L"], "conntrack -L"
+    return ["cat", "/proc/net/nf_conntrack"], "/proc/net/nf_conntrack"
+
+
+def take(netns: Netns, *, with_proxy: bool = True) -> Snapshot:
+    snap = Snapshot()
+    saved = netns.run(["iptables-save", "-c"], check=False)
+    snap.rules = netfilter.parse_iptables_save(saved.stdout)
+    nft = netns.run(["nft", "-j", "list", "ruleset"], check=False)
+    if nft.returncode == 0:
+        snap.rules += netfilter.parse_nft_json(nft.stdout)
+    snap.links = links.parse_links(netns.run(["ip", "-d", "-s", "-j", "link", "show"]).stdout)
+    argv, snap.conntrack_source = conntrack_argv()
+    listed = netns.run(argv, check=False)
+    if listed.returncode == 0:
+        snap.entries = conntrack.parse_entries(listed.stdout)
+    else:
+        snap.conntrack_source = "unavailable"
+    if with_proxy:
+        snap.proxy = proxies.read_proxy(netns)
+    return snap
+
+
+def take_all(namespaces: dict[str, Netns]) -> dict[str, Snapshot]:
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {name: pool.submit(take, ns) for name, ns in namespaces.items()}
+        return {name: future.result() for name, future in futures.items()}

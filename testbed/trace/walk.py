@@ -1,0 +1,209 @@
+"""The walk: hops in path order, built from the diffed snapshots (pure, no I/O).
+
+Order: namespaces in the order the connection meets them (client pod, its node, the
+node's ztunnel pod, the fabric, waypoints, the server's node and ztunnel pod, the server
+pod); inside one namespace, what happened before its proxy accepted the connection (rules
+in hook order, the connection's conntrack entry), the proxy, then the proxy's own onward
+connection and the links it left by. Counter evidence carries no timestamps, so order
+inside one namespace is the hook order, not a measured one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from testbed.trace import conntrack, links, netfilter, proxies
+
+PROXY_PORTS = frozenset({15001, 15006, 15008})
+HBONE_PORT = 15008
+# a rule matching the proxies' own socket mark handles the proxy's onward connection
+_PROXY_MARK = re.compile(r"(?<!! )--mark 0x539|== 0x00000539")
+COUNTER_NOTE = "counter delta (per rule: counts any simultaneous traffic too)"
+LINK_NOTE = "interface counter delta (per device: counts any simultaneous traffic too)"
+
+
+@dataclass
+class Hop:
+    kind: str  # netfilter | conntrack | route | link | ebpf | proxy | app | result
+    netns: str  # the place: pod or node name
+    detail: str
+    evidence: str
+    data: dict[str, Any] = field(default_factory=dict)
+    step: int = 0  # 1-based position in the walk
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Place:
+    """A namespace the connection may cross, in path order."""
+
+    name: str  # pod or node name ("fabric" for the underlay)
+    netns: str
+    role: str  # pod | node | fabric | proxy (a ztunnel or waypoint pod)
+    node: str | None = None
+    ip: str | None = None
+
+
+@dataclass
+class Diff:
+    """What changed in one place while the connection ran."""
+
+    hits: list[netfilter.RuleHit] = field(default_factory=list)
+    missing: list[netfilter.RuleCount] = field(default_factory=list)
+    entries: list[conntrack.Entry] = field(default_factory=list)
+    links: list[links.LinkDelta] = field(default_factory=list)
+    records: list[proxies.ProxyRecord] = field(default_factory=list)
+    metrics: list[proxies.MetricDelta] = field(default_factory=list)
+    routes: list[tuple[str, str]] = field(default_factory=list)  # (detail, evidence)
+    programs: list[tuple[str, str]] = field(default_factory=list)  # (device hook, program)
+    conntrack_source: str = ""
+
+
+def _entry_ends_at_proxy(entry: conntrack.Entry, local_ips: set[str]) -> bool:
+    """The conntrack entry is of a connection a proxy of this namespace accepted."""
+    rsrc, rsport, _, _ = entry.reply
+    _, _, dst, dport = entry.original
+    return rsport in PROXY_PORTS or (dport in PROXY_PORTS and dst in local_ips)
+
+
+def _rule_after_proxy(hit: netfilter.RuleHit) -> bool:
+    return bool(_PROXY_MARK.search(hit.rule.spec))
+
+
+def _rule_hop(place: Place, hit: netfilter.RuleHit) -> Hop:
+    rule = hit.rule
+    table = rule.table if rule.backend == "iptables" else f"nft {rule.table}"
+    hook = f"{rule.hook} " if rule.hook and rule.hook != rule.chain else ""
+    plural = "s" if hit.packets != 1 else ""
+    detail = f"{hook}{table} {rule.chain} {hit.target} ({hit.packets} packet{plural})"
+    return Hop(
+        "netfilter",
+        place.name,
+        detail,
+        COUNTER_NOTE,
+        {"backend": rule.backend, "table": rule.table, "chain": rule.chain, "rule": rule.spec,
+         "hook": rule.hook, "packets": hit.packets, "bytes": hit.bytes},
+    )  # fmt: skip
+
+
+def _entry_hop(place: Place, entry: conntrack.Entry, source: str, separable: bool) -> Hop:
+    nat = f"; {entry.nat}" if entry.nat else ""
+    note = f"conntrack entry ({source}), matched by 5-tuple"
+    if not separable:
+        note = f"conntrack entry ({source}), new during the trace (no per-flow key)"
+    return Hop(
+        "conntrack",
+        place.name,
+        entry.text() + nat,
+        note,
+        {"original": list(entry.original), "reply": list(entry.reply), "mark": entry.mark,
+         "zone": entry.zone, "state": entry.state, "nat": entry.nat},
+    )  # fmt: skip
+
+
+def _link_hop(place: Place, delta: links.LinkDelta) -> Hop:
+    detail = f"{delta.label}: rx {delta.rx_packets} tx {delta.tx_packets} packets"
+    return Hop(
+        "link",
+        place.name,
+        detail,
+        LINK_NOTE,
+        {"device": delta.link.name, "kind": delta.link.kind, "vni": delta.link.vni,
+         "rx_packets": delta.rx_packets, "tx_packets": delta.tx_packets,
+         "rx_bytes": delta.rx_bytes, "tx_bytes": delta.tx_bytes},
+    )  # fmt: skip
+
+
+def record_hop(place: Place, proxy_name: str, record: proxies.ProxyRecord) -> Hop:
+    ids = ""
+    if record.src_identity or record.dst_identity:
+        ids = f", {record.src_identity or '?'} -> {record.dst_identity or '?'}"
+    target = f", CONNECT {record.connect_target}" if record.connect_target else ""
+    upstream = f", upstream {record.upstream}" if record.upstream else ""
+    reason = f" ({record.reason})" if record.reason else ""
+    detail = (
+        f"{proxy_name} {record.direction} on {record.listener}: {record.peer} ->"
+        f" {record.original_dst}{target}{upstream}, {record.path}{ids};"
+        f" {record.verdict}{reason}, {record.bytes_received} B in / {record.bytes_sent} B out"
+    )
+    evidence = f"{proxy_name} GET /connections id {record.id}"
+    return Hop("proxy", place.name, detail, evidence,
+               {"proxy": proxy_name, **proxies.record_summary(record)})  # fmt: skip
+
+
+def metric_hop(place: Place, proxy_name: str, deltas: Sequence[proxies.MetricDelta]) -> Hop:
+    opened = [d for d in deltas if d.name.endswith("opened_total")]
+    failed = [d for d in deltas if d.name.endswith("failed_total")]
+    first = (opened or failed or list(deltas))[0]
+    labels = first.labels
+    reporter = labels.get("reporter", "?")
+    direction = {"source": "outbound", "destination": "inbound"}.get(reporter, reporter)
+    security = labels.get("connection_security_policy", "unknown")
+    verdict = "failed" if failed else "opened"
+    detail = (
+        f"{proxy_name} {direction}: {labels.get('source_workload', '?')} ->"
+        f" {labels.get('destination_workload', labels.get('destination_service_name', '?'))},"
+        f" {security}; connection {verdict}"
+    )
+    evidence = (
+        f"{proxy_name} /metrics delta (no /connections endpoint: per label set, not per"
+        " connection; simultaneous traces between the same workloads are not told apart)"
+    )
+    return Hop("proxy", place.name, detail, evidence,
+               {"proxy": proxy_name, "direction": direction, "labels": labels,
+                "mtls": security == "mutual_tls", "fallback": "metrics"})  # fmt: skip
+
+
+def place_hops(place: Place, diff: Diff, proxy_hops: Sequence[Hop], separable: bool) -> list[Hop]:
+    """The hops of one place, in the order described in the module docstring."""
+    local = {place.ip} if place.ip else set()
+    before_proxy = bool(proxy_hops)
+    hops: list[Hop] = []
+    hits = sorted(diff.hits, key=netfilter.hit_order)
+    early = [h for h in hits if not (before_proxy and _rule_after_proxy(h))]
+    late = [h for h in hits if before_proxy and _rule_after_proxy(h)]
+    first_entries = [e for e in diff.entries if not before_proxy or _entry_ends_at_proxy(e, local)]
+    other_entries = [e for e in diff.entries if e not in first_entries]
+    hops += [_rule_hop(place, h) for h in early]
+    hops += [Hop("route", place.name, d, e) for d, e in diff.routes]
+    hops += [Hop("ebpf", place.name, f"{where}: {prog}", _EBPF_NOTE, {"program": prog,
+             "attach": where}) for where, prog in diff.programs]  # fmt: skip
+    hops += [_entry_hop(place, e, diff.conntrack_source, separable) for e in first_entries]
+    hops += list(proxy_hops)
+    hops += [_rule_hop(place, h) for h in late]
+    hops += [_entry_hop(place, e, diff.conntrack_source, separable) for e in other_entries]
+    hops += [_link_hop(place, d) for d in diff.links]
+    for rule in diff.missing:
+        hops.append(
+            Hop("netfilter", place.name, f"rule removed during the trace: {rule.table}"
+                f" {rule.chain} {rule.spec}", "rule present before, absent after",
+                {"removed": True, "rule": rule.spec, "table": rule.table, "chain": rule.chain})
+        )  # fmt: skip
+    return hops
+
+
+_EBPF_NOTE = (
+    "program attachment (tc filter show) plus the device's counter delta; run counts are"
+    " unavailable (kernel.bpf_stats_enabled is host-global and stays off)"
+)
+
+
+def number(hops: Iterable[Hop]) -> list[Hop]:
+    numbered = list(hops)
+    for index, hop in enumerate(numbered, start=1):
+        hop.step = index
+    return numbered
+
+
+def text_walk(hops: Sequence[Hop], *, evidence: bool = False) -> str:
+    lines = []
+    for hop in hops:
+        lines.append(f"{hop.step}. {hop.netns}: {hop.kind} {hop.detail}")
+        if evidence:
+            lines.append(f"     [{hop.evidence}]")
+    return "\n".join(lines)
