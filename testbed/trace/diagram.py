@@ -17,8 +17,11 @@ if TYPE_CHECKING:
     from testbed.trace.run import TraceResult
     from testbed.trace.walk import Hop
 
+HBONE_PORT = 15008
 PLAINTEXT, MTLS, FAILED = "#555555", "#1b7f3b", "#c0392b"
 FORMATS = (".svg", ".png")
+_ACTIONS = frozenset({"REDIRECT", "TPROXY", "DNAT", "SNAT", "MARK", "DROP", "REJECT",
+                      "redirect", "tproxy", "dnat", "drop"})  # fmt: skip
 
 
 class DiagramError(ValueError):
@@ -30,10 +33,16 @@ def segments(result: TraceResult) -> list[tuple[str, str, list[str], bool]]:
     order = [hop for hop in result.hops if hop.kind != "result"]
     moves: list[tuple[str, str, list[str], bool]] = []
     current, labels, secure = result.source, [], False
+    alias: dict[str, str] = {}  # a pod whose netns a proxy listens in: drawn as that proxy
     for hop in order:
-        if hop.netns != current:
-            moves.append((current, hop.netns, labels, secure))
-            current, labels = hop.netns, []
+        where = alias.get(hop.netns, hop.netns)
+        if hop.kind == "proxy" and where != current and hop.netns != current:
+            alias = {current: hop.netns}  # inpod/sidecar: the proxy works in the pod's netns
+        elif hop.kind == "app" or where not in (current, *alias.values()):
+            alias, where = {}, hop.netns
+        if where != current:
+            moves.append((current, where, labels, secure))
+            current, labels = where, []
         label = _label(hop)
         if label and label not in labels:
             labels.append(label)
@@ -55,10 +64,13 @@ def _secure_after(hop: Hop, secure: bool) -> bool:
 
 def _label(hop: Hop) -> str:
     if hop.kind == "netfilter" and not hop.data.get("removed"):
-        target = hop.detail.split(" (")[0].split(" ")
-        return " ".join(target[-4:]) if len(target) > 4 else " ".join(target)
+        words = hop.detail.split(" (")[0].split(" ")
+        acting = next((i for i, w in enumerate(words) if w in _ACTIONS), None)
+        return "" if acting is None else " ".join([hop.data["chain"], *words[acting:acting + 3]])
     if hop.kind == "link" and hop.data.get("kind") in ("vxlan", "geneve"):
         return f"{hop.data['kind']} {hop.data['device']} VNI {hop.data.get('vni')}"
+    if hop.kind == "conntrack" and hop.data["original"][3] == HBONE_PORT:
+        return f"HBONE -> {hop.data['original'][2]}:{HBONE_PORT}"
     if hop.kind == "ebpf":
         return f"bpf {hop.data.get('program')}"
     if hop.kind == "proxy":

@@ -28,6 +28,7 @@ _NFT_HOOKS = {
 _COUNTER_LINE = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
 _PLAIN_JUMP = re.compile(r"^-j [A-Za-z0-9_.-]+$")
 _BUILTIN = frozenset(HOOK_ORDER)
+_ARROWS = re.compile(r"^(REDIRECT|TPROXY) --(?:to-ports|on-port) ")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class RuleHit:
         """What the rule did: iptables' `-j X ...` part, or nft's verdict statement."""
         spec = self.rule.spec
         if self.rule.backend == "iptables":
-            return spec.partition("-j ")[2] or spec
+            action = spec.partition("-j ")[2] or spec
+            return _ARROWS.sub(r"\1 -> ", action)
         return _nft_action(spec)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from testbed.netlab import Netns
 from testbed.trace.walk import Diff, Place
 
-_MARK = re.compile(r"(?:--set-xmark|--tproxy-mark|--set-mark|meta mark set) (0x[0-9a-f]+)")
+# packet marks only: a CONNMARK sets the connection's mark, which routing does not see
+_MARK = re.compile(r"(?:-j MARK --set-xmark|--tproxy-mark|meta mark set) (0x[0-9a-f]+)")
 
 
 def marks_set(diff: Diff) -> list[int]:

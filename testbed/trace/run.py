@@ -217,7 +217,7 @@ def _walk(
 ) -> list[Hop]:
     by_name = {place.name: place for place in places}
     records = _trace_records(places, before, after, outcome)
-    separable = any(records.values())
+    separable = bool(records)  # some proxy on the path served GET /connections
     keys = _flow_keys(outcome, records)
     diffs = {p.name: _diff(p, before[p.name], after[p.name], keys, separable, places, answered)
              for p in places}  # fmt: skip
@@ -228,7 +228,8 @@ def _walk(
     for place in places:
         if place.role == "pod" and place.name != places[0].name and place.name != answered:
             continue  # a service endpoint that did not get the connection
-        hops += place_hops(place, diffs[place.name], proxy_hops.get(place.name, []), separable)
+        hops += place_hops(place, diffs[place.name], proxy_hops.get(place.name, []),
+                           inbound=place.name == answered and place.name != places[0].name)
     if outcome.seen_by_app:
         hops.append(Hop("app", answered or "?", f"the server saw the connection from"
                         f" {outcome.seen_by_app}", "the throwaway listener's accepted peer",
@@ -236,7 +237,7 @@ def _walk(
     status = "closed normally" if outcome.ok else f"FAILED: {outcome.error}"
     hops.append(Hop("result", places[0].name, f"connection {status}", "the client socket",
                     {"ok": outcome.ok, "error": outcome.error}))  # fmt: skip
-    if not separable:
+    if not separable and any(after[p.name].proxy.found for p in places):
         notes.append(
             "no proxy served GET /connections: proxy hops come from /metrics deltas and"
             " conntrack entries past the first proxy are the ones new during the trace"
@@ -298,9 +299,12 @@ def _diff(
     mine = [e for e in after.entries if conntrack.involves(e, keys)]
     if not separable:
         hbone_ends = {p.ip for p in places if p.role == "proxy" or p.name == answered}
-        mine += [e for e in after.entries if e.original[3] == 15008 and e.original[2] in hbone_ends]
-        mine += [e for e in fresh if e.original[3] == 15008 and e not in mine]
-    diff.entries = [e for e in dict.fromkeys(mine) if e in fresh or e.original[3] == 15008]
+        diff.unkeyed = [e for e in after.entries if e not in mine and e.original[3] == 15008
+                        and e.original[2] in hbone_ends]  # fmt: skip
+        mine += diff.unkeyed
+    hbone = [e for e in mine if e.original[3] == 15008]
+    diff.entries = [e for e in mine if e in fresh or e in hbone]
+    diff.reused = [e for e in diff.entries if e not in fresh]
     return diff
 
 

@@ -62,6 +62,8 @@ class Diff:
     routes: list[tuple[str, str]] = field(default_factory=list)  # (detail, evidence)
     programs: list[tuple[str, str]] = field(default_factory=list)  # (device hook, program)
     conntrack_source: str = ""
+    reused: list[conntrack.Entry] = field(default_factory=list)  # existed before the trace
+    unkeyed: list[conntrack.Entry] = field(default_factory=list)  # not tied by 5-tuple
 
 
 def _entry_ends_at_proxy(entry: conntrack.Entry, local_ips: set[str]) -> bool:
@@ -91,11 +93,13 @@ def _rule_hop(place: Place, hit: netfilter.RuleHit) -> Hop:
     )  # fmt: skip
 
 
-def _entry_hop(place: Place, entry: conntrack.Entry, source: str, separable: bool) -> Hop:
+def _entry_hop(place: Place, entry: conntrack.Entry, source: str, diff: Diff) -> Hop:
     nat = f"; {entry.nat}" if entry.nat else ""
     note = f"conntrack entry ({source}), matched by 5-tuple"
-    if not separable:
-        note = f"conntrack entry ({source}), new during the trace (no per-flow key)"
+    if entry in diff.unkeyed:
+        note = f"conntrack entry ({source}), HBONE to a proxy on the path (no per-flow key)"
+    if entry in diff.reused:
+        note += "; existed before the trace (a pooled HBONE connection, reused)"
     return Hop(
         "conntrack",
         place.name,
@@ -159,24 +163,32 @@ def metric_hop(place: Place, proxy_name: str, deltas: Sequence[proxies.MetricDel
                 "mtls": security == "mutual_tls", "fallback": "metrics"})  # fmt: skip
 
 
-def place_hops(place: Place, diff: Diff, proxy_hops: Sequence[Hop], separable: bool) -> list[Hop]:
-    """The hops of one place, in the order described in the module docstring."""
+def place_hops(
+    place: Place, diff: Diff, proxy_hops: Sequence[Hop], *, inbound: bool = False
+) -> list[Hop]:
+    """The hops of one place, in the order described in the module docstring; `inbound`:
+    the place is the server's, where what its proxy sends on leaves by OUTPUT."""
     local = {place.ip} if place.ip else set()
     before_proxy = bool(proxy_hops)
     hops: list[Hop] = []
     hits = sorted(diff.hits, key=netfilter.hit_order)
-    early = [h for h in hits if not (before_proxy and _rule_after_proxy(h))]
-    late = [h for h in hits if before_proxy and _rule_after_proxy(h)]
+
+    def late_rule(hit: netfilter.RuleHit) -> bool:
+        sent_on = inbound and hit.rule.hook in ("OUTPUT", "POSTROUTING")
+        return before_proxy and (sent_on or _rule_after_proxy(hit))
+
+    early = [h for h in hits if not late_rule(h)]
+    late = [h for h in hits if late_rule(h)]
     first_entries = [e for e in diff.entries if not before_proxy or _entry_ends_at_proxy(e, local)]
     other_entries = [e for e in diff.entries if e not in first_entries]
     hops += [_rule_hop(place, h) for h in early]
     hops += [Hop("route", place.name, d, e) for d, e in diff.routes]
     hops += [Hop("ebpf", place.name, f"{where}: {prog}", _EBPF_NOTE, {"program": prog,
              "attach": where}) for where, prog in diff.programs]  # fmt: skip
-    hops += [_entry_hop(place, e, diff.conntrack_source, separable) for e in first_entries]
+    hops += [_entry_hop(place, e, diff.conntrack_source, diff) for e in first_entries]
     hops += list(proxy_hops)
     hops += [_rule_hop(place, h) for h in late]
-    hops += [_entry_hop(place, e, diff.conntrack_source, separable) for e in other_entries]
+    hops += [_entry_hop(place, e, diff.conntrack_source, diff) for e in other_entries]
     hops += [_link_hop(place, d) for d in diff.links]
     for rule in diff.missing:
         hops.append(
@@ -203,7 +215,8 @@ def number(hops: Iterable[Hop]) -> list[Hop]:
 def text_walk(hops: Sequence[Hop], *, evidence: bool = False) -> str:
     lines = []
     for hop in hops:
-        lines.append(f"{hop.step}. {hop.netns}: {hop.kind} {hop.detail}")
+        kind = "" if hop.kind == "netfilter" else f"{hop.kind} "
+        lines.append(f"{hop.step}. {hop.netns}: {kind}{hop.detail}")
         if evidence:
             lines.append(f"     [{hop.evidence}]")
     return "\n".join(lines)
