@@ -197,7 +197,7 @@ def _nft_statement_text(statement: dict[str, object]) -> str:
     if verb in ("jump", "goto") and isinstance(body, dict):
         return f"{verb} {body.get('target')}"
     if verb == "redirect" and isinstance(body, dict):
-        return f"redirect to :{_nft_value(body.get('port'))}"
+        return f"redirect to :{body.get('port')}"
     if verb == "mangle" and isinstance(body, dict):
         return f"{_nft_value(body.get('key'))} set {_nft_value(body.get('value'))}"
     if body is None:

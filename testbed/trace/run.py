@@ -38,6 +38,8 @@ class TraceResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    variant: str = ""  # inpod's rule variant (redirect, tproxy, nftables)
+    server_ip: str = ""  # the endpoint that answered (or the destination asked for)
 
     def text(self, *, evidence: bool = False) -> str:
         from testbed.trace.walk import text_walk
@@ -187,6 +189,9 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
         inv["run"], inv["facts"].get("mode", "?"), src, dst,
         _placement(source, goal, answered), outcome, [], places, 0.0,
     )  # fmt: skip
+    result.variant = str(inv["facts"].get("inpod_variant", ""))
+    result.server_ip = next((str(e["ip"]) for e in goal.endpoints if e["name"] == answered),
+                            goal.ip)  # fmt: skip
     result.hops = _walk(places, namespaces, before, after, outcome, answered, result.notes)
     result.differences = expected.differences(result)
     result.seconds = time.monotonic() - started
@@ -295,6 +300,11 @@ def _diff(
     diff.hits = netfilter.rule_hits(before.rules, after.rules)
     diff.missing = netfilter.missing_rules(before.rules, after.rules)
     diff.links = links.link_deltas(before.links, after.links)
+    for delta in diff.links:  # a program ran where its device carried packets that way
+        for direction, count in (("ingress", delta.rx_packets), ("egress", delta.tx_packets)):
+            program = after.programs.get((delta.link.name, direction))
+            if program and count > 0:
+                diff.programs.append((f"{delta.link.name} tc {direction}", program))
     fresh = conntrack.new_entries(before.entries, after.entries)
     mine = [e for e in after.entries if conntrack.involves(e, keys)]
     if not separable:
@@ -319,7 +329,7 @@ def _proxy_hops(
     src = places[0].name
 
     def home(place: Place, direction: str) -> str:
-        crossed = diffs[place.name].links or diffs[place.name].hits
+        crossed = diffs[place.name].entries or diffs[place.name].hits
         if place.role != "proxy" or crossed:
             return place.name
         return src if direction == "outbound" else (answered or place.name)

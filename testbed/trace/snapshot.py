@@ -6,6 +6,7 @@ the path, all in parallel, and diffs the two.
 
 from __future__ import annotations
 
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Snapshot:
     entries: list[conntrack.Entry] = field(default_factory=list)
     proxy: proxies.ProxyView = field(default_factory=proxies.ProxyView)
     conntrack_source: str = ""
+    programs: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def conntrack_argv() -> tuple[list[str], str]:
@@ -48,7 +50,25 @@ def take(netns: Netns, *, with_proxy: bool = True) -> Snapshot:
         snap.conntrack_source = "unavailable"
     if with_proxy:
         snap.proxy = proxies.read_proxy(netns)
+    snap.programs = tc_programs(netns)
     return snap
+
+
+def tc_programs(netns: Netns) -> dict[tuple[str, str], str]:
+    """(device, ingress|egress) -> names of the tc BPF programs attached there (bpftool net
+    show; tcx links are invisible to bpftool 7.1 and absent here)."""
+    if not shutil.which("bpftool"):
+        return {}
+    done = netns.run(["bpftool", "-j", "net", "show"], check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        return {}
+    found: dict[tuple[str, str], str] = {}
+    for section in json.loads(done.stdout):
+        for item in section.get("tc", []) if isinstance(section, dict) else []:
+            direction = str(item.get("kind", "")).rpartition("/")[2]
+            key = (str(item.get("devname")), direction)
+            found[key] = ", ".join(filter(None, [found.get(key), str(item.get("name")).split(":")[0]]))
+    return found
 
 
 def take_all(namespaces: dict[str, Netns]) -> dict[str, Snapshot]:

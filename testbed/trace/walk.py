@@ -70,7 +70,8 @@ def _entry_ends_at_proxy(entry: conntrack.Entry, local_ips: set[str]) -> bool:
     """The conntrack entry is of a connection a proxy of this namespace accepted."""
     rsrc, rsport, _, _ = entry.reply
     _, _, dst, dport = entry.original
-    return rsport in PROXY_PORTS or (dport in PROXY_PORTS and dst in local_ips)
+    redirected = rsport in PROXY_PORTS and rsrc in local_ips | {"127.0.0.1"}
+    return redirected or (dport in PROXY_PORTS and dst in local_ips)
 
 
 def _rule_after_proxy(hit: netfilter.RuleHit) -> bool:
