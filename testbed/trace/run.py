@@ -329,7 +329,8 @@ def _proxy_hops(
     src = places[0].name
 
     def home(place: Place, direction: str) -> str:
-        crossed = diffs[place.name].entries or diffs[place.name].hits
+        diff = diffs[place.name]
+        crossed = diff.entries or diff.hits or diff.programs
         if place.role != "proxy" or crossed:
             return place.name
         return src if direction == "outbound" else (answered or place.name)
