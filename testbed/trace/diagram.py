@@ -20,8 +20,21 @@ if TYPE_CHECKING:
 HBONE_PORT = 15008
 PLAINTEXT, MTLS, FAILED = "#555555", "#1b7f3b", "#c0392b"
 FORMATS = (".svg", ".png")
-_ACTIONS = frozenset({"REDIRECT", "TPROXY", "DNAT", "SNAT", "MARK", "DROP", "REJECT",
-                      "redirect", "tproxy", "dnat", "drop"})  # fmt: skip
+_ACTIONS = frozenset(
+    {
+        "REDIRECT",
+        "TPROXY",
+        "DNAT",
+        "SNAT",
+        "MARK",
+        "DROP",
+        "REJECT",
+        "redirect",
+        "tproxy",
+        "dnat",
+        "drop",
+    }
+)
 
 
 class DiagramError(ValueError):
@@ -32,7 +45,8 @@ def segments(result: TraceResult) -> list[tuple[str, str, list[str], bool]]:
     """(from place, to place, labels, mTLS?) for each move between places in walk order."""
     order = [hop for hop in result.hops if hop.kind != "result"]
     moves: list[tuple[str, str, list[str], bool]] = []
-    current, labels, secure = result.source, [], False
+    labels: list[str] = []
+    current, secure = result.source, False
     alias: dict[str, str] = {}  # a pod whose netns a proxy listens in: drawn as that proxy
     for hop in order:
         where = alias.get(hop.netns, hop.netns)
@@ -66,7 +80,7 @@ def _label(hop: Hop) -> str:
     if hop.kind == "netfilter" and not hop.data.get("removed"):
         words = hop.detail.split(" (")[0].split(" ")
         acting = next((i for i, w in enumerate(words) if w in _ACTIONS), None)
-        return "" if acting is None else " ".join([hop.data["chain"], *words[acting:acting + 3]])
+        return "" if acting is None else " ".join([hop.data["chain"], *words[acting : acting + 3]])
     if hop.kind == "link" and hop.data.get("kind") in ("vxlan", "geneve"):
         return f"{hop.data['kind']} {hop.data['device']} VNI {hop.data.get('vni')}"
     if hop.kind == "conntrack" and hop.data["original"][3] == HBONE_PORT:
@@ -76,16 +90,31 @@ def _label(hop: Hop) -> str:
     if hop.kind == "proxy":
         listener = hop.data.get("listener")
         return f"{hop.data.get('proxy')} {hop.data.get('direction')}" + (
-            f" :{listener}" if listener else "")  # fmt: skip
+            f" :{listener}" if listener else ""
+        )
     return ""
 
 
 def dot_source(result: TraceResult) -> graphviz.Digraph:
-    graph = graphviz.Digraph("trace", graph_attr={
-        "rankdir": "LR", "fontname": "Helvetica", "label": _title(result), "labelloc": "t",
-        "compound": "true", "nodesep": "0.3"})  # fmt: skip
-    graph.attr("node", shape="box", style="rounded,filled", fillcolor="#eef3fb",
-               fontname="Helvetica", fontsize="11")  # fmt: skip
+    graph = graphviz.Digraph(
+        "trace",
+        graph_attr={
+            "rankdir": "LR",
+            "fontname": "Helvetica",
+            "label": _title(result),
+            "labelloc": "t",
+            "compound": "true",
+            "nodesep": "0.3",
+        },
+    )
+    graph.attr(
+        "node",
+        shape="box",
+        style="rounded,filled",
+        fillcolor="#eef3fb",
+        fontname="Helvetica",
+        fontsize="11",
+    )
     graph.attr("edge", fontname="Helvetica", fontsize="9")
     touched = {hop.netns for hop in result.hops}
     for node in dict.fromkeys(p.node for p in result.places if p.node):
@@ -104,12 +133,20 @@ def dot_source(result: TraceResult) -> graphviz.Digraph:
         failed = not result.outcome.ok and step == len(moves)
         color = FAILED if failed else (MTLS if secure else PLAINTEXT)
         text = f"{step}" + ("\n" + "\n".join(labels[:3]) if labels else "")
-        graph.edge(frm, to, label=text, color=color, fontcolor=color,
-                   style="dashed" if failed else "solid", penwidth="2")  # fmt: skip
+        graph.edge(
+            frm,
+            to,
+            label=text,
+            color=color,
+            fontcolor=color,
+            style="dashed" if failed else "solid",
+            penwidth="2",
+        )
     with graph.subgraph(name="cluster_legend") as legend:
         legend.attr(label="legend", style="dotted")
-        legend.node("l_plain", "plaintext", color=PLAINTEXT, fontcolor=PLAINTEXT,
-                    fillcolor="#ffffff")  # fmt: skip
+        legend.node(
+            "l_plain", "plaintext", color=PLAINTEXT, fontcolor=PLAINTEXT, fillcolor="#ffffff"
+        )
         legend.node("l_mtls", "mTLS (HBONE)", color=MTLS, fontcolor=MTLS, fillcolor="#ffffff")
     return graph
 

@@ -37,8 +37,10 @@ _INPOD_HEAD = [
 ]
 WALKS: dict[str, list[Step]] = {
     "none": [Step("client-node", "link", "veth"), APP],
-    "inpod/redirect": [Step("client", "netfilter", "nat ISTIO_OUTPUT REDIRECT -> 15001"),
-                       *_INPOD_HEAD],
+    "inpod/redirect": [
+        Step("client", "netfilter", "nat ISTIO_OUTPUT REDIRECT -> 15001"),
+        *_INPOD_HEAD,
+    ],
     "inpod/tproxy": [
         Step("client", "netfilter", "nat ISTIO_OUTPUT REDIRECT -> 15001"),
         Step("client-ztunnel", "proxy", "outbound"),
@@ -46,8 +48,10 @@ WALKS: dict[str, list[Step]] = {
         Step("server-ztunnel", "proxy", "inbound"),
         APP,
     ],
-    "inpod/nftables": [Step("client", "netfilter", "istio-output redirect to :15001"),
-                       *_INPOD_HEAD],
+    "inpod/nftables": [
+        Step("client", "netfilter", "istio-output redirect to :15001"),
+        *_INPOD_HEAD,
+    ],
     "legacy": [
         Step("client-node", "netfilter", r"ztunnel-PREROUTING MARK --set-xmark 0x100/0x100"),
         Step("client-node", "route", r"lookup 101 -> via \S+ dev istioout"),
@@ -109,15 +113,22 @@ def _matches(step: Step, hop: Hop, roles: dict[str, str], values: dict[str, str]
 def differences(result: TraceResult) -> list[str]:
     """What differs from the mode's usual walk: missing steps, forbidden ones present,
     and a failed connection."""
-    steps = [s for s in WALKS.get(walk_name(result), [])
-             if s.placement in ("any", result.placement)]  # fmt: skip
+    steps = [
+        s for s in WALKS.get(walk_name(result), []) if s.placement in ("any", result.placement)
+    ]
     roles = _roles(result)
     values = {"client_ip": result.outcome.source[0], "server_ip": result.server_ip}
     found: list[str] = []
     position = 0
     for step in steps:
-        index = next((i for i in range(position, len(result.hops))
-                      if _matches(step, result.hops[i], roles, values)), None)  # fmt: skip
+        index = next(
+            (
+                i
+                for i in range(position, len(result.hops))
+                if _matches(step, result.hops[i], roles, values)
+            ),
+            None,
+        )
         if index is None:
             found.append(f"missing: {step.describe()}")
         else:

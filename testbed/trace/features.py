@@ -34,9 +34,12 @@ def detect_tracing() -> list[TracingFeature]:
     xtables = TracingFeature(
         "xtables-monitor --trace",
         bool(xt) and nft.ok,
-        (f"{xt} (needs nftrace, {'ok' if nft.ok else 'missing'})" if xt
-         else "xtables-monitor not installed (package iptables)"),
-    )  # fmt: skip
+        (
+            f"{xt} (needs nftrace, {'ok' if nft.ok else 'missing'})"
+            if xt
+            else "xtables-monitor not installed (package iptables)"
+        ),
+    )
     return [nft, xtables]
 
 
@@ -47,8 +50,12 @@ def _probe_nftrace() -> TracingFeature:
     try:
         done = subprocess.run(
             ["unshare", "--net", "nft", "-f", "-"],
-            input=_PROBE_RULES, capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
+            input=_PROBE_RULES,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return TracingFeature(name, False, f"probe failed: {exc}")
     if done.returncode != 0:

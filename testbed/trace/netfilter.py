@@ -66,8 +66,20 @@ class RuleHit:
 
 
 def _nft_action(spec: str) -> str:
-    for word in ("redirect", "dnat", "snat", "masquerade", "tproxy", "meta mark set", "ct mark set",
-                 "accept", "drop", "return", "jump", "goto"):  # fmt: skip
+    for word in (
+        "redirect",
+        "dnat",
+        "snat",
+        "masquerade",
+        "tproxy",
+        "meta mark set",
+        "ct mark set",
+        "accept",
+        "drop",
+        "return",
+        "jump",
+        "goto",
+    ):
         index = spec.find(word)
         if index >= 0:
             return spec[index:]

@@ -100,7 +100,9 @@ def http_get(netns: Netns, port: int, path: str, host: str = "127.0.0.1") -> tup
     with netns.entered():
         sock = socket.create_connection((host, port), timeout=HTTP_TIMEOUT)
     with sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -179,9 +181,13 @@ def new_records(before: Iterable[ProxyRecord], after: Iterable[ProxyRecord]) -> 
 
 
 def belongs_to(
-    record: ProxyRecord, *, client: str, destinations: set[str], window: tuple[float, float],
+    record: ProxyRecord,
+    *,
+    client: str,
+    destinations: set[str],
+    window: tuple[float, float],
     request_bytes: int,
-) -> bool:  # fmt: skip
+) -> bool:
     """Whether a record is this trace's: its TCP peer is the client socket (first proxy),
     or it was opened while the trace ran, towards one of its destinations, and carried the
     trace's own request size (the size differs per trace, which keeps simultaneous traces

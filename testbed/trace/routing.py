@@ -51,8 +51,11 @@ def rule_for(rules: list[dict[str, Any]], mark: int, table: str) -> str:
                 continue
         lookup = str(rule.get("table", ""))
         if lookup in (table, "local") and (lookup == table or table == "local"):
-            text = f"{rule.get('priority')}: fwmark {fwmark}/{rule.get('fwmask', '')}" if (
-                fwmark is not None) else f"{rule.get('priority')}: from all"
+            text = (
+                f"{rule.get('priority')}: fwmark {fwmark}/{rule.get('fwmask', '')}"
+                if (fwmark is not None)
+                else f"{rule.get('priority')}: from all"
+            )
             return f"{text} lookup {lookup}"
     return f"table {table}"
 
@@ -69,8 +72,11 @@ def add_routes(netns: Netns, place: Place, diff: Diff) -> None:
     rules = json.loads(netns.run(["ip", "-j", "rule", "show"], check=False).stdout or "[]")
     shown = set()
     for mark in [0, *marks_set(diff)]:
-        argv = [dst, "from", src] + (["iif", iif] if iif else []) + (
-            ["mark", hex(mark)] if mark else [])  # fmt: skip
+        argv = (
+            [dst, "from", src]
+            + (["iif", iif] if iif else [])
+            + (["mark", hex(mark)] if mark else [])
+        )
         route = _route_get(netns, argv)
         if route is None:
             continue
@@ -83,7 +89,9 @@ def add_routes(netns: Netns, place: Place, diff: Diff) -> None:
         why = rule_for(rules, mark, table) if table != "main" else "main table"
         kind = f"{route.get('type')} " if route.get("type") not in (None, "unicast") else ""
         mark_text = f" mark {hex(mark)}" if mark else ""
-        diff.routes.append((
-            f"{src} -> {dst}{mark_text}: {why} -> {kind}{via}dev {route.get('dev')}",
-            "ip route get (current routing state, asked with the marks the rules set)",
-        ))
+        diff.routes.append(
+            (
+                f"{src} -> {dst}{mark_text}: {why} -> {kind}{via}dev {route.get('dev')}",
+                "ip route get (current routing state, asked with the marks the rules set)",
+            )
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from dataclasses import dataclass, field
@@ -144,21 +143,30 @@ def path_places(inv: dict[str, Any], src: dict[str, Any], target: Target) -> lis
 
     def node_places(node: str) -> list[Place]:
         found = [Place(node, nodes[node]["netns"], "node", node, nodes[node]["underlay_ip"])]
-        found += [Place(p["name"], p["netns"], "proxy", node, p["ip"])
-                  for p in system if p["node"] == node and p["name"].startswith("ztunnel")]  # fmt: skip
+        found += [
+            Place(p["name"], p["netns"], "proxy", node, p["ip"])
+            for p in system
+            if p["node"] == node and p["name"].startswith("ztunnel")
+        ]
         return found
 
     places = [Place(src["name"], src["netns"], "pod", src["node"], src["ip"])]
     places += node_places(src["node"])
     if inv.get("fabric"):
         places.append(Place("fabric", inv["fabric"], "fabric"))
-    places += [Place(p["name"], p["netns"], "proxy", p["node"], p["ip"])
-               for p in system if not p["name"].startswith("ztunnel")]  # fmt: skip
+    places += [
+        Place(p["name"], p["netns"], "proxy", p["node"], p["ip"])
+        for p in system
+        if not p["name"].startswith("ztunnel")
+    ]
     for node in dict.fromkeys(e["node"] for e in target.endpoints):
         if node != src["node"]:
             places += node_places(node)
-    places += [Place(e["name"], e["netns"], "pod", e["node"], e["ip"])
-               for e in target.endpoints if e["name"] != src["name"]]  # fmt: skip
+    places += [
+        Place(e["name"], e["netns"], "pod", e["node"], e["ip"])
+        for e in target.endpoints
+        if e["name"] != src["name"]
+    ]
     return places
 
 
@@ -186,12 +194,20 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
     after = take_all(namespaces)
     answered = _answering_pod(goal, outcome, listener)
     result = TraceResult(
-        inv["run"], inv["facts"].get("mode", "?"), src, dst,
-        _placement(source, goal, answered), outcome, [], places, 0.0,
-    )  # fmt: skip
+        inv["run"],
+        inv["facts"].get("mode", "?"),
+        src,
+        dst,
+        _placement(source, goal, answered),
+        outcome,
+        [],
+        places,
+        0.0,
+    )
     result.variant = str(inv["facts"].get("inpod_variant", ""))
-    result.server_ip = next((str(e["ip"]) for e in goal.endpoints if e["name"] == answered),
-                            goal.ip)  # fmt: skip
+    result.server_ip = next(
+        (str(e["ip"]) for e in goal.endpoints if e["name"] == answered), goal.ip
+    )
     result.hops = _walk(places, namespaces, before, after, outcome, answered, result.notes)
     result.differences = expected.differences(result)
     result.seconds = time.monotonic() - started
@@ -224,8 +240,10 @@ def _walk(
     records = _trace_records(places, before, after, outcome)
     separable = bool(records)  # some proxy on the path served GET /connections
     keys = _flow_keys(outcome, records)
-    diffs = {p.name: _diff(p, before[p.name], after[p.name], keys, separable, places, answered)
-             for p in places}  # fmt: skip
+    diffs = {
+        p.name: _diff(p, before[p.name], after[p.name], keys, separable, places, answered)
+        for p in places
+    }
     for place in places:
         routing.add_routes(namespaces[place.name], place, diffs[place.name])
     proxy_hops = _proxy_hops(places, before, after, records, diffs, outcome, answered)
@@ -233,15 +251,32 @@ def _walk(
     for place in places:
         if place.role == "pod" and place.name != places[0].name and place.name != answered:
             continue  # a service endpoint that did not get the connection
-        hops += place_hops(place, diffs[place.name], proxy_hops.get(place.name, []),
-                           inbound=place.name == answered and place.name != places[0].name)
+        hops += place_hops(
+            place,
+            diffs[place.name],
+            proxy_hops.get(place.name, []),
+            inbound=place.name == answered and place.name != places[0].name,
+        )
     if outcome.seen_by_app:
-        hops.append(Hop("app", answered or "?", f"the server saw the connection from"
-                        f" {outcome.seen_by_app}", "the throwaway listener's accepted peer",
-                        {"peer": outcome.seen_by_app}))  # fmt: skip
+        hops.append(
+            Hop(
+                "app",
+                answered or "?",
+                f"the server saw the connection from {outcome.seen_by_app}",
+                "the throwaway listener's accepted peer",
+                {"peer": outcome.seen_by_app},
+            )
+        )
     status = "closed normally" if outcome.ok else f"FAILED: {outcome.error}"
-    hops.append(Hop("result", places[0].name, f"connection {status}", "the client socket",
-                    {"ok": outcome.ok, "error": outcome.error}))  # fmt: skip
+    hops.append(
+        Hop(
+            "result",
+            places[0].name,
+            f"connection {status}",
+            "the client socket",
+            {"ok": outcome.ok, "error": outcome.error},
+        )
+    )
     if not separable and any(after[p.name].proxy.found for p in places):
         notes.append(
             "no proxy served GET /connections: proxy hops come from /metrics deltas and"
@@ -254,9 +289,11 @@ def _walk(
 
 
 def _trace_records(
-    places: list[Place], before: dict[str, Snapshot], after: dict[str, Snapshot],
+    places: list[Place],
+    before: dict[str, Snapshot],
+    after: dict[str, Snapshot],
     outcome: probe.Outcome,
-) -> dict[str, list[proxies.ProxyRecord]]:  # fmt: skip
+) -> dict[str, list[proxies.ProxyRecord]]:
     client = f"{outcome.source[0]}:{outcome.source[1]}"
     destinations = {f"{outcome.destination[0]}:{outcome.destination[1]}"}
     found: dict[str, list[proxies.ProxyRecord]] = {}
@@ -267,10 +304,16 @@ def _trace_records(
         fresh = proxies.new_records(before[place.name].proxy.records or [], now)
         window = (outcome.started, outcome.ended)
         found[place.name] = [
-            r for r in fresh
-            if proxies.belongs_to(r, client=client, destinations=destinations, window=window,
-                                  request_bytes=outcome.request_bytes)
-        ]  # fmt: skip
+            r
+            for r in fresh
+            if proxies.belongs_to(
+                r,
+                client=client,
+                destinations=destinations,
+                window=window,
+                request_bytes=outcome.request_bytes,
+            )
+        ]
     return found
 
 
@@ -293,9 +336,14 @@ def _flow_keys(
 
 
 def _diff(
-    place: Place, before: Snapshot, after: Snapshot, keys: set[tuple[str, int]],
-    separable: bool, places: list[Place], answered: str | None,
-) -> Diff:  # fmt: skip
+    place: Place,
+    before: Snapshot,
+    after: Snapshot,
+    keys: set[tuple[str, int]],
+    separable: bool,
+    places: list[Place],
+    answered: str | None,
+) -> Diff:
     diff = Diff(conntrack_source=after.conntrack_source)
     diff.hits = netfilter.rule_hits(before.rules, after.rules)
     diff.missing = netfilter.missing_rules(before.rules, after.rules)
@@ -309,8 +357,11 @@ def _diff(
     mine = [e for e in after.entries if conntrack.involves(e, keys)]
     if not separable:
         hbone_ends = {p.ip for p in places if p.role == "proxy" or p.name == answered}
-        diff.unkeyed = [e for e in after.entries if e not in mine and e.original[3] == 15008
-                        and e.original[2] in hbone_ends]  # fmt: skip
+        diff.unkeyed = [
+            e
+            for e in after.entries
+            if e not in mine and e.original[3] == 15008 and e.original[2] in hbone_ends
+        ]
         mine += diff.unkeyed
     hbone = [e for e in mine if e.original[3] == 15008]
     diff.entries = [e for e in mine if e in fresh or e in hbone]
@@ -319,10 +370,14 @@ def _diff(
 
 
 def _proxy_hops(
-    places: list[Place], before: dict[str, Snapshot], after: dict[str, Snapshot],
-    records: dict[str, list[proxies.ProxyRecord]], diffs: dict[str, Diff],
-    outcome: probe.Outcome, answered: str | None,
-) -> dict[str, list[Hop]]:  # fmt: skip
+    places: list[Place],
+    before: dict[str, Snapshot],
+    after: dict[str, Snapshot],
+    records: dict[str, list[proxies.ProxyRecord]],
+    diffs: dict[str, Diff],
+    outcome: probe.Outcome,
+    answered: str | None,
+) -> dict[str, list[Hop]]:
     """Proxy hops by the place they belong to: the proxy's own namespace when the traffic
     crossed it (legacy, ebpf, waypoints), else the pod whose namespace it listened in."""
     hops: dict[str, list[Hop]] = {}
@@ -337,23 +392,26 @@ def _proxy_hops(
 
     for place in places:
         name = place.name if place.role == "proxy" else f"sidecar of {place.name}"
-        ordered = sorted(records.get(place.name, []),
-                         key=lambda r: (r.direction != "outbound", r.opened))  # fmt: skip
+        ordered = sorted(
+            records.get(place.name, []), key=lambda r: (r.direction != "outbound", r.opened)
+        )
         for record in ordered:
             name = place.name if place.role == "proxy" else f"{record.proxy} of {place.name}"
             hops.setdefault(home(place, record.direction), []).append(
                 record_hop(place, name, record)
             )
         if after[place.name].proxy.records is None:
-            deltas = proxies.metric_deltas(before[place.name].proxy.metrics,
-                                           after[place.name].proxy.metrics)  # fmt: skip
+            deltas = proxies.metric_deltas(
+                before[place.name].proxy.metrics, after[place.name].proxy.metrics
+            )
             by_reporter: dict[str, list[proxies.MetricDelta]] = {}
             for delta in deltas:
                 by_reporter.setdefault(delta.labels.get("reporter", "?"), []).append(delta)
             for reporter in sorted(by_reporter, key=lambda r: r != "source"):
                 group = by_reporter[reporter]
-                hop = metric_hop(place, name if place.role == "proxy" else f"proxy of"
-                                 f" {place.name}", group)  # fmt: skip
+                hop = metric_hop(
+                    place, name if place.role == "proxy" else f"proxy of {place.name}", group
+                )
                 hops.setdefault(home(place, hop.data["direction"]), []).append(hop)
     del outcome
     return hops

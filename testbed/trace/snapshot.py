@@ -67,7 +67,9 @@ def tc_programs(netns: Netns) -> dict[tuple[str, str], str]:
         for item in section.get("tc", []) if isinstance(section, dict) else []:
             direction = str(item.get("kind", "")).rpartition("/")[2]
             key = (str(item.get("devname")), direction)
-            found[key] = ", ".join(filter(None, [found.get(key), str(item.get("name")).split(":")[0]]))
+            found[key] = ", ".join(
+                filter(None, [found.get(key), str(item.get("name")).split(":")[0]])
+            )
     return found
 
 

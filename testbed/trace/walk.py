@@ -89,9 +89,16 @@ def _rule_hop(place: Place, hit: netfilter.RuleHit) -> Hop:
         place.name,
         detail,
         COUNTER_NOTE,
-        {"backend": rule.backend, "table": rule.table, "chain": rule.chain, "rule": rule.spec,
-         "hook": rule.hook, "packets": hit.packets, "bytes": hit.bytes},
-    )  # fmt: skip
+        {
+            "backend": rule.backend,
+            "table": rule.table,
+            "chain": rule.chain,
+            "rule": rule.spec,
+            "hook": rule.hook,
+            "packets": hit.packets,
+            "bytes": hit.bytes,
+        },
+    )
 
 
 def _entry_hop(place: Place, entry: conntrack.Entry, source: str, diff: Diff) -> Hop:
@@ -106,9 +113,15 @@ def _entry_hop(place: Place, entry: conntrack.Entry, source: str, diff: Diff) ->
         place.name,
         entry.text() + nat,
         note,
-        {"original": list(entry.original), "reply": list(entry.reply), "mark": entry.mark,
-         "zone": entry.zone, "state": entry.state, "nat": entry.nat},
-    )  # fmt: skip
+        {
+            "original": list(entry.original),
+            "reply": list(entry.reply),
+            "mark": entry.mark,
+            "zone": entry.zone,
+            "state": entry.state,
+            "nat": entry.nat,
+        },
+    )
 
 
 def _link_hop(place: Place, delta: links.LinkDelta) -> Hop:
@@ -118,10 +131,16 @@ def _link_hop(place: Place, delta: links.LinkDelta) -> Hop:
         place.name,
         detail,
         LINK_NOTE,
-        {"device": delta.link.name, "kind": delta.link.kind, "vni": delta.link.vni,
-         "rx_packets": delta.rx_packets, "tx_packets": delta.tx_packets,
-         "rx_bytes": delta.rx_bytes, "tx_bytes": delta.tx_bytes},
-    )  # fmt: skip
+        {
+            "device": delta.link.name,
+            "kind": delta.link.kind,
+            "vni": delta.link.vni,
+            "rx_packets": delta.rx_packets,
+            "tx_packets": delta.tx_packets,
+            "rx_bytes": delta.rx_bytes,
+            "tx_bytes": delta.tx_bytes,
+        },
+    )
 
 
 def record_hop(place: Place, proxy_name: str, record: proxies.ProxyRecord) -> Hop:
@@ -137,8 +156,13 @@ def record_hop(place: Place, proxy_name: str, record: proxies.ProxyRecord) -> Ho
         f" {record.verdict}{reason}, {record.bytes_received} B in / {record.bytes_sent} B out"
     )
     evidence = f"{proxy_name} GET /connections id {record.id}"
-    return Hop("proxy", place.name, detail, evidence,
-               {"proxy": proxy_name, **proxies.record_summary(record)})  # fmt: skip
+    return Hop(
+        "proxy",
+        place.name,
+        detail,
+        evidence,
+        {"proxy": proxy_name, **proxies.record_summary(record)},
+    )
 
 
 def metric_hop(place: Place, proxy_name: str, deltas: Sequence[proxies.MetricDelta]) -> Hop:
@@ -159,9 +183,19 @@ def metric_hop(place: Place, proxy_name: str, deltas: Sequence[proxies.MetricDel
         f"{proxy_name} /metrics delta (no /connections endpoint: per label set, not per"
         " connection; simultaneous traces between the same workloads are not told apart)"
     )
-    return Hop("proxy", place.name, detail, evidence,
-               {"proxy": proxy_name, "direction": direction, "labels": labels,
-                "mtls": security == "mutual_tls", "fallback": "metrics"})  # fmt: skip
+    return Hop(
+        "proxy",
+        place.name,
+        detail,
+        evidence,
+        {
+            "proxy": proxy_name,
+            "direction": direction,
+            "labels": labels,
+            "mtls": security == "mutual_tls",
+            "fallback": "metrics",
+        },
+    )
 
 
 def place_hops(
@@ -184,8 +218,10 @@ def place_hops(
     other_entries = [e for e in diff.entries if e not in first_entries]
     hops += [_rule_hop(place, h) for h in early]
     hops += [Hop("route", place.name, d, e) for d, e in diff.routes]
-    hops += [Hop("ebpf", place.name, f"{where}: {prog}", _EBPF_NOTE, {"program": prog,
-             "attach": where}) for where, prog in diff.programs]  # fmt: skip
+    hops += [
+        Hop("ebpf", place.name, f"{where}: {prog}", _EBPF_NOTE, {"program": prog, "attach": where})
+        for where, prog in diff.programs
+    ]
     hops += [_entry_hop(place, e, diff.conntrack_source, diff) for e in first_entries]
     hops += list(proxy_hops)
     hops += [_rule_hop(place, h) for h in late]
@@ -193,10 +229,14 @@ def place_hops(
     hops += [_link_hop(place, d) for d in diff.links]
     for rule in diff.missing:
         hops.append(
-            Hop("netfilter", place.name, f"rule removed during the trace: {rule.table}"
-                f" {rule.chain} {rule.spec}", "rule present before, absent after",
-                {"removed": True, "rule": rule.spec, "table": rule.table, "chain": rule.chain})
-        )  # fmt: skip
+            Hop(
+                "netfilter",
+                place.name,
+                f"rule removed during the trace: {rule.table} {rule.chain} {rule.spec}",
+                "rule present before, absent after",
+                {"removed": True, "rule": rule.spec, "table": rule.table, "chain": rule.chain},
+            )
+        )
     return hops
 
 

@@ -114,10 +114,11 @@ def test_two_traces_at_once_keep_their_evidence(traced: tuple[Cluster, dict[str,
     client, server = cluster.pair("cross-node")
     results: list[TraceResult] = []
     threads = [
-        threading.Thread(target=lambda: results.append(trace(cluster, client.name,
-                                                             f"{server.name}:8080")))
+        threading.Thread(
+            target=lambda: results.append(trace(cluster, client.name, f"{server.name}:8080"))
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
