@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ def detect_tracing() -> list[TracingFeature]:
         ),
     )
     return [nft, xtables]
+
+
+@functools.cache
+def tracing_usable() -> bool:
+    """Whether a trace can use nftrace with xtables-monitor (probed once per process)."""
+    return bool(shutil.which("xtables-monitor")) and _probe_nftrace().ok
 
 
 def _probe_nftrace() -> TracingFeature:

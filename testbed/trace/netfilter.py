@@ -43,6 +43,7 @@ class RuleCount:
     packets: int
     bytes: int
     hook: str  # the netfilter hook the chain is reached from (best effort), "" unknown
+    handle: int | None = None  # nft rule handle (nft-native rules)
 
     @property
     def key(self) -> tuple[str, str, str, int, str]:
@@ -159,7 +160,19 @@ def parse_nft_json(text: str) -> list[RuleCount]:
             continue
         hook = hooks.get((family, table, chain)) or _nft_hook_via(name, chain, jumps, hooks)
         spec = nft_rule_text(rule)
-        found.append(RuleCount("nft", name, chain, position, spec, *counter, hook))
+        handle = rule.get("handle")
+        found.append(
+            RuleCount(
+                "nft",
+                name,
+                chain,
+                position,
+                spec,
+                *counter,
+                hook,
+                handle if isinstance(handle, int) else None,
+            )
+        )
     return found
 
 

@@ -9,7 +9,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from testbed.netlab import Netns
-from testbed.trace import conntrack, expected, links, netfilter, probe, proxies, routing
+from testbed.trace import (
+    conntrack,
+    expected,
+    links,
+    netfilter,
+    nftrace,
+    probe,
+    proxies,
+    routing,
+)
+from testbed.trace.features import tracing_usable
 from testbed.trace.snapshot import Snapshot, take_all
 from testbed.trace.walk import Diff, Hop, Place, metric_hop, number, place_hops, record_hop
 
@@ -186,12 +196,25 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
     places = path_places(inv, source, goal)
     namespaces = {place.name: Netns(place.netns) for place in places}
     endpoints = [(Netns(e["netns"]), goal.target_port) for e in goal.endpoints]
-    before = take_all(namespaces)
-    with probe.listening(endpoints) as listener:
-        sock = probe.client_socket(namespaces[src], source["ip"])
-        outcome = probe.connect_once(sock, (goal.ip, goal.port))
-        time.sleep(SETTLE)
-    after = take_all(namespaces)
+    notes: list[str] = []
+    sock = probe.client_socket(namespaces[src], source["ip"])
+    tracing = None
+    if tracing_usable():
+        tracing = nftrace.Tracing(namespaces.values(), sock.getsockname()[1])
+        tracing.start()
+    else:
+        notes.append("nftables tracing unavailable here: netfilter hops are counter deltas only")
+    try:
+        before = take_all(namespaces)
+        with probe.listening(endpoints) as listener:
+            outcome = probe.connect_once(sock, (goal.ip, goal.port))
+            time.sleep(SETTLE)
+        after = take_all(namespaces)
+    finally:
+        sock.close()
+        if tracing is not None:
+            tracing.stop()
+    events = tracing.events if tracing is not None else {}
     answered = _answering_pod(goal, outcome, listener)
     result = TraceResult(
         inv["run"],
@@ -208,7 +231,8 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
     result.server_ip = next(
         (str(e["ip"]) for e in goal.endpoints if e["name"] == answered), goal.ip
     )
-    result.hops = _walk(places, namespaces, before, after, outcome, answered, result.notes)
+    result.notes = notes
+    result.hops = _walk(places, namespaces, before, after, outcome, answered, result.notes, events)
     result.differences = expected.differences(result)
     result.seconds = time.monotonic() - started
     return result
@@ -235,6 +259,7 @@ def _walk(
     outcome: probe.Outcome,
     answered: str | None,
     notes: list[str],
+    events: dict[str, list[nftrace.TraceEvent]],
 ) -> list[Hop]:
     by_name = {place.name: place for place in places}
     records = _trace_records(places, before, after, outcome)
@@ -245,7 +270,10 @@ def _walk(
         for p in places
     }
     for place in places:
-        routing.add_routes(namespaces[place.name], place, diffs[place.name])
+        diff = diffs[place.name]
+        routing.add_routes(namespaces[place.name], place, diff)
+        mine = events.get(namespaces[place.name].name, [])
+        diff.traced = {h.rule.key: nftrace.packets_meeting(h.rule, mine) for h in diff.hits}
     proxy_hops = _proxy_hops(places, before, after, records, diffs, outcome, answered)
     hops: list[Hop] = []
     for place in places:

@@ -64,6 +64,7 @@ class Diff:
     conntrack_source: str = ""
     reused: list[conntrack.Entry] = field(default_factory=list)  # existed before the trace
     unkeyed: list[conntrack.Entry] = field(default_factory=list)  # not tied by 5-tuple
+    traced: dict[tuple[str, str, str, int, str], int] = field(default_factory=dict)
 
 
 def _entry_ends_at_proxy(entry: conntrack.Entry, local_ips: set[str]) -> bool:
@@ -78,17 +79,24 @@ def _rule_after_proxy(hit: netfilter.RuleHit) -> bool:
     return bool(_PROXY_MARK.search(hit.rule.spec))
 
 
-def _rule_hop(place: Place, hit: netfilter.RuleHit) -> Hop:
+def _rule_hop(place: Place, hit: netfilter.RuleHit, traced: int = 0) -> Hop:
     rule = hit.rule
     table = rule.table if rule.backend == "iptables" else f"nft {rule.table}"
     hook = f"{rule.hook} " if rule.hook and rule.hook != rule.chain else ""
     plural = "s" if hit.packets != 1 else ""
     detail = f"{hook}{table} {rule.chain} {hit.target} ({hit.packets} packet{plural})"
+    note = COUNTER_NOTE
+    if traced:
+        plural = "s" if traced != 1 else ""
+        note = (
+            f"nftrace: {traced} packet{plural} of this connection met the rule"
+            f" (xtables-monitor --trace, per flow); {COUNTER_NOTE}"
+        )
     return Hop(
         "netfilter",
         place.name,
         detail,
-        COUNTER_NOTE,
+        note,
         {
             "backend": rule.backend,
             "table": rule.table,
@@ -97,6 +105,7 @@ def _rule_hop(place: Place, hit: netfilter.RuleHit) -> Hop:
             "hook": rule.hook,
             "packets": hit.packets,
             "bytes": hit.bytes,
+            "traced_packets": traced,
         },
     )
 
@@ -216,7 +225,7 @@ def place_hops(
     late = [h for h in hits if late_rule(h)]
     first_entries = [e for e in diff.entries if not before_proxy or _entry_ends_at_proxy(e, local)]
     other_entries = [e for e in diff.entries if e not in first_entries]
-    hops += [_rule_hop(place, h) for h in early]
+    hops += [_rule_hop(place, h, diff.traced.get(h.rule.key, 0)) for h in early]
     hops += [Hop("route", place.name, d, e) for d, e in diff.routes]
     hops += [
         Hop("ebpf", place.name, f"{where}: {prog}", _EBPF_NOTE, {"program": prog, "attach": where})
@@ -224,7 +233,7 @@ def place_hops(
     ]
     hops += [_entry_hop(place, e, diff.conntrack_source, diff) for e in first_entries]
     hops += list(proxy_hops)
-    hops += [_rule_hop(place, h) for h in late]
+    hops += [_rule_hop(place, h, diff.traced.get(h.rule.key, 0)) for h in late]
     hops += [_entry_hop(place, e, diff.conntrack_source, diff) for e in other_entries]
     hops += [_link_hop(place, d) for d in diff.links]
     for rule in diff.missing:

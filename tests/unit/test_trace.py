@@ -289,3 +289,27 @@ def test_diagram_arrows_follow_the_walk_and_colour_mtls():
 def test_diagram_refuses_other_formats(tmp_path: Path):
     with pytest.raises(DiagramError, match=r"\.svg or \.png"):
         render(_result(list(INPOD_WALK)), tmp_path / "walk.pdf")
+
+
+def test_nftrace_events_of_the_trace_port_only():
+    from testbed.trace import nftrace
+
+    text = (FIXTURES / "trace_xtables_monitor.txt").read_text()
+    events = nftrace.parse_events(text, 21111)
+    redirect = [e for e in events if e.chain == "ISTIO_OUTPUT" and e.table == "nat"]
+    assert [e.spec for e in redirect] == [
+        "! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001"
+    ]
+    assert not [e for e in events if e.table.startswith("testbed-trace")]
+    assert nftrace.parse_events(text, 21112) == []  # another trace's port sees nothing
+    rule = netfilter.parse_iptables_save(SAVE_AFTER)[-1]
+    assert nftrace.packets_meeting(rule, events) == 1
+
+
+def test_nftrace_table_marks_both_directions_of_the_port():
+    from testbed.trace import nftrace
+
+    script = nftrace.rules_script(21111)
+    assert "priority -350" in script
+    assert script.count("meta nftrace set 1") == 4
+    assert "tcp sport 21111" in script and "tcp dport 21111" in script
