@@ -116,7 +116,10 @@ def parse_iptables_save(text: str) -> list[RuleCount]:
 
 def _hooks_of(jumps: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
     """User chain -> the built-in chain (hook) it is first reached from."""
-    parents = {(t, to): frm for t, frm, to in jumps if to and to not in _BUILTIN}
+    parents: dict[tuple[str, str], str] = {}
+    for t, frm, to in jumps:  # the first jump in (PREROUTING before OUTPUT in saves)
+        if to and to not in _BUILTIN:
+            parents.setdefault((t, to), frm)
     hooks: dict[tuple[str, str], str] = {}
     for (table, chain), _ in parents.items():
         seen, current = set(), chain

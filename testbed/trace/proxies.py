@@ -22,15 +22,22 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "proxy": str,
     "listener": int,
     "direction": str,
-    "peer": str,
-    "original_dst": str,
     "path": str,
     "verdict": str,
     "bytes_sent": int,
     "bytes_received": int,
     "opened": (int, float),
 }
-_OPTIONAL = ("src_identity", "dst_identity", "connect_target", "upstream", "reason", "closed")
+_OPTIONAL = (
+    "peer",
+    "original_dst",
+    "src_identity",
+    "dst_identity",
+    "connect_target",
+    "upstream",
+    "reason",
+    "closed",
+)
 _TCP_METRICS = (
     "istio_tcp_connections_opened_total",
     "istio_tcp_connections_closed_total",
@@ -50,13 +57,13 @@ class ProxyRecord:
     proxy: str
     listener: int
     direction: str
-    peer: str
-    original_dst: str
     path: str
     verdict: str
     bytes_sent: int
     bytes_received: int
     opened: float
+    peer: str | None = None  # the proxy may not know them (a refused connection)
+    original_dst: str | None = None
     src_identity: str | None = None
     dst_identity: str | None = None
     connect_target: str | None = None
@@ -85,7 +92,11 @@ def parse_connections(body: str) -> list[ProxyRecord]:
                     f" got {item.get(name)!r}"
                 )
         values = {name: item[name] for name in _REQUIRED}
-        values.update({name: item.get(name) for name in _OPTIONAL})
+        for name in _OPTIONAL:
+            value = item.get(name)
+            if value is not None and not isinstance(value, str | int | float):
+                raise RecordError(f"/connections: connections[{index}].{name}: got {value!r}")
+            values[name] = value
         records.append(ProxyRecord(**values))
     return records
 
@@ -125,11 +136,11 @@ class ProxyView:
         return self.records is not None or bool(self.metrics)
 
 
-def read_proxy(netns: Netns) -> ProxyView:
-    """The proxy serving admin/metrics in `netns`, if any."""
+def read_proxy(netns: Netns, since: int = 0) -> ProxyView:
+    """The proxy serving admin/metrics in `netns`, if any; records after id `since`."""
     view = ProxyView()
     try:
-        status, body = http_get(netns, ADMIN_PORT, "/connections")
+        status, body = http_get(netns, ADMIN_PORT, f"/connections?since={since}")
         if status == 200:
             view.records = parse_connections(body)
     except (OSError, RecordError):
@@ -197,7 +208,7 @@ def belongs_to(
     started, ended = window
     if not started - 0.5 <= record.opened <= ended + 0.5:
         return False
-    targets = {record.original_dst, record.connect_target or "", record.upstream or ""}
+    targets = {record.original_dst or "", record.connect_target or "", record.upstream or ""}
     if not targets & destinations:
         return False
     return request_bytes in (record.bytes_received, record.bytes_sent) or not (

@@ -64,7 +64,10 @@ def add_routes(netns: Netns, place: Place, diff: Diff) -> None:
     """Fill diff.routes for the place's first flow (the one the trace created first)."""
     if not diff.entries or place.role == "fabric":
         return
-    src, _, dst, _ = diff.entries[0].original
+    first = diff.entries[0]
+    src, _, dst, _ = first.original
+    if first.nat.startswith("DNAT"):
+        dst = first.reply[0]  # forwarded packets are routed after PREROUTING's DNAT
     local = place.ip == src
     iif = None if local or place.role == "pod" else _input_device(netns, src)
     if not local and iif is None:

@@ -209,7 +209,7 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
         with probe.listening(endpoints) as listener:
             outcome = probe.connect_once(sock, (goal.ip, goal.port))
             time.sleep(SETTLE)
-        after = take_all(namespaces)
+        after = take_all(namespaces, before)
     finally:
         sock.close()
         if tracing is not None:
@@ -232,7 +232,11 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
         (str(e["ip"]) for e in goal.endpoints if e["name"] == answered), goal.ip
     )
     result.notes = notes
-    result.hops = _walk(places, namespaces, before, after, outcome, answered, result.notes, events)
+    destinations = {f"{goal.ip}:{goal.port}"}
+    destinations |= {f"{e['ip']}:{goal.target_port}" for e in goal.endpoints}
+    result.hops = _walk(
+        places, namespaces, before, after, outcome, answered, result.notes, events, destinations
+    )
     result.differences = expected.differences(result)
     result.seconds = time.monotonic() - started
     return result
@@ -260,9 +264,9 @@ def _walk(
     answered: str | None,
     notes: list[str],
     events: dict[str, list[nftrace.TraceEvent]],
+    destinations: set[str],
 ) -> list[Hop]:
-    by_name = {place.name: place for place in places}
-    records = _trace_records(places, before, after, outcome)
+    records = _trace_records(places, before, after, outcome, destinations)
     separable = bool(records)  # some proxy on the path served GET /connections
     keys = _flow_keys(outcome, records)
     diffs = {
@@ -312,7 +316,6 @@ def _walk(
         )
     if any(s.conntrack_source == "unavailable" for s in after.values()):
         notes.append("conntrack could not be read in some namespaces")
-    del by_name
     return number(hops)
 
 
@@ -321,9 +324,9 @@ def _trace_records(
     before: dict[str, Snapshot],
     after: dict[str, Snapshot],
     outcome: probe.Outcome,
+    destinations: set[str],
 ) -> dict[str, list[proxies.ProxyRecord]]:
     client = f"{outcome.source[0]}:{outcome.source[1]}"
-    destinations = {f"{outcome.destination[0]}:{outcome.destination[1]}"}
     found: dict[str, list[proxies.ProxyRecord]] = {}
     for place in places:
         now = after[place.name].proxy.records

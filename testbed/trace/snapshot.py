@@ -34,7 +34,7 @@ def conntrack_argv() -> tuple[list[str], str]:
     return ["cat", "/proc/net/nf_conntrack"], "/proc/net/nf_conntrack"
 
 
-def take(netns: Netns, *, with_proxy: bool = True) -> Snapshot:
+def take(netns: Netns, since: int = 0) -> Snapshot:
     snap = Snapshot()
     saved = netns.run(["iptables-save", "-c"], check=False)
     snap.rules = netfilter.parse_iptables_save(saved.stdout)
@@ -48,8 +48,7 @@ def take(netns: Netns, *, with_proxy: bool = True) -> Snapshot:
         snap.entries = conntrack.parse_entries(listed.stdout)
     else:
         snap.conntrack_source = "unavailable"
-    if with_proxy:
-        snap.proxy = proxies.read_proxy(netns)
+    snap.proxy = proxies.read_proxy(netns, since)
     snap.programs = tc_programs(netns)
     return snap
 
@@ -73,7 +72,18 @@ def tc_programs(netns: Netns) -> dict[tuple[str, str], str]:
     return found
 
 
-def take_all(namespaces: dict[str, Netns]) -> dict[str, Snapshot]:
+def take_all(
+    namespaces: dict[str, Netns], earlier: dict[str, Snapshot] | None = None
+) -> dict[str, Snapshot]:
+    """Snapshots of every namespace; after `earlier` ones, only newer proxy records."""
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {name: pool.submit(take, ns) for name, ns in namespaces.items()}
+        futures = {
+            name: pool.submit(take, ns, _last_id(earlier.get(name) if earlier else None))
+            for name, ns in namespaces.items()
+        }
         return {name: future.result() for name, future in futures.items()}
+
+
+def _last_id(snap: Snapshot | None) -> int:
+    records = snap.proxy.records if snap else None
+    return max((r.id for r in records), default=0) if records else 0

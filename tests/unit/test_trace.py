@@ -144,8 +144,9 @@ def test_link_deltas_carry_tunnel_vni():
 
 def test_connection_records_from_a_recorded_sample():
     records = proxies.parse_connections((FIXTURES / "trace_connections.json").read_text())
-    assert [r.id for r in records] == [41, 42]
+    assert [r.id for r in records] == [41, 42, 43]
     assert records[0].upstream == "10.244.2.2:15008" and records[1].closed is None
+    assert records[2].peer is None and records[2].reason == "RBAC: access denied"
     window = (1796150000.0, 1796150000.2)
     mine = [
         r
