@@ -66,11 +66,14 @@ def segments(result: TraceResult) -> list[tuple[str, str, list[str], bool]]:
 
 def _secure_after(hop: Hop, secure: bool) -> bool:
     """Whether what leaves this hop is inside HBONE (mTLS)."""
+    if hop.kind == "conntrack" and hop.data["original"][3] == HBONE_PORT:
+        return True  # an HBONE connection crossed this place
     if hop.kind != "proxy":
         return secure
     path = str(hop.data.get("path", ""))
     if hop.data.get("fallback") == "metrics":
-        return bool(hop.data.get("mtls")) and hop.data.get("direction") == "outbound"
+        onward = hop.data.get("direction") == "outbound" or bool(hop.data.get("waypoint"))
+        return bool(hop.data.get("mtls")) and onward
     if hop.data.get("direction") == "inbound":
         return False
     return path in ("hbone", "waypoint")

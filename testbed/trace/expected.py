@@ -110,12 +110,26 @@ def _matches(step: Step, hop: Hop, roles: dict[str, str], values: dict[str, str]
     return re.search(pattern, hop.detail) is not None
 
 
-def differences(result: TraceResult) -> list[str]:
-    """What differs from the mode's usual walk: missing steps, forbidden ones present,
-    and a failed connection."""
+WAYPOINT = Step("any", "proxy", r"^waypoint ")
+# with a waypoint, the client's ztunnel sends HBONE to the waypoint, not to the server
+_REPLACED_BY_WAYPOINT = ("outbound", r"-> {server_ip}:15008 ")
+
+
+def _steps(result: TraceResult) -> list[Step]:
     steps = [
         s for s in WALKS.get(walk_name(result), []) if s.placement in ("any", result.placement)
     ]
+    if not any(h.kind == "proxy" and h.netns.startswith("waypoint") for h in result.hops):
+        return steps
+    kept = [s for s in steps if s.pattern not in _REPLACED_BY_WAYPOINT]
+    at = next((i for i, s in enumerate(kept) if s.where == "server-ztunnel"), len(kept) - 1)
+    return [*kept[:at], WAYPOINT, *kept[at:]]
+
+
+def differences(result: TraceResult) -> list[str]:
+    """What differs from the mode's usual walk: missing steps, forbidden ones present,
+    and a failed connection."""
+    steps = _steps(result)
     roles = _roles(result)
     values = {"client_ip": result.outcome.source[0], "server_ip": result.server_ip}
     found: list[str] = []

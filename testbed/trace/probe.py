@@ -5,10 +5,11 @@ connection of the testbed uses it), which makes its 5-tuple the trace's key. Eac
 also sends a request of its own length, so proxies' records of two simultaneous traces
 to one destination are told apart by their byte counts.
 
-Where nothing listens on the destination, a throwaway listener answers in the endpoint
-pods' namespaces: it reads the request line and replies with the peer address it saw (the
-app's view of the connection). An existing listener gets the same bytes; its answer is
-kept as it is.
+The request is a small HTTP/1.1 GET (so that a waypoint's L7 proxy forwards it like any
+request) whose path carries the trace's token. Where nothing listens on the destination, a
+throwaway listener answers in the endpoint pods' namespaces with the peer address it saw
+(the app's view of the connection) in the body. An existing listener gets the same
+request; any answer from it counts as a connection that worked.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from testbed.netlab import Netns
 
 PORT_RANGE = (20000, 29999)  # below net.ipv4.ip_local_port_range's default 32768-60999
 CONNECT_TIMEOUT = 3.0
-REQUEST_MIN = 48
+REQUEST_MIN = 120
+TRACE_PATH = "/testbed-trace/"
 
 
 @dataclass
@@ -69,25 +71,45 @@ class Listener:
         with conn:
             conn.settimeout(CONNECT_TIMEOUT)
             try:
-                line = _read_line(conn)
-                words = line.split()
-                token = words[1] if len(words) > 1 and words[0] == "TRACE" else ""
+                head = _read_until(conn, b"\r\n\r\n")
+                token = token_of(head)
                 seen = f"{peer[0]}:{peer[1]}"
                 self.peers[token] = seen
                 self.answered_by[token] = netns
-                conn.sendall(f"SEEN {seen} {token}\n".encode())
+                body = f"SEEN {seen} {token}\n".encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body
+                )
             except OSError:
                 pass
 
 
-def _read_line(conn: socket.socket, limit: int = 4096) -> str:
+def token_of(head: str) -> str:
+    """The token in a trace request's path (GET /testbed-trace/<token> HTTP/1.1)."""
+    words = head.split(" ", 2)
+    if len(words) >= 2 and words[1].startswith(TRACE_PATH):
+        return words[1][len(TRACE_PATH) :]
+    return ""
+
+
+def request_bytes(host: str, token: str, size: int) -> bytes:
+    """A GET of exactly `size` bytes (padded in a header), carrying `token` in its path."""
+    head = f"GET {TRACE_PATH}{token} HTTP/1.1\r\nHost: {host}\r\nX-Testbed-Trace: "
+    tail = "\r\nConnection: close\r\n\r\n"
+    return (head + "x" * max(1, size - len(head) - len(tail)) + tail).encode()
+
+
+def _read_until(conn: socket.socket, end: bytes | None, limit: int = 65536) -> str:
+    """Bytes until `end` (None: until the peer closes), at most `limit`."""
     data = b""
-    while b"\n" not in data and len(data) < limit:
-        chunk = conn.recv(1024)
+    while (end is None or end not in data) and len(data) < limit:
+        chunk = conn.recv(4096)
         if not chunk:
             break
         data += chunk
-    return data.decode("ascii", errors="replace")
+    return data.decode("latin-1")
 
 
 @contextlib.contextmanager
@@ -142,18 +164,17 @@ def connect_once(sock: socket.socket, destination: tuple[str, int]) -> Outcome:
     source = sock.getsockname()
     token = secrets.token_hex(6)
     size = request_size(source[1])
-    head = f"TRACE {token} "
-    request = (head + "x" * (size - len(head) - 1) + "\n").encode()
-    outcome = Outcome(False, None, (source[0], source[1]), destination, token, size)
+    request = request_bytes(destination[0], token, size)
+    outcome = Outcome(False, None, (source[0], source[1]), destination, token, len(request))
     outcome.started = time.time()
     with sock:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
             sock.connect(destination)
             sock.sendall(request)
-            answer = _read_line(sock)
+            answer = _read_until(sock, None)
             outcome.bytes_received = len(answer)
-            words = answer.split()
+            words = answer.partition("\r\n\r\n")[2].split()
             if len(words) >= 2 and words[0] == "SEEN":
                 outcome.seen_by_app = words[1]
             outcome.ok = bool(answer)

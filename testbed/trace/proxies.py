@@ -39,6 +39,7 @@ _OPTIONAL = (
     "closed",
 )
 _TCP_METRICS = (
+    "istio_requests_total",  # a waypoint's (L7) count
     "istio_tcp_connections_opened_total",
     "istio_tcp_connections_closed_total",
     "istio_tcp_connections_failed_total",

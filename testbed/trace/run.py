@@ -141,8 +141,12 @@ def parse_target(inv: dict[str, Any], text: str) -> Target:
     return Target(text, pod["ip"], chosen, [pod], chosen)
 
 
+WAYPOINT_LABEL = "gateway.networking.k8s.io/gateway-name"  # a waypoint's pod (a Gateway's)
+
+
 def _is_system(pod: dict[str, Any]) -> bool:
-    return bool(pod.get("system"))
+    """A pod of the mesh itself: a ztunnel the mode added, or a waypoint."""
+    return bool(pod.get("system")) or WAYPOINT_LABEL in pod.get("labels", {})
 
 
 def path_places(inv: dict[str, Any], src: dict[str, Any], target: Target) -> list[Place]:
@@ -416,7 +420,8 @@ def _proxy_hops(
 
     def home(place: Place, direction: str) -> str:
         diff = diffs[place.name]
-        crossed = diff.entries or diff.hits or diff.programs
+        # a waypoint terminates connections in its own netns, whatever its counters say
+        crossed = diff.entries or diff.hits or diff.programs or not place.name.startswith("ztunnel")
         if place.role != "proxy" or crossed:
             return place.name
         return src if direction == "outbound" else (answered or place.name)

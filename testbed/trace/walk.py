@@ -175,18 +175,22 @@ def record_hop(place: Place, proxy_name: str, record: proxies.ProxyRecord) -> Ho
 
 
 def metric_hop(place: Place, proxy_name: str, deltas: Sequence[proxies.MetricDelta]) -> Hop:
-    opened = [d for d in deltas if d.name.endswith("opened_total")]
+    opened = [d for d in deltas if d.name.endswith(("opened_total", "requests_total"))]
     failed = [d for d in deltas if d.name.endswith("failed_total")]
     first = (opened or failed or list(deltas))[0]
     labels = first.labels
     reporter = labels.get("reporter", "?")
-    direction = {"source": "outbound", "destination": "inbound"}.get(reporter, reporter)
+    direction = {"source": "outbound", "destination": "inbound", "waypoint": "inbound"}.get(
+        reporter, reporter
+    )
     security = labels.get("connection_security_policy", "unknown")
     verdict = "failed" if failed else "opened"
+    if "response_code" in labels:  # a waypoint counts requests, not connections
+        verdict = f"request answered {labels['response_code']}"
     detail = (
         f"{proxy_name} {direction}: {labels.get('source_workload', '?')} ->"
         f" {labels.get('destination_workload', labels.get('destination_service_name', '?'))},"
-        f" {security}; connection {verdict}"
+        f" {security}; {'' if 'request' in verdict else 'connection '}{verdict}"
     )
     evidence = (
         f"{proxy_name} /metrics delta (no /connections endpoint: per label set, not per"
@@ -202,6 +206,7 @@ def metric_hop(place: Place, proxy_name: str, deltas: Sequence[proxies.MetricDel
             "direction": direction,
             "labels": labels,
             "mtls": security == "mutual_tls",
+            "waypoint": reporter == "waypoint",
             "fallback": "metrics",
         },
     )
