@@ -12,8 +12,11 @@ only, so a crash leaves at most a table that goes with the namespace.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +27,8 @@ from testbed.netlab.process import nsenter_argv
 from testbed.trace.netfilter import RuleCount
 
 WORKERS = 8
-MONITOR_READY = 0.3  # xtables-monitor has no ready signal; it subscribes within this
+READY_TIMEOUT = 3.0  # for a monitor to show a probe packet (it has no ready signal)
+_PROBE = "SRC=127.0.0.1 DST=127.0.0.1"  # probe packets: loopback to the trace's port
 _PACKET = re.compile(r"^PACKET: \d+ ([0-9a-f]+) (.*)$")
 _TRACE = re.compile(
     r"^\s*TRACE: \d+ ([0-9a-f]+) ([^:\s]+):([^:\s]+):rule:0x([0-9a-f]+):(\S+)\s*(.*)$"
@@ -68,7 +72,7 @@ def parse_events(text: str, port: int) -> list[TraceEvent]:
     for line in text.splitlines():
         packet = _PACKET.match(line)
         if packet:
-            if marker.search(packet.group(2)):
+            if marker.search(packet.group(2)) and _PROBE not in packet.group(2):
                 wanted.add(packet.group(1))
             continue
         match = _TRACE.match(line)
@@ -108,30 +112,67 @@ class Tracing:
         self.port = port
         self.namespaces = list(namespaces)
         self.monitors: dict[str, subprocess.Popen[str]] = {}
+        self.output: dict[str, list[str]] = {}
+        self.readers: list[threading.Thread] = []
         self.events: dict[str, list[TraceEvent]] = {}
+        self.untraced: list[str] = []  # namespaces whose monitor never showed the probe
 
     def start(self) -> None:
+        """Monitors first, then the tables; returns once each monitor has shown a probe
+        packet (loopback to the trace's port, left out of the evidence)."""
         for ns in self.namespaces:
-            self.monitors[ns.name] = subprocess.Popen(
+            monitor = subprocess.Popen(
                 nsenter_argv(ns.path, ["xtables-monitor", "--trace"]),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
             )
+            self.monitors[ns.name] = monitor
+            lines: list[str] = []
+            self.output[ns.name] = lines
+            reader = threading.Thread(target=_collect, args=(monitor, lines), daemon=True)
+            reader.start()
+            self.readers.append(reader)
         script = rules_script(self.port)
         with ThreadPoolExecutor(WORKERS) as pool:
             list(pool.map(lambda ns: ns.run(["nft", "-f", "-"], input=script), self.namespaces))
-        time.sleep(MONITOR_READY)
+            ready = list(pool.map(self._await_probe, self.namespaces))
+        self.untraced = [ns.name for ns, ok in zip(self.namespaces, ready, strict=True) if not ok]
+
+    def _await_probe(self, ns: Netns) -> bool:
+        marker = f"DPORT={self.port} "
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            with ns.entered():
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            with probe:
+                probe.settimeout(0.2)
+                with contextlib.suppress(OSError):  # refused: the SYN is all a probe needs
+                    probe.connect(("127.0.0.1", self.port))
+            time.sleep(0.05)
+            if any(_PROBE in line and marker in line for line in list(self.output[ns.name])):
+                return True
+        return False
 
     def stop(self) -> None:
         argv = ["nft", "delete", "table", "inet", table_name(self.port)]
         with ThreadPoolExecutor(WORKERS) as pool:
             list(pool.map(lambda ns: ns.run(argv, check=False), self.namespaces))
-        for name, monitor in self.monitors.items():
+        for monitor in self.monitors.values():
             monitor.terminate()
+        for monitor in self.monitors.values():
             try:
-                output, _ = monitor.communicate(timeout=2.0)
+                monitor.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 monitor.kill()
-                output, _ = monitor.communicate()
-            self.events[name] = parse_events(output or "", self.port)
+                monitor.wait()
+        for reader in self.readers:
+            reader.join(timeout=2.0)
+        for name, lines in self.output.items():
+            self.events[name] = parse_events("".join(lines), self.port)
+
+
+def _collect(monitor: subprocess.Popen[str], lines: list[str]) -> None:
+    assert monitor.stdout is not None
+    for line in monitor.stdout:
+        lines.append(line)

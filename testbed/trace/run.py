@@ -219,6 +219,10 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
         if tracing is not None:
             tracing.stop()
     events = tracing.events if tracing is not None else {}
+    if tracing is not None and tracing.untraced:
+        notes.append(
+            f"nftables tracing did not start in {', '.join(tracing.untraced)}: counters only"
+        )
     answered = _answering_pod(goal, outcome, listener)
     result = TraceResult(
         inv["run"],

@@ -21,6 +21,7 @@ import pytest
 from testbed.cluster import Cluster, load_topology
 from testbed.trace import TraceResult, trace
 from testbed.trace.diagram import arrow_count
+from testbed.trace.features import tracing_usable
 
 TEST_RUNS = Path("/run/testbed-tests")
 MODES = [
@@ -124,6 +125,12 @@ def test_two_traces_at_once_keep_their_evidence(traced: tuple[Cluster, dict[str,
     for thread in threads:
         thread.join()
     assert len(results) == 2 and all(r.outcome.ok for r in results)
+    if tracing_usable():
+        for result in results:  # nat rules see a connection's first packet: one each
+            nat = [
+                h for h in result.hops if h.kind == "netfilter" and "REDIRECT -> 15001" in h.detail
+            ]
+            assert all(h.data["traced_packets"] == 1 for h in nat), result.text(evidence=True)
     for mine, other in (results, results[::-1]):
         theirs = {other.outcome.source, _endpoint(other.outcome.seen_by_app)}
         for hop in mine.hops:
@@ -158,3 +165,16 @@ def test_deleted_rule_shows_as_a_difference(traced: tuple[Cluster, dict[str, Tra
     assert any(d.startswith("the connection failed") for d in result.differences)
     assert "differs from the usual legacy walk" in result.text()
     assert "TPROXY -> 15001" not in "\n".join(h.detail for h in result.hops)
+
+
+def test_waypoint_is_on_the_walk(module_root: Path, tmp_path: Path):
+    """inpod with a waypoint in front of a service: client REDIRECT, the waypoint's L7 hop,
+    the server's ztunnel inbound, the app."""
+    with Cluster(load_topology("reviews_waypoint"), mode="inpod", root=module_root) as cluster:
+        result = trace(cluster, "productpage", "reviews:9080")
+        result.write_diagram(tmp_path / "waypoint.svg")
+    assert result.outcome.ok, result.text()
+    assert result.differences == [], result.text()
+    waypoint = [h for h in result.hops if h.kind == "proxy" and h.netns == "waypoint"]
+    assert waypoint, result.text()
+    assert (tmp_path / "waypoint.svg").read_text().count('class="edge"') == arrow_count(result)

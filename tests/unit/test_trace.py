@@ -314,3 +314,14 @@ def test_nftrace_table_marks_both_directions_of_the_port():
     assert "priority -350" in script
     assert script.count("meta nftrace set 1") == 4
     assert "tcp sport 21111" in script and "tcp dport 21111" in script
+
+
+def test_trace_request_is_http_of_the_trace_size():
+    from testbed.trace import probe
+
+    raw = probe.request_bytes("10.96.0.10", "abc123", probe.request_size(23001))
+    assert len(raw) == probe.request_size(23001)
+    assert raw.startswith(b"GET /testbed-trace/abc123 HTTP/1.1\r\nHost: 10.96.0.10\r\n")
+    assert raw.endswith(b"\r\n\r\n")
+    assert probe.token_of(raw.decode()) == "abc123"
+    assert probe.token_of("GET / HTTP/1.1\r\n\r\n") == ""
