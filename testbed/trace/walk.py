@@ -255,7 +255,7 @@ def place_hops(
 
 
 _EBPF_NOTE = (
-    "program attachment (tc filter show) plus the device's counter delta; run counts are"
+    "program attachment (bpftool net show) plus the device's counter delta; run counts are"
     " unavailable (kernel.bpf_stats_enabled is host-global and stays off)"
 )
 
