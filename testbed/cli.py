@@ -194,6 +194,30 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return max((_print_report(r) for r in reports), default=0)
 
 
+# -- trace ----------------------------------------------------------------------------------
+def cmd_trace(args: argparse.Namespace) -> int:
+    from testbed.cluster.cluster import load_inventory
+    from testbed.trace import TraceError, trace
+    from testbed.trace.diagram import DiagramError
+
+    inv = _inventory(args.name, args.root, load_inventory)
+    if args.diagram and args.diagram.suffix.lower() not in (".svg", ".png"):
+        raise UsageError(f"--diagram {args.diagram}: expected a .svg or .png file name")
+    try:
+        result = trace(inv, args.src, args.dst)
+        if args.diagram:
+            result.write_diagram(args.diagram)
+    except (TraceError, DiagramError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(result.json())
+    else:
+        print(result.text(evidence=args.evidence))
+        if args.diagram:
+            print(f"diagram: {args.diagram}")
+    return 0 if result.outcome.ok else 1
+
+
 # -- experiments ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.experiment import run_experiment
@@ -278,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser(
+        "trace", help="walk one TCP connection through the data plane: trace NAME SRC DST[:PORT]"
+    )
+    p.add_argument("name", help="a running testbed")
+    p.add_argument("src", help="source pod")
+    p.add_argument("dst", help="pod, service name or VIP, with :PORT (default 8080 / first port)")
+    p.add_argument("--json", action="store_true", help="the hops as JSON")
+    p.add_argument("--evidence", action="store_true", help="print each hop's evidence too")
+    p.add_argument("--diagram", type=Path, metavar="FILE", help="also draw it (.svg or .png)")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("run", help="run an experiment spec (YAML)")
     p.add_argument("spec", type=Path)
