@@ -37,8 +37,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # -- doctor ---------------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed.netlab.features import detect_features
+    from testbed.trace import detect_tracing
 
-    features = detect_features()
+    features = detect_features() + detect_tracing()
     if args.json:
         print(json.dumps([f.as_dict() for f in features], indent=2))
     else:

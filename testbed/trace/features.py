@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from dataclasses import dataclass
+
+from testbed.netlab.features import Feature
 
 _PROBE_RULES = (
     "add table inet tbprobe\n"
@@ -17,22 +18,13 @@ _PROBE_RULES = (
 )
 
 
-@dataclass(frozen=True)
-class TracingFeature:
-    name: str
-    ok: bool
-    detail: str
-    needed_by: str = "testbed trace (rule-by-rule evidence; counters are the fallback)"
-    essential: bool = False
-
-    def as_dict(self) -> dict[str, object]:
-        return self.__dict__.copy()
+NEEDED_BY = "testbed trace (rule-by-rule evidence; counters are the fallback)"
 
 
-def detect_tracing() -> list[TracingFeature]:
+def detect_tracing() -> list[Feature]:
     nft = _probe_nftrace()
     xt = shutil.which("xtables-monitor")
-    xtables = TracingFeature(
+    xtables = Feature(
         "xtables-monitor --trace",
         bool(xt) and nft.ok,
         (
@@ -40,6 +32,7 @@ def detect_tracing() -> list[TracingFeature]:
             if xt
             else "xtables-monitor not installed (package iptables)"
         ),
+        NEEDED_BY,
     )
     return [nft, xtables]
 
@@ -50,10 +43,10 @@ def tracing_usable() -> bool:
     return bool(shutil.which("xtables-monitor")) and _probe_nftrace().ok
 
 
-def _probe_nftrace() -> TracingFeature:
+def _probe_nftrace() -> Feature:
     name = "nftables tracing"
     if not shutil.which("nft") or not shutil.which("unshare"):
-        return TracingFeature(name, False, "nft or unshare not installed")
+        return Feature(name, False, "nft or unshare not installed", NEEDED_BY)
     try:
         done = subprocess.run(
             ["unshare", "--net", "nft", "-f", "-"],
@@ -64,7 +57,9 @@ def _probe_nftrace() -> TracingFeature:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return TracingFeature(name, False, f"probe failed: {exc}")
+        return Feature(name, False, f"probe failed: {exc}", NEEDED_BY)
     if done.returncode != 0:
-        return TracingFeature(name, False, f"meta nftrace rejected: {done.stderr.strip()[:120]}")
-    return TracingFeature(name, True, "meta nftrace set 1 accepted (nft monitor trace)")
+        return Feature(
+            name, False, f"meta nftrace rejected: {done.stderr.strip()[:120]}", NEEDED_BY
+        )
+    return Feature(name, True, "meta nftrace set 1 accepted (nft monitor trace)", NEEDED_BY)
