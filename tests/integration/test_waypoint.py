@@ -21,7 +21,8 @@ import pytest
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
-from testbed.redirect.inpod import InPodMode, http_get
+from testbed.redirect import create_mode
+from testbed.redirect.base import MeshMode, http_get
 
 APP_PORT = 8080
 SERVICE_PORT = 9080
@@ -144,7 +145,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = Path("/run/testbed-tests") / f"waypoint-{tmp_path_factory.getbasetemp().name}"
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with Cluster(WaypointTopology(), mode="inpod", root=root) as built:
+        with Cluster(WaypointTopology(), create_mode("inpod"), root=root) as built:
             for name in ("reviews-v1", "reviews-v2", "ratings"):
                 pod = built.pod(name)
                 argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", name]
@@ -232,13 +233,12 @@ def test_services_without_a_waypoint_bypass_it(cluster: Cluster) -> None:
 
 def test_stopping_the_waypoint_fails_only_its_services(cluster: Cluster) -> None:
     mode = cluster.mode
-    assert isinstance(mode, InPodMode) and mode.waypoints is not None
-    mode.waypoints.stop("waypoint")
+    assert isinstance(mode, MeshMode)
+    mode.stop_waypoint("waypoint")
     try:
         broken = requests(cluster, "reviews", "/v2/x", 3)
         assert "200" not in broken["statuses"]
         assert requests(cluster, "ratings", "/", 3)["statuses"] == {"200": 3}
     finally:
-        mode.waypoints.start("waypoint")
-        mode.waypoints.await_ready("waypoint", mode.waypoint_ready)
+        mode.start_waypoint("waypoint")
     assert requests(cluster, "reviews", "/v2/x", 3)["statuses"] == {"200": 3}
