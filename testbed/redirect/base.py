@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -392,15 +391,10 @@ class NodeZtunnelMode(MeshMode):
     def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
         """The node's plumbing, with its ztunnel pod created but its ztunnel not started."""
 
-    def ztunnel_argv(self, node: str, ztunnel: Pod, certs: Path) -> list[str]:
-        """The node's ztunnel: by default the shared-netns one (testbed.mesh.ztunnel.shared)."""
-        return [
-            sys.executable, "-m", self.ZTUNNEL_MODULE,
-            "--config", str(self.mesh.config_path),
-            "--certs", str(certs),
-            "--node", node,
-            "--ztunnel-ip", ztunnel.ip,
-        ]  # fmt: skip
+    def ztunnel_args(self, node: str, ztunnel: Pod) -> list[str]:
+        """How the node's ztunnel reaches its pods; by default (testbed.mesh.ztunnel.shared)
+        it serves them from its own namespace, at its own address."""
+        return ["--ztunnel-ip", ztunnel.ip]
 
     def ztunnel_companions(self, node: str) -> list[ManagedProcess]:
         """Processes the node's ztunnel needs running (inpod's CNI agent)."""
@@ -417,15 +411,21 @@ class NodeZtunnelMode(MeshMode):
                 service_account=ZTUNNEL_ACCOUNT,
             )
             self.install_node(cluster, node, pod)
-            certs = self.lab.add_dir(self.mesh.directory / f"ztunnel-{node}")
-            self.mesh.issue_node_certs(cluster.topology, node, certs)
-            self.ztunnels[node] = self.start_proxy(
-                f"ztunnel-{node}",
-                pod,
-                self.ztunnel_argv(node, pod, certs),
-                kind="ztunnel",
-                companions=self.ztunnel_companions(node),
-            )
+            self.ztunnels[node] = self._start_ztunnel(node, pod)
+
+    def _start_ztunnel(self, node: str, pod: Pod) -> Proxy:
+        """The node's certificates, then its ztunnel (not waited for)."""
+        certs = self.lab.add_dir(self.mesh.directory / f"ztunnel-{node}")
+        self.mesh.issue_node_certs(self.cluster.topology, node, certs)
+        argv = [
+            sys.executable, "-m", self.ZTUNNEL_MODULE,
+            "--config", str(self.mesh.config_path),
+            "--certs", str(certs),
+            "--node", node,
+            *self.ztunnel_args(node, pod),
+        ]  # fmt: skip
+        companions = self.ztunnel_companions(node)
+        return self.start_proxy(f"ztunnel-{node}", pod, argv, kind="ztunnel", companions=companions)
 
     # -- ztunnels ---------------------------------------------------------------------------
     def config_dump(self, node: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Mode `ebpf`: Istio ambient's experimental eBPF redirection (Istio 1.18-1.20, DESIGN.md 4.3).
 
-Per node, a ztunnel pod (istio-system/ztunnel, started by testbed.redirect.ztunnel_fleet)
+Per node, a ztunnel pod (istio-system/ztunnel, started by testbed.redirect.base)
 running one ztunnel in the "shared netns" shape (testbed.mesh.ztunnel.shared, as in legacy
 mode): IP_TRANSPARENT listeners on
 15001/15006/15008 in its own namespace, the original destination read from the local

@@ -70,14 +70,9 @@ class InPodMode(NodeZtunnelMode):
         self.agents[node] = AgentClient(control_socket)
         self.zds_sockets[node] = zds_socket
 
-    def ztunnel_argv(self, node: str, ztunnel: Pod, certs: Path) -> list[str]:
-        return [
-            sys.executable, "-m", self.ZTUNNEL_MODULE,
-            "--config", str(self.mesh.config_path),
-            "--certs", str(certs),
-            "--zds-socket", str(self.zds_sockets[node]),
-            "--node", node,
-        ]  # fmt: skip
+    def ztunnel_args(self, node: str, ztunnel: Pod) -> list[str]:
+        """The inpod ztunnel is handed its pods' namespaces over ZDS."""
+        return ["--zds-socket", str(self.zds_sockets[node])]
 
     def ztunnel_companions(self, node: str) -> list[ManagedProcess]:
         return [self.agent_processes[node]]
