@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -280,6 +281,12 @@ class MeshMode(Mode):
             self.start_waypoints()
 
     # -- proxies ----------------------------------------------------------------------------
+    def proxy_argv(self, module: str, certs: Path, node: str, *extra: str) -> list[str]:
+        """A ztunnel-shaped proxy: it reads the mesh config and its node's certificates."""
+        config = str(self.mesh.config_path)
+        return [sys.executable, "-m", module, "--config", config, "--certs", str(certs),
+                "--node", node, *extra]  # fmt: skip
+
     def start_proxy(
         self,
         label: str,
@@ -417,13 +424,7 @@ class NodeZtunnelMode(MeshMode):
         """The node's certificates, then its ztunnel (not waited for)."""
         certs = self.lab.add_dir(self.mesh.directory / f"ztunnel-{node}")
         self.mesh.issue_node_certs(self.cluster.topology, node, certs)
-        argv = [
-            sys.executable, "-m", self.ZTUNNEL_MODULE,
-            "--config", str(self.mesh.config_path),
-            "--certs", str(certs),
-            "--node", node,
-            *self.ztunnel_args(node, pod),
-        ]  # fmt: skip
+        argv = self.proxy_argv(self.ZTUNNEL_MODULE, certs, node, *self.ztunnel_args(node, pod))
         companions = self.ztunnel_companions(node)
         return self.start_proxy(f"ztunnel-{node}", pod, argv, kind="ztunnel", companions=companions)
 

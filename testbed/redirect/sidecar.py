@@ -16,7 +16,6 @@ in sidecar mode the sidecars themselves are the L7 proxies.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,13 +95,8 @@ class SidecarMode(MeshMode):
 
     def _start_sidecar(self, pod: Pod) -> None:
         install_rules(pod.netns, pod.ip)
-        argv = [
-            sys.executable, "-m", "testbed.mesh.ztunnel.sidecar",
-            "--config", str(self.mesh.config_path),
-            "--certs", str(self.certs[pod.node]),
-            "--node", pod.node,
-            "--uid", pod.spec.uid,
-        ]  # fmt: skip
+        module, certs = "testbed.mesh.ztunnel.sidecar", self.certs[pod.node]
+        argv = self.proxy_argv(module, certs, pod.node, "--uid", pod.spec.uid)
         self.start_proxy(f"sidecar-{pod.name}", pod, argv, kind="sidecar")
 
     # -- pods -----------------------------------------------------------------------------
