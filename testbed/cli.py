@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.cluster.loader import parse_value
+from testbed.cluster.mode import ModeError
 from testbed.cluster.model import TopologyError
 from testbed.netlab import ManifestError, NetlabError, interrupt
 from testbed.netlab.manifest import RUNS_ROOT, list_runs
@@ -29,7 +30,6 @@ class UsageError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from testbed.experiment.spec import SpecError
-    from testbed.redirect import ModeError
 
     return (TopologyError, ModeError, ManifestError, SpecError, UsageError)
 
@@ -78,16 +78,12 @@ def _mode_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_up(args: argparse.Namespace) -> int:
     from testbed.cluster.cluster import Cluster
     from testbed.inventory import inventory_tables, summary_line
+    from testbed.redirect import create_mode
     from testbed.shell import ClusterShell
 
     started = time.monotonic()
-    cluster = Cluster(
-        args.topology,
-        mode=args.mode,
-        name=args.name,
-        mode_options=_mode_options(args),
-        root=args.root,
-    )
+    mode = create_mode(args.mode, _mode_options(args))  # a bad option: nothing is built
+    cluster = Cluster(args.topology, mode, name=args.name, root=args.root)
     cluster.start()
     inv = cluster.inventory()
     console.print(f"{summary_line(inv)} (built in {time.monotonic() - started:.1f} s)")
@@ -255,6 +251,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from testbed.redirect import available_modes
+
+    modes = available_modes()
     parser = argparse.ArgumentParser(
         prog="testbed",
         description="Network emulation testbed for Istio's ambient data plane.",
@@ -268,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="build a testbed and open a shell (or --detach)")
     p.add_argument("topology", help="name, spec string (multi_node,nodes=3,pods=10) or file.py")
-    p.add_argument("--mode", default="none", help="redirection mode (default: none)")
+    p.add_argument(
+        "--mode", default="none", help=f"redirection mode: {', '.join(modes)} (default: none)"
+    )
     p.add_argument(
         "--inpod-variant",
-        choices=["redirect", "tproxy", "nftables"],
-        help="rules used by mode inpod (default redirect)",
+        metavar="VARIANT",
+        help="rules used by mode inpod: the option inpod_variant (default redirect)",
     )
     p.add_argument(
         "-o", "--option", action="append", metavar="KEY=VALUE", help="a mode option, repeatable"

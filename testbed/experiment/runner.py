@@ -51,8 +51,9 @@ def real_cluster_factory(
     topology: str, *, mode: str, mode_options: Mapping[str, Any]
 ) -> AbstractContextManager[ClusterLike]:
     from testbed.cluster.cluster import Cluster
+    from testbed.redirect import create_mode
 
-    return Cluster(topology, mode, mode_options=dict(mode_options))
+    return Cluster(topology, create_mode(mode, mode_options))
 
 
 def real_sampler_factory(pids: dict[str, int], interval: float) -> AbstractContextManager[Any]:

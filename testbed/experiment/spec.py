@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-# Every mode the design knows (DESIGN.md section 4); which of them exist on this machine
-# is asked of testbed.redirect at run time.
-KNOWN_MODES = ("none", "sidecar", "inpod", "legacy", "ebpf")
+from testbed.cluster.mode import ModeError
+from testbed.redirect import registry
+
 Workload = Literal["tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"]
 Placement = Literal["same-node", "cross-node"]
 Pinning = Literal["none", "split"]
@@ -59,9 +59,18 @@ class ModeSpec(_Strict):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, value: str) -> str:
-        if value not in KNOWN_MODES:
-            raise ValueError(f"unknown mode {value!r}; expected one of {', '.join(KNOWN_MODES)}")
+        known = registry.available_modes()  # the registry is the one list of modes
+        if value not in known:
+            raise ValueError(f"unknown mode {value!r}; expected one of {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> ModeSpec:
+        try:
+            registry.create_mode(self.mode, self.options)
+        except ModeError as exc:
+            raise ValueError(f"options: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _default_label(self) -> ModeSpec:

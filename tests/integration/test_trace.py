@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from testbed.cluster import Cluster, load_topology
+from testbed.redirect import create_mode
 from testbed.trace import TraceResult, trace
 from testbed.trace.diagram import arrow_count
 from testbed.trace.features import tracing_usable
@@ -63,7 +64,7 @@ def traced(
     if mode == "ebpf" and not shutil.which("bpftool"):
         pytest.skip("mode ebpf needs bpftool")
     cluster = Cluster(
-        load_topology("two_nodes"), mode=mode, mode_options=dict(options), root=module_root
+        load_topology("two_nodes"), create_mode(mode, dict(options)), root=module_root
     )
     with cluster:
         results = {}
@@ -169,7 +170,9 @@ def test_deleted_rule_shows_as_a_difference(traced: tuple[Cluster, dict[str, Tra
 def test_waypoint_is_on_the_walk(module_root: Path, tmp_path: Path):
     """inpod with a waypoint in front of a service: client REDIRECT, the waypoint's L7 hop,
     the server's ztunnel inbound, the app."""
-    with Cluster(load_topology("reviews_waypoint"), mode="inpod", root=module_root) as cluster:
+    with Cluster(
+        load_topology("reviews_waypoint"), create_mode("inpod"), root=module_root
+    ) as cluster:
         result = trace(cluster, "productpage", "reviews:9080")
         result.write_diagram(tmp_path / "waypoint.svg")
     assert result.outcome.ok, result.text()

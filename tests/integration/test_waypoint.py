@@ -25,7 +25,8 @@ from hbone_probe import H2Connect
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
 from testbed.mesh.ca import Identity
-from testbed.redirect.inpod import InPodMode, http_get
+from testbed.redirect import create_mode
+from testbed.redirect.base import MeshMode, http_get
 
 APP_PORT = 8080
 SERVICE_PORT = 9080
@@ -152,7 +153,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = Path("/run/testbed-tests") / f"waypoint-{tmp_path_factory.getbasetemp().name}"
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with Cluster(WaypointTopology(), mode="inpod", root=root) as built:
+        with Cluster(WaypointTopology(), create_mode("inpod"), root=root) as built:
             for name in ("reviews-v1", "reviews-v2", "ratings", "vault"):
                 pod = built.pod(name)
                 argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", name]
@@ -240,15 +241,14 @@ def test_services_without_a_waypoint_bypass_it(cluster: Cluster) -> None:
 
 def test_stopping_the_waypoint_fails_only_its_services(cluster: Cluster) -> None:
     mode = cluster.mode
-    assert isinstance(mode, InPodMode) and mode.waypoints is not None
-    mode.waypoints.stop("waypoint")
+    assert isinstance(mode, MeshMode)
+    mode.stop_waypoint("waypoint")
     try:
         broken = requests(cluster, "reviews", "/v2/x", 3)
         assert "200" not in broken["statuses"]
         assert requests(cluster, "ratings", "/", 3)["statuses"] == {"200": 3}
     finally:
-        mode.waypoints.start("waypoint")
-        mode.waypoints.await_ready("waypoint", mode.waypoint_ready)
+        mode.start_waypoint("waypoint")
     assert requests(cluster, "reviews", "/v2/x", 3)["statuses"] == {"200": 3}
 
 
@@ -262,7 +262,7 @@ def test_a_waypoint_bound_pod_takes_hbone_only_from_its_waypoint(
     report = json.loads(cluster.pod("client").run(argv, timeout=60).stdout.strip().splitlines()[-1])
     assert report["statuses"] == {"200": 5} and report["served"] == {"vault": 5}
     mode = cluster.mode
-    assert isinstance(mode, InPodMode) and mode.control is not None
+    assert isinstance(mode, MeshMode) and mode.control is not None
     td = mode.trust_domain
     for name, identity in {
         "tester": Identity(td, "default", "tester"),

@@ -28,7 +28,8 @@ from podapps import APP_PORT, GreetingServer, connect, finish, greeting, read_li
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.mesh.ca import CertificateAuthority, Identity
-from testbed.redirect.inpod import InPodMode, http_get
+from testbed.redirect.base import http_get
+from testbed.redirect.inpod import InPodMode, InPodOptions
 
 OTHER_PORT = 9090
 BLOCK = os.urandom(1 << 20)
@@ -81,7 +82,7 @@ class Mesh:
         return self.cluster.pods[name]
 
     def metrics(self, node: str) -> str:
-        return http_get(self.mode.nodes[node].pod, 15020, "/metrics")[1].decode()
+        return http_get(self.mode.ztunnels[node].pod, 15020, "/metrics")[1].decode()
 
     def count(self, node: str, name: str, *, at_least: float = 1, **labels: str) -> float:
         """A metric's sum over samples with `labels`, polled until `at_least` or a timeout
@@ -114,8 +115,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """One cluster per variant, shared by the module's tests."""
-    mode = InPodMode(request.param)
-    cluster = Cluster(MeshTopology(), mode=mode)
+    mode = InPodMode(InPodOptions(inpod_variant=request.param))
+    cluster = Cluster(MeshTopology(), mode)
     servers: list[GreetingServer] = []
     try:
         cluster.start()
@@ -396,7 +397,7 @@ def test_mode_reports_facts_pids_and_rules(mesh: Mesh) -> None:
     rules = mesh.mode.describe_pod(mesh.pod("client"))
     assert ("redirect to :15001" if mesh.variant == "nftables" else "--to-ports 15001") in rules
     assert "not captured" in mesh.mode.describe_pod(mesh.pod("outsider"))
-    ready = http_get(mesh.mode.nodes["node1"].pod, 15021, "/healthz/ready")
+    ready = http_get(mesh.mode.ztunnels["node1"].pod, 15021, "/healthz/ready")
     assert ready[0] == 200
     dump = mesh.mode.config_dump("node2")
     assert re.fullmatch("[0-9a-f]{64}", dump["configDigest"])

@@ -6,7 +6,8 @@ import pytest
 from test_experiment_fakes import SMALL_SPEC, write_spec
 
 from testbed.experiment.cases import estimated_seconds, mode_cases
-from testbed.experiment.spec import KNOWN_MODES, SpecError, load_spec
+from testbed.experiment.spec import SpecError, load_spec
+from testbed.redirect import available_modes
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -82,11 +83,16 @@ def test_negative_sweep_value_names_its_index(tmp_path: Path) -> None:
 def test_repeated_mode_needs_a_label(tmp_path: Path) -> None:
     message = spec_error(tmp_path, SMALL_SPEC.replace("[none, inpod]", "[inpod, inpod]"))
     assert "labels must be unique" in message
-    relabelled = SMALL_SPEC.replace(
-        "[none, inpod]", "[inpod, {mode: inpod, label: inpod-nft, options: {backend: nftables}}]"
-    )
+    nft = "{mode: inpod, label: inpod-nft, options: {inpod_variant: nftables}}"
+    relabelled = SMALL_SPEC.replace("[none, inpod]", f"[inpod, {nft}]")
     spec = load_spec(write_spec(tmp_path, relabelled))
-    assert spec.modes[1].options == {"backend": "nftables"}
+    assert spec.modes[1].options == {"inpod_variant": "nftables"}
+
+
+def test_bad_mode_option_names_the_mode_and_the_option(tmp_path: Path) -> None:
+    bad = SMALL_SPEC.replace("[none, inpod]", "[none, {mode: inpod, options: {backend: nft}}]")
+    message = spec_error(tmp_path, bad)
+    assert "modes[1]: options: mode inpod: unknown option 'backend'" in message
 
 
 def test_unavailable_mode_is_a_spec_error(tmp_path: Path) -> None:
@@ -106,8 +112,8 @@ def test_yaml_that_is_not_a_mapping_is_reported(tmp_path: Path) -> None:
 
 
 def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
-    spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=lambda: KNOWN_MODES)
-    assert [mode.mode for mode in spec.modes] == list(KNOWN_MODES)
+    spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=available_modes)
+    assert [mode.mode for mode in spec.modes] == available_modes()
     assert set(spec.placements) == {"same-node", "cross-node"}
     assert {"tcp_stream", "tcp_rr", "http_fixed_qps"} <= set(spec.workloads)
     assert spec.repetitions == 3
