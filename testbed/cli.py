@@ -15,23 +15,16 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.cluster.loader import parse_value
-from testbed.cluster.mode import ModeError
-from testbed.cluster.model import TopologyError
-from testbed.netlab import ManifestError, NetlabError, interrupt
+from testbed.netlab import NetlabError, interrupt
+from testbed.netlab.errors import TestbedError
 from testbed.netlab.manifest import RUNS_ROOT, list_runs
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-class UsageError(Exception):
+class UsageError(TestbedError):
     """A mistake on the command line."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from testbed.experiment.spec import SpecError
-
-    return (TopologyError, ModeError, ManifestError, SpecError, UsageError)
 
 
 # -- doctor ---------------------------------------------------------------------------------
@@ -340,12 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except _user_errors() as exc:
+    except TestbedError as exc:  # every error of ours: one line, never a traceback
         err_console.print(f"testbed: error: {exc}", highlight=False, soft_wrap=True)
         return 2
-    except NetlabError as exc:
-        err_console.print(f"testbed: failed: {exc}", highlight=False, soft_wrap=True)
-        return 1
     except KeyboardInterrupt as exc:
         err_console.print("testbed: interrupted; everything it created was removed")
         partial = getattr(exc, "run_dir", None)  # an experiment keeps what it measured

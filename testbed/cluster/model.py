@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from testbed.cluster import waypoints
+from testbed.netlab.errors import TestbedError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 UNDERLAY = ipaddress.IPv4Network("172.18.0.0/16")
@@ -23,7 +24,7 @@ MAX_PODS_PER_NODE = 250
 ROOT_NAMESPACE = "istio-system"  # policies here apply mesh-wide, as in Istio
 
 
-class TopologyError(Exception):
+class TopologyError(TestbedError):
     """A mistake in a topology: the message names the topology, the item and the problem."""
 
 

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from testbed.mesh.waypoint.l7authz import L7Policy
 from testbed.mesh.waypoint.routing import HttpRoute
+from testbed.netlab.errors import TestbedError
 
 if TYPE_CHECKING:
     from testbed.cluster.model import Topology
@@ -39,7 +40,7 @@ WaypointFor = Literal["service", "workload", "all", "none"]
 Kind = Literal["service", "workload"]
 
 
-class WaypointError(ValueError):
+class WaypointError(TestbedError, ValueError):
     """A waypoint declaration, route or L7 policy is wrong (the caller names the topology)."""
 
 

@@ -33,6 +33,7 @@ from testbed.mesh.waypoint.routing import (
     plan_fault,
 )
 from testbed.mesh.waypoint.telemetry import AccessLogEntry, RequestMetrics, request_labels
+from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("testbed.mesh.waypoint.access")
@@ -41,7 +42,7 @@ Address = tuple[str, int]
 Endpoint = tuple[Workload, int]  # a workload and the port its app listens on
 
 
-class UpstreamConnectError(ConnectionError):
+class UpstreamConnectError(TestbedError, ConnectionError):
     """The endpoint could not be reached (Envoy: connect failure, flag UF)."""
 
 
