@@ -109,7 +109,9 @@ def semantic_problems(resource: r.IstioResource) -> list[str]:
                 for k, port in enumerate(getattr(target.operation, name) or []):
                     if not port.isdigit() or not 0 < int(port) < 65536:
                         alias = r.Operation.model_fields[name].alias
-                        problems.append(f"{at}.to[{j}].operation.{alias}[{k}]: {port!r} is not a port")
+                        problems.append(
+                            f"{at}.to[{j}].operation.{alias}[{k}]: {port!r} is not a port"
+                        )
         if spec.target_refs:  # enforced by the waypoint: no IP blocks there
             for j, source in enumerate(rule.from_ or []):
                 for name in ("ip_blocks", "not_ip_blocks"):

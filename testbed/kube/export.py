@@ -116,7 +116,11 @@ def namespaces(topology: Topology, mode: ExportMode) -> list[Any]:
     for name in names:
         if name == ROOT_NAMESPACE:
             continue  # Istio's own namespace: exists wherever Istio is installed
-        labels = {istio.DATAPLANE_MODE: "ambient"} if mode == "ambient" else {SIDECAR_INJECTION: "enabled"}
+        labels = (
+            {istio.DATAPLANE_MODE: "ambient"}
+            if mode == "ambient"
+            else {SIDECAR_INJECTION: "enabled"}
+        )
         labels.update(topology.l7.namespace_labels.get(name, {}) if mode == "ambient" else {})
         made.append(k8s.V1Namespace(api_version="v1", kind="Namespace",
                                     metadata=k8s.V1ObjectMeta(name=name, labels=labels)))  # fmt: skip
@@ -211,7 +215,9 @@ def service(svc: ServiceSpec) -> Any:
     return k8s.V1Service(
         api_version="v1",
         kind="Service",
-        metadata=k8s.V1ObjectMeta(name=svc.name, namespace=svc.namespace, labels=svc.labels or None),
+        metadata=k8s.V1ObjectMeta(
+            name=svc.name, namespace=svc.namespace, labels=svc.labels or None
+        ),
         spec=k8s.V1ServiceSpec(selector=dict(svc.selector), ports=ports),
     )
 
@@ -253,9 +259,7 @@ def build_manifests(
             "mode sidecar: the topology's waypoints, their HTTPRoutes and the L7 policies that "
             "target them are ambient-only and were not exported"
         )
-    policies = [
-        p for p in exported.policies if mode == "ambient" or not p.spec.target_refs
-    ]
+    policies = [p for p in exported.policies if mode == "ambient" or not p.spec.target_refs]
     out.add("authorizationpolicies.yaml", [validated_istio(p) for p in policies])
     out.notes += shaping_notes(topology)
     out.notes += _unmapped_nodes(topology, nodes)

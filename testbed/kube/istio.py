@@ -54,7 +54,9 @@ def export_topology(topology: Topology) -> Exported:
             metadata=r.ObjectMeta(
                 name=spec.name,
                 namespace=spec.namespace,
-                labels=None if spec.waypoint_for == "service" else {WAYPOINT_FOR: spec.waypoint_for},
+                labels=None
+                if spec.waypoint_for == "service"
+                else {WAYPOINT_FOR: spec.waypoint_for},
             )
         )
         for spec in topology.l7.waypoints.values()
@@ -192,7 +194,9 @@ def _route_rule(topology: Topology, namespace: str, rule: RouteRule) -> r.HTTPRo
             )
         )
     timeouts = r.HTTPRouteTimeouts(request=_duration(rule.timeout)) if rule.timeout else None
-    return r.HTTPRouteRule(matches=matches or None, backend_refs=backends or None, timeouts=timeouts)
+    return r.HTTPRouteRule(
+        matches=matches or None, backend_refs=backends or None, timeouts=timeouts
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -327,7 +331,9 @@ def _l7_rule(rule: r.Rule) -> dict[str, Any]:
 
 def _declare_route(topology: Topology, route: r.HTTPRoute) -> None:
     ns = route.metadata.namespace
-    parents = [_service_named(topology, p.name, p.namespace or ns).name for p in route.spec.parent_refs]
+    parents = [
+        _service_named(topology, p.name, p.namespace or ns).name for p in route.spec.parent_refs
+    ]
     rules = []
     for rule in route.spec.rules or []:
         data: dict[str, Any] = {}
