@@ -226,8 +226,27 @@ class ApplyError(ValueError):
     """A resource that names something the topology does not have."""
 
 
+def declare_file(topology: Topology, path: str) -> None:
+    """Every resource of an Istio YAML file, declared in `topology` (Topology.apply_yaml)."""
+    from pathlib import Path
+
+    from testbed.kube.documents import DocumentError, load_documents
+
+    try:
+        for resource in load_documents(Path(path)):
+            declare(topology, resource)
+    except (DocumentError, ApplyError) as exc:
+        raise topology.error(f"apply_yaml: {exc}") from None
+
+
 def declare(topology: Topology, resource: r.IstioResource, *, waypoint_node: str = "") -> None:
-    """Add `resource` to the topology's declarations (replacing one of the same name)."""
+    """Add `resource` to the topology's declarations (replacing one of the same name); a
+    Gateway that is already declared stays as it is."""
+    if isinstance(resource, r.Gateway):
+        existing = topology.l7.waypoints.get(f"{resource.metadata.namespace}/{resource.metadata.name}")
+        wanted = (resource.metadata.labels or {}).get(WAYPOINT_FOR, "service")
+        if existing is not None and existing.waypoint_for == wanted:
+            return
     withdraw(topology, resource, missing_ok=True)
     try:
         if isinstance(resource, r.AuthorizationPolicy):
