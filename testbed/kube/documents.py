@@ -133,3 +133,16 @@ def semantic_problems(resource: r.IstioResource) -> list[str]:
         if rule.when:
             problems.append(f"{at}.when: not supported without targetRefs (L4 policy)")
     return problems
+
+
+def parse_resources(docs: list[Any]) -> list[r.IstioResource]:
+    """Documents already loaded (e.g. from a state file) as resources, or DocumentError."""
+    problems, parsed = [], []
+    for index, doc in enumerate(docs, start=1):
+        resource, errors = parse_document(doc)
+        problems += [f"document {index}{_what(doc)}: {error}" for error in errors]
+        if resource is not None and not errors:
+            parsed.append(resource)
+    if problems:
+        raise DocumentError(problems)
+    return parsed
