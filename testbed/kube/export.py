@@ -122,8 +122,8 @@ def namespaces(topology: Topology, mode: ExportMode) -> list[Any]:
             else {SIDECAR_INJECTION: "enabled"}
         )
         labels.update(topology.l7.namespace_labels.get(name, {}) if mode == "ambient" else {})
-        made.append(k8s.V1Namespace(api_version="v1", kind="Namespace",
-                                    metadata=k8s.V1ObjectMeta(name=name, labels=labels)))  # fmt: skip
+        meta = k8s.V1ObjectMeta(name=name, labels=labels)
+        made.append(k8s.V1Namespace(api_version="v1", kind="Namespace", metadata=meta))
     return made
 
 

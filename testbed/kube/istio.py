@@ -90,10 +90,17 @@ def _l4_rule(rule: PolicyRule) -> r.Rule:
         for name in ("ports", "not_ports")
         if getattr(rule, name)
     }
-    return r.Rule(
-        from_=[r.From(source=r.Source(**source))] if source else None,
-        to=[r.To(operation=r.Operation(**operation))] if operation else None,
+    return _rule(
+        [r.From(source=r.Source(**source))] if source else None,
+        [r.To(operation=r.Operation(**operation))] if operation else None,
+        None,
     )
+
+
+def _rule(
+    sources: list[r.From] | None, operations: list[r.To] | None, when: list[r.Condition] | None
+) -> r.Rule:
+    return r.Rule.model_validate({"from": sources, "to": operations, "when": when})
 
 
 def _wildcard(match: StringMatch) -> str:
@@ -149,7 +156,7 @@ def export_l7_policy(topology: Topology, policy: L7Policy) -> r.AuthorizationPol
             r.Condition(key=c.key, values=_strings(c.values), not_values=_strings(c.not_values))
             for c in rule.when
         ]
-        rules.append(r.Rule(from_=sources or None, to=operations or None, when=conditions or None))
+        rules.append(_rule(sources or None, operations or None, conditions or None))
     spec = r.AuthorizationPolicySpec(target_refs=refs, action=policy.action, rules=rules)
     return r.AuthorizationPolicy(metadata=_meta(policy.name, policy.namespace), spec=spec)
 
@@ -243,7 +250,9 @@ def declare(topology: Topology, resource: r.IstioResource, *, waypoint_node: str
     """Add `resource` to the topology's declarations (replacing one of the same name); a
     Gateway that is already declared stays as it is."""
     if isinstance(resource, r.Gateway):
-        existing = topology.l7.waypoints.get(f"{resource.metadata.namespace}/{resource.metadata.name}")
+        existing = topology.l7.waypoints.get(
+            f"{resource.metadata.namespace}/{resource.metadata.name}"
+        )
         wanted = (resource.metadata.labels or {}).get(WAYPOINT_FOR, "service")
         if existing is not None and existing.waypoint_for == wanted:
             return

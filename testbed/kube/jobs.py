@@ -141,7 +141,7 @@ def _job(
                         k8s.V1Container(
                             name="measure", image=image, command=command, env=[node_name]
                         )
-                    ],  # fmt: skip
+                    ],
                 )
             ),
         ),
@@ -182,7 +182,7 @@ def write_experiment(
                 server_name,
                 chosen,
                 context,
-            )  # fmt: skip
+            )
         )
         path = out / f"{placement}.yaml"
         docs = [validated_core(obj) for obj in objects]

@@ -128,12 +128,12 @@ class RunningTestbed:
     def _check_runtime(self, topology: Topology, resource: r.IstioResource, op: str) -> None:
         meta = resource.metadata
         where = f"{resource.kind} {meta.namespace or 'default'}/{meta.name}"
-        if isinstance(resource, r.Gateway) and op == "apply":
-            if f"{meta.namespace}/{meta.name}" not in topology.l7.waypoints:
-                raise istio.ApplyError(
-                    f"{where}: a new waypoint cannot be started in a running testbed; declare it "
-                    "in the topology (add_waypoint or apply_yaml in build())"
-                )
+        new_waypoint = f"{meta.namespace}/{meta.name}" not in topology.l7.waypoints
+        if isinstance(resource, r.Gateway) and op == "apply" and new_waypoint:
+            raise istio.ApplyError(
+                f"{where}: a new waypoint cannot be started in a running testbed; declare it "
+                "in the topology (add_waypoint or apply_yaml in build())"
+            )
         if isinstance(resource, r.LabelPatch) and istio.DATAPLANE_MODE in resource.metadata.labels:
             raise istio.ApplyError(
                 f"{where}: metadata.labels.{istio.DATAPLANE_MODE}: enrolling or unenrolling pods "

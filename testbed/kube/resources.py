@@ -9,16 +9,16 @@ as aliases; Python attributes are snake_case.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-ISTIO_SECURITY = "security.istio.io/v1"
-GATEWAY_API = "gateway.networking.k8s.io/v1"
-GATEWAY_GROUP = "gateway.networking.k8s.io"
-WAYPOINT_CLASS = "istio-waypoint"
-HBONE_PORT = 15008
+ISTIO_SECURITY: Final = "security.istio.io/v1"
+GATEWAY_API: Final = "gateway.networking.k8s.io/v1"
+GATEWAY_GROUP: Final = "gateway.networking.k8s.io"
+WAYPOINT_CLASS: Final = "istio-waypoint"
+HBONE_PORT: Final = 15008
 
 
 class _Model(BaseModel):

@@ -52,7 +52,7 @@ def test_an_invalid_core_object_is_refused() -> None:
         metadata=k8s.V1ObjectMeta(name="x"),
         spec=k8s.V1ServiceSpec(ports=[k8s.V1ServicePort(port="eighty")]),  # not an integer
     )
-    with pytest.raises(ExportError, match="does not validate against Kubernetes 1.35.0"):
+    with pytest.raises(ExportError, match=r"does not validate against Kubernetes 1\.35\.0"):
         validated_core(broken)
 
 
