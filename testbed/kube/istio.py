@@ -176,6 +176,12 @@ def export_route(topology: Topology, route: HttpRoute) -> tuple[r.HTTPRoute, lis
                     "HTTPRoute field Istio's waypoint honours; not exported"
                 )
         rules.append(_route_rule(topology, route.namespace, rule))
+        notes += [
+            f"route {route.namespace}/{route.name} rule {index}: backend {b.service} keeps the "
+            "request's port in the testbed; Gateway API needs one, its first port was written"
+            for b in rule.backends
+            if b.port is None and len(_service_by_key(topology, b.service).ports) > 1
+        ]
     spec = r.HTTPRouteSpec(parent_refs=parents, rules=rules or None)
     return r.HTTPRoute(metadata=_meta(route.name, route.namespace), spec=spec), notes
 
@@ -196,7 +202,7 @@ def _route_rule(topology: Topology, namespace: str, rule: RouteRule) -> r.HTTPRo
             r.HTTPBackendRef(
                 name=svc.name,
                 namespace=_other_ns(svc, namespace),
-                port=backend.port,
+                port=backend.port or min(svc.ports),
                 weight=backend.weight if backend.weight != 1 else None,
             )
         )
@@ -371,18 +377,23 @@ def _declare_route(topology: Topology, route: r.HTTPRoute) -> None:
                 for header in match.get("headers", []):
                     header.pop("type", None)
         if rule.backend_refs:
-            data["backends"] = [
-                {
-                    "service": _service_named(topology, b.name, b.namespace or ns).name,
-                    **({"port": b.port} if b.port else {}),
-                    **({"weight": b.weight} if b.weight is not None else {}),
-                }
-                for b in rule.backend_refs
-            ]
+            data["backends"] = [_backend(topology, b, ns) for b in rule.backend_refs]
         if rule.timeouts:
             data["timeout"] = parse_duration(rule.timeouts.request)
         rules.append(data)
     topology.add_http_route(route.metadata.name, services=parents, rules=rules, namespace=ns)
+
+
+def _backend(topology: Topology, ref: r.HTTPBackendRef, namespace: str) -> dict[str, Any]:
+    """A backend of the model; the port of a single-port service is left to the request's
+    port, which is the same (the inverse of export_route's choice)."""
+    svc = _service_named(topology, ref.name, ref.namespace or namespace)
+    backend: dict[str, Any] = {"service": svc.name}
+    if list(svc.ports) != [ref.port]:
+        backend["port"] = ref.port
+    if ref.weight is not None:
+        backend["weight"] = ref.weight
+    return backend
 
 
 def parse_duration(text: str) -> float:

@@ -155,7 +155,7 @@ class HTTPBackendRef(_Model):
     kind: Literal["Service"] = "Service"
     name: str
     namespace: str | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
+    port: int = Field(ge=1, le=65535)  # required for a Service (the CRD's validation rule)
     weight: int | None = Field(default=None, ge=0)
 
 

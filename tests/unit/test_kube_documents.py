@@ -185,3 +185,15 @@ def test_gateway_api_durations() -> None:
     assert istio.parse_duration("500ms") == 0.5
     with pytest.raises(ValueError, match="duration"):
         istio.parse_duration("5")
+
+
+def test_backend_ref_needs_a_port_as_on_a_cluster(tmp_path: Path) -> None:
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r"},
+        "spec": {"parentRefs": [{"name": "reviews"}], "rules": [{"backendRefs": [{"name": "a"}]}]},
+    }  # fmt: skip
+    (line,) = problems(write(tmp_path, route))
+    assert line.endswith(
+        "document 1 (HTTPRoute r): spec.rules[0].backendRefs[0].port: Field required"
+    )
