@@ -31,6 +31,7 @@ from testbed.experiment.workloads import WORKLOADS
 
 PLATFORM = "kubernetes"
 PROBE_TIMEOUT = 2.0
+PROBE_SETTLE = 0.5  # seconds for a server to finish handling the probe connection
 
 
 class LocalProcess:
@@ -117,6 +118,7 @@ class RemoteServer:
     def __init__(self, ip: str, name: str) -> None:
         self.ip = ip
         self.name = name
+        self.listening: set[int] = set()  # ports seen listening: the servers run on
 
     def spawn(
         self,
@@ -140,12 +142,22 @@ class RemoteServer:
         if words[:2] != ["ss", "-H"] or not words[-1].startswith(":"):
             raise RuntimeError(f"RemoteServer runs no commands; asked for {words}")
         port = int(words[-1][1:])
+        if port not in self.listening and self._probe(port):
+            self.listening.add(port)
+        listening = f"LISTEN {self.ip}:{port}\n" if port in self.listening else ""
+        return subprocess.CompletedProcess(words, 0 if listening else 1, listening, "")
+
+    def _probe(self, port: int) -> bool:
+        """Connect once. A one-test-at-a-time server (iperf3) treats the probe as a failed
+        test and resets a client that comes in meanwhile, so give it time to get over it;
+        later probes of the port are answered from memory, since the servers keep running."""
         try:
             with socket.create_connection((self.ip, port), timeout=PROBE_TIMEOUT):
-                listening = f"LISTEN {self.ip}:{port}\n"
+                pass
         except OSError:
-            listening = ""
-        return subprocess.CompletedProcess(words, 0 if listening else 1, listening, "")
+            return False
+        time.sleep(PROBE_SETTLE)
+        return True
 
 
 def utc_now() -> str:

@@ -42,7 +42,9 @@ def test_remote_server_answers_only_the_listening_probe() -> None:
         assert server.spawn(["iperf3", "-s"], label="x").poll() is None
         with pytest.raises(RuntimeError, match="runs no commands"):
             server.run(["iperf3", "-s"])
-    assert server.run(["ss", "-H", "-ltn", "sport", "=", f":{port}"]).returncode == 1
+        assert server.listening == {port}  # later probes do not connect again
+    fresh = job.RemoteServer("127.0.0.1", "server")
+    assert fresh.run(["ss", "-H", "-ltn", "sport", "=", f":{port}"]).returncode == 1
 
 
 def job_rows(monkeypatch: pytest.MonkeyPatch, value: float) -> list[dict[str, Any]]:
