@@ -8,12 +8,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 from podapps import GreetingServer, greeting
 
 from testbed.cli import main
 from testbed.cluster import Cluster, load_topology, plan
 from testbed.kube.istio import export_topology
+from testbed.redirect import available_modes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "istio"
 ROUNDTRIP_TOPOLOGY = str(Path(__file__).with_name("topo_kube_roundtrip.py"))
@@ -47,8 +49,11 @@ def cli(root: Path, *args: str) -> int:
     return main(["--root", str(root), *args])
 
 
-def test_deny_applied_blocks_new_connections_and_delete_restores(runs_root: Path) -> None:
-    with Cluster("two_nodes", mode="inpod", name="kubeapply", root=runs_root) as cluster:
+@pytest.mark.parametrize("mode", [m for m in available_modes() if m != "none"])
+def test_deny_applied_blocks_new_connections_and_delete_restores(
+    runs_root: Path, mode: str
+) -> None:
+    with Cluster("two_nodes", mode=mode, name="kubeapply", root=runs_root) as cluster:
         GreetingServer(cluster.pod("server1"))
         client, server_ip = cluster.pod("client"), cluster.pod("server1").ip
         assert greeting(client, server_ip) == f"server1 {client.ip}"
@@ -73,6 +78,7 @@ def test_apply_refuses_unsupported_fields_and_changes_nothing(
         GreetingServer(cluster.pod("server1"))
         assert cli(runs_root, "apply", cluster.run, str(bad)) == 2
         assert "spec.provider: not supported" in capsys.readouterr().err  # type: ignore[attr-defined]
+        assert not (runs_root / cluster.run / "istio-applied.yaml").exists()
         client = cluster.pod("client")
         assert greeting(client, cluster.pod("server1").ip) == f"server1 {client.ip}"
 
@@ -107,3 +113,27 @@ def test_exported_routes_and_policies_applied_back_behave_as_declared(
 
         assert cli(runs_root, "delete", cluster.run, str(exported)) == 0
         assert until(lambda: _requests(cluster, "/admin", 3)["statuses"] == {"200": 3})
+
+
+def test_what_a_detached_testbed_cannot_take_is_refused(
+    runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unenroll = tmp_path / "unenroll.yaml"
+    unenroll.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "server1", "labels": {"istio.io/dataplane-mode": "none"}},
+            }
+        )
+    )
+    deny = str(EXAMPLES / "deny-server.yaml")
+    with Cluster("two_nodes", mode="none", name="kubenone", root=runs_root) as cluster:
+        assert cli(runs_root, "apply", cluster.run, deny) == 2
+        assert "runs mode none" in capsys.readouterr().err
+    with Cluster("two_nodes", mode="inpod", name="kubelabel", root=runs_root) as cluster:
+        assert cli(runs_root, "apply", cluster.run, str(unenroll)) == 2
+        assert "metadata.labels.istio.io/dataplane-mode" in capsys.readouterr().err
+        assert cli(runs_root, "delete", cluster.run, deny) == 2
+        assert "not applied to this testbed" in capsys.readouterr().err
