@@ -291,6 +291,13 @@ def _unmapped_nodes(topology: Topology, node_map: Mapping[str, str]) -> list[str
     ]
 
 
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot be made a folder: {exc.strerror}") from None
+
+
 def _dump_documents(documents: Sequence[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(documents, sort_keys=False, explicit_start=True)
 
@@ -329,7 +336,7 @@ def write_export(
 ) -> list[Path]:
     """Write the manifests, kustomization.yaml and README.md into `out`; returns the files."""
     manifests = build_manifests(topology, mode=mode, node_map=node_map, image=image)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     written = []
     for name, documents in manifests.files.items():
         (out / name).write_text(_dump_documents(documents), encoding="utf-8")

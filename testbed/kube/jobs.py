@@ -30,6 +30,7 @@ from testbed.kube.export import (
     HOSTNAME_LABEL,
     SIDECAR_INJECTION,
     ExportError,
+    make_out_dir,
     validated_core,
 )
 from testbed.kube.istio import DATAPLANE_MODE
@@ -163,7 +164,7 @@ def write_experiment(
     cases = mode_cases(spec, ModeSpec(mode=CLUSTER_MODES[mode]))
     context = {"experiment": spec.name, "run_id": RUN_ID,
                "topology": spec.topology.as_argument(), "pinning": spec.pinning}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     written = [out / "namespace.yaml"]
     written[0].write_text(
         yaml.safe_dump(validated_core(_namespace(namespace, mode)), sort_keys=False)

@@ -31,6 +31,7 @@ from testbed.cluster.model import Topology, plan
 from testbed.kube import istio
 from testbed.kube import resources as r
 from testbed.kube.documents import load_documents, parse_document
+from testbed.netlab import NetlabError
 from testbed.netlab.manifest import RUNS_ROOT
 
 if TYPE_CHECKING:
@@ -78,7 +79,10 @@ class RunningTestbed:
     def open(cls, run: str, root: Path = RUNS_ROOT) -> RunningTestbed:
         from testbed.cluster.cluster import load_inventory
 
-        inventory = load_inventory(run, root)
+        try:
+            inventory = load_inventory(run, root)
+        except NetlabError as exc:
+            raise istio.ApplyError(str(exc)) from None
         if inventory["facts"].get("mode") == "none":
             raise istio.ApplyError(
                 f"testbed {run} runs mode none: no proxy enforces Istio resources there"

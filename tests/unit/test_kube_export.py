@@ -77,3 +77,16 @@ def test_node_map_errors_name_the_item() -> None:
         parse_node_map("node9=a", topology)
     with pytest.raises(ExportError, match="expected NODE=KUBERNETES_NODE"):
         parse_node_map("node1", topology)
+
+
+def test_cli_mistakes_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    occupied = tmp_path / "file"
+    occupied.write_text("")
+    assert main(["export", "two_nodes", "--out", str(occupied)]) == 2
+    assert "cannot be made a folder" in capsys.readouterr().err
+    assert main(["--root", str(tmp_path), "apply", "nosuch", str(occupied)]) == 2
+    assert "no running testbed named 'nosuch'" in capsys.readouterr().err
+    assert main(["export", "two_nodes", "--out", str(tmp_path / "x"), "--node-map", "a"]) == 2
+    assert "expected NODE=KUBERNETES_NODE" in capsys.readouterr().err
