@@ -67,7 +67,15 @@ def export_topology(topology: Topology) -> Exported:
             "topology put it on is not pinned"
         )
     out.policies = [export_l4_policy(p) for p in topology.policies.values()]
-    out.policies += [export_l7_policy(topology, p) for p in topology.l7.policies]
+    for l7 in topology.l7.policies:
+        resource = export_l7_policy(topology, l7)
+        if resource.spec.target_refs:
+            out.policies.append(resource)
+        else:  # an empty targetRefs would make it an L4 policy on the whole namespace
+            out.notes.append(
+                f"L7 policy {l7.namespace}/{l7.name}: its namespace has no waypoint, so it "
+                "applies to nothing; not exported"
+            )
     for route in topology.l7.routes:
         resource, notes = export_route(topology, route)
         out.routes.append(resource)

@@ -128,13 +128,27 @@ def test_export_then_declare_gives_the_same_declarations() -> None:
                 "ports": [8080], "not_ports": [9]}, {}],
     )  # fmt: skip
     source.add_policy("mesh-wide", namespace="istio-system", rules=[{"namespaces": ["default"]}])
+    source.add_l7_policy(
+        "l7-all-fields", services=["reviews", "reviews-v1"],
+        rules=[{"from": [{"principals": ["cluster.local/ns/default/sa/productpage"],
+                          "notNamespaces": ["other*"]}, {"namespaces": ["*"]}],
+                "to": [{"methods": ["GET"], "notPaths": ["/private*"], "ports": [8080],
+                        "notPorts": [9]}],
+                "when": [{"key": "request.headers[x-user]", "values": ["*-admin"],
+                          "notValues": ["root"]}]}],
+    )  # fmt: skip
+    source.add_l7_policy("whole-namespace", action="DENY", rules=[{"to": [{"paths": ["/x"]}]}])
     exported = istio.export_topology(source)
     target = plan(Bare())
     for resource in exported.all():
         istio.declare(target, resource)
     assert target.l7.routes == source.l7.routes
-    assert target.l7.policies == source.l7.policies
+    assert target.l7.policies == source.l7.policies and len(source.l7.policies) == 3
     assert target.policies == source.policies
+    whole = next(p for p in exported.policies if p.metadata.name == "whole-namespace")
+    assert whole.dump()["spec"]["targetRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}
+    ]
 
 
 def test_istio_rule_with_several_sources_becomes_their_union() -> None:
