@@ -17,6 +17,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -123,7 +124,12 @@ class RunningTestbed:
                 istio.declare(topology, resource)
             else:
                 istio.withdraw(topology, resource)
-        self.push(topology)
+        try:
+            self.push(topology)
+        except istio.ApplyError:
+            with contextlib.suppress(istio.ApplyError):
+                self.push(self.topology(history))  # put back what ran before
+            raise
         history += [{"op": op, "document": res.dump()} for res in resources]
         state = self.folder / APPLIED_STATE
         state.write_text(yaml.safe_dump(history, sort_keys=False), encoding="utf-8")
