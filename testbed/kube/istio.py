@@ -68,9 +68,9 @@ def export_topology(topology: Topology) -> Exported:
         )
     out.policies = [export_l4_policy(p) for p in topology.policies.values()]
     for l7 in topology.l7.policies:
-        resource = export_l7_policy(topology, l7)
-        if resource.spec.target_refs:
-            out.policies.append(resource)
+        exported = export_l7_policy(topology, l7)
+        if exported.spec.target_refs:
+            out.policies.append(exported)
         else:  # an empty targetRefs would make it an L4 policy on the whole namespace
             out.notes.append(
                 f"L7 policy {l7.namespace}/{l7.name}: its namespace has no waypoint, so it "
