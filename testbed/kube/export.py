@@ -102,14 +102,14 @@ def validated_istio(resource: r.IstioResource) -> dict[str, Any]:
 
 
 def _is_waypoint(topology: Topology, pod: PodSpec) -> bool:
-    return f"{pod.namespace}/{pod.name}" in topology.l7.waypoints
+    return f"{pod.namespace}/{pod.name}" in istio.waypoint_keys(topology)
 
 
 def namespaces(topology: Topology, mode: ExportMode) -> list[Any]:
     names = sorted(
         {p.namespace for p in topology.pods.values()}
         | {s.namespace for s in topology.services.values()}
-        | set(topology.l7.namespace_labels)
+        | set(istio.namespace_labels(topology))
         | {p.namespace for p in topology.policies.values()}
     )
     made = []
@@ -121,7 +121,7 @@ def namespaces(topology: Topology, mode: ExportMode) -> list[Any]:
             if mode == "ambient"
             else {SIDECAR_INJECTION: "enabled"}
         )
-        labels.update(topology.l7.namespace_labels.get(name, {}) if mode == "ambient" else {})
+        labels.update(istio.namespace_labels(topology).get(name, {}) if mode == "ambient" else {})
         meta = k8s.V1ObjectMeta(name=name, labels=labels)
         made.append(k8s.V1Namespace(api_version="v1", kind="Namespace", metadata=meta))
     return made

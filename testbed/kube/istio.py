@@ -5,7 +5,8 @@ planned topology's policies, waypoints and routes into AuthorizationPolicies, Ga
 HTTPRoutes (testbed.kube.resources); `declare` and `withdraw` turn those resources back into
 (or out of) a topology's declarations. Everything this module reads of a topology goes
 through its public attributes: `policies`, `services`, `pods`, and `l7` (waypoints,
-namespace_labels, routes, policies).
+namespace_labels, routes, policies), and the rest of testbed.kube reads those L7
+declarations only through the functions here, so a change of their home touches one module.
 
 What the resources cannot say is returned as notes by the exporter, and what the testbed
 cannot honour is refused by the parser (testbed.kube.documents) with its field path.
@@ -42,6 +43,29 @@ class Exported:
 
     def all(self) -> list[r.IstioResource]:
         return [*self.gateways, *self.policies, *self.routes]
+
+
+# ================================================================ what the model declares
+
+
+def waypoint_keys(topology: Topology) -> set[str]:
+    """ "<namespace>/<name>" of every waypoint (each is also a pod of that name)."""
+    return set(topology.l7.waypoints)
+
+
+def namespace_labels(topology: Topology) -> dict[str, dict[str, str]]:
+    """The labels the topology puts on namespaces (e.g. istio.io/use-waypoint)."""
+    return topology.l7.namespace_labels
+
+
+def waypoint_l7_files(topology: Topology, config: Any) -> dict[str, Any]:
+    """Each waypoint's L7 file name in the mesh folder and its content for `config`."""
+    from testbed.cluster.waypoints import l7_config_for
+
+    return {
+        f"waypoint-{spec.name}.yaml": l7_config_for(spec, config, topology.l7)
+        for spec in topology.l7.waypoints.values()
+    }
 
 
 # ================================================================ model -> resources

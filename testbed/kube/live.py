@@ -138,7 +138,7 @@ class RunningTestbed:
     def _check_runtime(self, topology: Topology, resource: r.IstioResource, op: str) -> None:
         meta = resource.metadata
         where = f"{resource.kind} {meta.namespace or 'default'}/{meta.name}"
-        new_waypoint = f"{meta.namespace}/{meta.name}" not in topology.l7.waypoints
+        new_waypoint = f"{meta.namespace}/{meta.name}" not in istio.waypoint_keys(topology)
         if isinstance(resource, r.Gateway) and op == "apply" and new_waypoint:
             raise istio.ApplyError(
                 f"{where}: a new waypoint cannot be started in a running testbed; declare it "
@@ -153,7 +153,7 @@ class RunningTestbed:
 
     def push(self, topology: Topology) -> None:
         """Write the mesh config and the waypoints' L7 files; wait for every proxy to load it."""
-        from testbed.cluster.waypoints import l7_config_for, write_l7_config
+        from testbed.cluster.waypoints import write_l7_config
         from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
         from testbed.mesh.ztunnel.state import config_digest
         from testbed.redirect.control import CONFIG_FILE, mesh_config, write_atomically
@@ -161,10 +161,9 @@ class RunningTestbed:
         trust_domain = self.inventory["facts"].get("trust_domain", DEFAULT_TRUST_DOMAIN)
         config = mesh_config(topology, trust_domain)
         mesh = self.folder / MESH_FOLDER
-        for spec in topology.l7.waypoints.values():
-            l7_file = mesh / f"waypoint-{spec.name}.yaml"
-            if l7_file.exists():  # the mode runs this waypoint (and owns the file)
-                write_l7_config(l7_file, l7_config_for(spec, config, topology.l7))
+        for name, l7_config in istio.waypoint_l7_files(topology, config).items():
+            if (mesh / name).exists():  # the mode runs this waypoint (and owns the file)
+                write_l7_config(mesh / name, l7_config)
         write_atomically(mesh / CONFIG_FILE, config.dump_yaml())
         self._await_digest(config_digest(config))
 
