@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from testbed.kube import resources as r
-from testbed.kube.istio import LABEL_KEYS
+from testbed.kube.istio import DATAPLANE_MODE, LABEL_KEYS
 
 HTTP_OPERATION_FIELDS = ("methods", "not_methods", "paths", "not_paths")
 
@@ -88,14 +88,37 @@ def _problem(error: Any) -> str:
     return f"{path}: {error['msg']}"
 
 
+# Values of istio.io/dataplane-mode the testbed can honour, by kind: its namespaces are all
+# in the mesh (as if labelled ambient), a pod leaves it with `none`; Istio reads the label
+# from namespaces and pods only.
+DATAPLANE_VALUES = {"Namespace": ("ambient",), "Pod": ("ambient", "none"), "Service": ()}
+
+
+def label_problems(patch: r.LabelPatch) -> list[str]:
+    problems = [
+        f"metadata.labels.{key}: not supported (only {', '.join(LABEL_KEYS)} are applied)"
+        for key in patch.metadata.labels
+        if key not in LABEL_KEYS
+    ]
+    value = patch.metadata.labels.get(DATAPLANE_MODE)
+    allowed = DATAPLANE_VALUES[patch.kind]
+    if value is not None and value not in allowed:
+        hint = (
+            f"expected {' or '.join(allowed)}"
+            if allowed
+            else "Istio reads it on Namespaces and Pods"
+        )
+        problems.append(
+            f"metadata.labels.{DATAPLANE_MODE}: {value!r} is not supported on a {patch.kind} "
+            f"({hint})"
+        )
+    return problems
+
+
 def semantic_problems(resource: r.IstioResource) -> list[str]:
     """What the schema allows but the testbed's model of it cannot express."""
     if isinstance(resource, r.LabelPatch):
-        return [
-            f"metadata.labels.{key}: not supported (only {', '.join(LABEL_KEYS)} are applied)"
-            for key in resource.metadata.labels
-            if key not in LABEL_KEYS
-        ]
+        return label_problems(resource)
     if not isinstance(resource, r.AuthorizationPolicy):
         return []
     spec = resource.spec

@@ -211,3 +211,17 @@ def test_backend_ref_needs_a_port_as_on_a_cluster(tmp_path: Path) -> None:
     assert line.endswith(
         "document 1 (HTTPRoute r): spec.rules[0].backendRefs[0].port: Field required"
     )
+
+
+def test_dataplane_mode_values_the_testbed_cannot_honour(tmp_path: Path) -> None:
+    def patch(kind: str, value: str) -> dict[str, object]:
+        return {"apiVersion": "v1", "kind": kind,
+                "metadata": {"name": "x", "labels": {istio.DATAPLANE_MODE: value}}}  # fmt: skip
+
+    lines = problems(write(tmp_path, patch("Namespace", "none"), patch("Service", "ambient"),
+                           patch("Pod", "sidecar")))  # fmt: skip
+    assert len(lines) == 3
+    assert "'none' is not supported on a Namespace (expected ambient)" in lines[0]
+    assert "on a Service (Istio reads it on Namespaces and Pods)" in lines[1]
+    assert "'sidecar' is not supported on a Pod (expected ambient or none)" in lines[2]
+    assert load_documents(write(tmp_path, patch("Namespace", "ambient"), patch("Pod", "none")))
