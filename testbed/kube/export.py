@@ -9,6 +9,8 @@ files together and README.md names everything the manifests cannot carry.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,17 +80,36 @@ def _serialize(obj: Any) -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def _schema_validator(api_version: str, kind: str) -> Any:
+    """kubernetes-validate's strict schema of one kind at KUBERNETES_VERSION, loaded once
+    (its validate() reloads the shared definitions on every call: minutes for 1000 pods)."""
+    import jsonschema
+    from kubernetes_validate.utils import schema_contents
+    from referencing import Registry, Resource
+
+    folder = f"kubernetes-json-schema/v{KUBERNETES_VERSION}-local-strict"
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)  # apps/v1 -> apps-v1
+    schema = schema_contents(f"{folder}/{kind.lower()}-{group_version}.json", KUBERNETES_VERSION)
+    definitions = schema_contents(f"{folder}/_definitions.json", KUBERNETES_VERSION)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
 def validated_core(obj: Any) -> dict[str, Any]:
     """A kubernetes client model as a dict, checked against the fixed API version."""
-    import kubernetes_validate
+    import jsonschema
 
     data = _serialize(obj)
     try:
-        kubernetes_validate.validate(data, KUBERNETES_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as exc:
+        _schema_validator(data["apiVersion"], data["kind"]).validate(data)
+    except jsonschema.ValidationError as exc:
         what = f"{data.get('kind')} {data.get('metadata', {}).get('name')}"
-        raise ExportError(f"{what} does not validate against Kubernetes {KUBERNETES_VERSION}: "
-                          f"{exc.message}") from None  # fmt: skip
+        path = ".".join(str(p) for p in exc.absolute_path)
+        raise ExportError(
+            f"{what} does not validate against Kubernetes {KUBERNETES_VERSION}: "
+            f"{path}: {exc.message}"
+        ) from None
     return data
 
 
@@ -139,21 +160,20 @@ def service_accounts(pods: Sequence[PodSpec]) -> list[Any]:
     ]
 
 
-def served_ports(topology: Topology, pod: PodSpec) -> list[int]:
-    """The target ports of the services that select `pod`."""
-    ports = {
-        target
-        for svc in topology.services.values()
-        if pod in service_endpoints(topology, svc)
-        for target in svc.ports.values()
-    }
-    return sorted(ports)
+def served_ports(topology: Topology) -> dict[str, list[int]]:
+    """Pod name -> the target ports of the services that select it."""
+    ports: dict[str, set[int]] = {name: set() for name in topology.pods}
+    for svc in topology.services.values():
+        for pod in service_endpoints(topology, svc):
+            ports[pod.name].update(svc.ports.values())
+    return {name: sorted(found) for name, found in ports.items()}
 
 
-def containers(topology: Topology, pod: PodSpec, image: str) -> tuple[list[Any], list[int]]:
-    """One container per app the pod serves (or an idle one); and the ports with no app."""
+def containers(pod: PodSpec, ports: list[int], image: str) -> tuple[list[Any], list[int]]:
+    """One container per app the pod serves on `ports` (or an idle one); and the ports with
+    no app."""
     made, unknown = [], []
-    for port in served_ports(topology, pod):
+    for port in ports:
         if port not in APPS:
             unknown.append(port)
             continue
@@ -174,12 +194,12 @@ def containers(topology: Topology, pod: PodSpec, image: str) -> tuple[list[Any],
 
 
 def deployment(
-    topology: Topology, pod: PodSpec, mode: ExportMode, node_map: Mapping[str, str], image: str
+    pod: PodSpec, ports: list[int], mode: ExportMode, node_map: Mapping[str, str], image: str
 ) -> tuple[Any, list[int]]:
     labels = {**pod.labels, POD_LABEL: pod.name}
     if mode == "sidecar" and pod.labels.get(istio.DATAPLANE_MODE) == "none":
         labels[SIDECAR_INJECT_POD] = "false"
-    made, unknown = containers(topology, pod, image)
+    made, unknown = containers(pod, ports, image)
     template = k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(labels=labels),
         spec=k8s.V1PodSpec(
@@ -239,8 +259,9 @@ def build_manifests(
     out.add("namespaces.yaml", [validated_core(n) for n in namespaces(topology, mode)])
     out.add("serviceaccounts.yaml", [validated_core(s) for s in service_accounts(apps)])
     deployments = []
+    served = served_ports(topology)
     for pod in apps:
-        obj, unknown = deployment(topology, pod, mode, nodes, image)
+        obj, unknown = deployment(pod, served[pod.name], mode, nodes, image)
         deployments.append(validated_core(obj))
         out.notes += [
             f"pod {pod.namespace}/{pod.name}: nothing known serves port {port} (a service "
