@@ -324,13 +324,13 @@ def _dump_documents(documents: Sequence[dict[str, Any]]) -> str:
 
 
 def readme_text(topology: Topology, mode: ExportMode, manifests: Manifests) -> str:
+    dataplane = "ambient (istio-cni, ztunnel)" if mode == "ambient" else "sidecar injection"
     lines = [
         f"# Topology {topology.name} for Kubernetes with Istio ({mode})",
         "",
-        "Written by `testbed export`. Apply with `kubectl apply -k .` on a cluster that runs",
-        f"Istio {'ambient (istio-cni, ztunnel)' if mode == 'ambient' else 'with sidecar injection'}"
-        " and the Gateway API CRDs. The image is built from the project's Containerfile",
-        "(`testbed export-experiment` writes one).",
+        "Written by `testbed export`. Apply it with `kubectl apply -k .` on a cluster with",
+        f"Istio {dataplane} and the Gateway API CRDs installed. The apps' image is",
+        "the project's own, built from the Containerfile `testbed export-experiment` writes.",
         "",
         "## What these manifests do not carry",
         "",
