@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from testbed.cluster.loader import load_topology
-from testbed.cluster.model import Topology, plan
+from testbed.cluster.model import Topology, TopologyError, plan
 from testbed.kube import istio
 from testbed.kube import resources as r
 from testbed.kube.documents import load_documents, parse_document
@@ -103,7 +103,14 @@ class RunningTestbed:
 
     def topology(self, history: list[dict[str, Any]]) -> Topology:
         """The topology as built, with every apply and delete of `history` replayed."""
-        topology = plan(load_topology(self.inventory["topology"], **self.inventory["params"]))
+        name = self.inventory["topology"]
+        try:
+            topology = plan(load_topology(name, **self.inventory["params"]))
+        except TopologyError as exc:
+            raise istio.ApplyError(
+                f"testbed {self.run}: its topology {name!r} cannot be loaded again ({exc}); "
+                "apply needs a testbed built from a topology name or file"
+            ) from None
         for entry in history:
             resource, errors = parse_document(entry["document"])
             if resource is None or errors:
