@@ -242,6 +242,103 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- Kubernetes: export, export-experiment, import, apply, delete (testbed.kube) -------------
+def _kube_errors() -> tuple[type[Exception], ...]:
+    from testbed.kube.documents import DocumentError
+    from testbed.kube.export import ExportError
+    from testbed.kube.importer import RowsError
+    from testbed.kube.istio import ApplyError
+
+    return (DocumentError, ExportError, RowsError, ApplyError)
+
+
+def cmd_kube(args: argparse.Namespace) -> int:
+    try:
+        code: int = args.kube_func(args)
+        return code
+    except _kube_errors() as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _kube_export(args: argparse.Namespace) -> int:
+    from testbed.cluster.loader import load_topology
+    from testbed.cluster.model import plan
+    from testbed.kube.export import parse_node_map, write_export
+
+    topology = plan(load_topology(args.topology))
+    node_map = parse_node_map(args.node_map, topology)
+    files = write_export(topology, args.out, mode=args.mode, node_map=node_map, image=args.image)
+    console.print(f"wrote {len(files)} files to {args.out} (kubectl apply -k {args.out})")
+    return 0
+
+
+def _kube_export_experiment(args: argparse.Namespace) -> int:
+    from testbed.cluster.loader import load_topology
+    from testbed.cluster.model import plan
+    from testbed.experiment.spec import KNOWN_MODES, load_spec
+    from testbed.kube.export import parse_node_map
+    from testbed.kube.jobs import write_experiment
+
+    spec = load_spec(args.spec, available_modes=lambda: list(KNOWN_MODES))
+    node_map = parse_node_map(args.node_map, plan(load_topology(spec.topology.as_argument())))
+    files = write_experiment(
+        args.spec, args.out, mode=args.mode, node_map=node_map, image=args.image
+    )
+    console.print(f"wrote {len(files)} files to {args.out}; see {args.out / 'README.md'}")
+    return 0
+
+
+def _kube_import(args: argparse.Namespace) -> int:
+    from testbed.kube.importer import import_rows
+
+    console.print(f"results: {import_rows(args.rows, args.name, args.results)}")
+    return 0
+
+
+def _kube_apply(args: argparse.Namespace) -> int:
+    from testbed.kube.live import apply_to_run, delete_from_run
+
+    change = delete_from_run if args.delete else apply_to_run
+    for res in change(args.name, args.file, args.root):
+        verb = "deleted" if args.delete else "applied"
+        console.print(
+            f"{res.kind} {res.metadata.namespace or 'default'}/{res.metadata.name} {verb}"
+        )
+    return 0
+
+
+def add_kube_commands(sub: Any) -> None:
+    from testbed.kube.export import DEFAULT_IMAGE, EXPORT_MODES
+
+    p = sub.add_parser("export", help="Kubernetes + Istio manifests for a topology")
+    p.add_argument("topology", help="name, spec string or file.py, as for up")
+    p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
+    p.add_argument("--node-map", help="node1=worker-a,node2=worker-b (default: same names)")
+    p.add_argument("--mode", choices=EXPORT_MODES, default="ambient")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the apps (the project's)")
+    p.set_defaults(func=cmd_kube, kube_func=_kube_export)
+
+    p = sub.add_parser("export-experiment", help="an experiment spec as Kubernetes Jobs")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--node-map", help="node1=worker-a,node2=worker-b (default: same names)")
+    p.add_argument("--mode", choices=["ambient", "sidecar", "none"], default="ambient")
+    p.add_argument("--image", default=DEFAULT_IMAGE)
+    p.set_defaults(func=cmd_kube, kube_func=_kube_export_experiment)
+
+    p = sub.add_parser("import", help="a Job's JSON rows as a results directory")
+    p.add_argument("rows", type=Path)
+    p.add_argument("--name", required=True, help="name of the results directory")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.set_defaults(func=cmd_kube, kube_func=_kube_import)
+
+    for verb in ("apply", "delete"):
+        p = sub.add_parser(verb, help=f"{verb} Istio YAML (policies, waypoints, routes, labels)")
+        p.add_argument("name", help="a running testbed")
+        p.add_argument("file", type=Path)
+        p.set_defaults(func=cmd_kube, kube_func=_kube_apply, delete=verb == "delete")
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from testbed.redirect import available_modes
@@ -324,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", type=Path)
     p.add_argument("run_b", type=Path)
     p.set_defaults(func=cmd_compare)
+    add_kube_commands(sub)
     return parser
 
 

@@ -251,6 +251,14 @@ class Topology:
             self, name, namespace, action, services or [], rules or []
         )
 
+    def apply_yaml(self, path: str) -> None:
+        """Declare the Istio resources of a YAML file (AuthorizationPolicies, waypoint
+        Gateways, HTTPRoutes, istio.io label patches), as `testbed apply` reads them; call it
+        in build() after the services it names. Implemented in testbed.kube.istio."""
+        from testbed.kube.istio import declare_file  # the translation lives with the exporter
+
+        declare_file(self, path)
+
     def remove_policy(self, name: str) -> None:
         if self.policies.pop(name, None) is None:
             raise self.error(f"no policy named {name!r}")
