@@ -275,11 +275,12 @@ def _kube_export(args: argparse.Namespace) -> int:
 def _kube_export_experiment(args: argparse.Namespace) -> int:
     from testbed.cluster.loader import load_topology
     from testbed.cluster.model import plan
-    from testbed.experiment.spec import KNOWN_MODES, load_spec
+    from testbed.experiment.spec import load_spec
     from testbed.kube.export import parse_node_map
     from testbed.kube.jobs import write_experiment
+    from testbed.redirect import available_modes
 
-    spec = load_spec(args.spec, available_modes=lambda: list(KNOWN_MODES))
+    spec = load_spec(args.spec, available_modes=available_modes)
     node_map = parse_node_map(args.node_map, plan(load_topology(spec.topology.as_argument())))
     files = write_experiment(
         args.spec, args.out, mode=args.mode, node_map=node_map, image=args.image

@@ -59,16 +59,6 @@ def namespace_labels(topology: Topology) -> dict[str, dict[str, str]]:
     return topology.l7.namespace_labels
 
 
-def waypoint_l7_files(topology: Topology, config: Any) -> dict[str, Any]:
-    """Each waypoint's L7 file name in the mesh folder and its content for `config`."""
-    from testbed.cluster.waypoints import l7_config_for
-
-    return {
-        f"waypoint-{spec.name}.yaml": l7_config_for(spec, config, topology.l7)
-        for spec in topology.l7.waypoints.values()
-    }
-
-
 # ================================================================ model -> resources
 
 

@@ -23,7 +23,7 @@ from kubernetes import client as k8s
 from testbed.cluster.loader import load_topology
 from testbed.cluster.model import PodSpec, Topology, plan
 from testbed.experiment.cases import mode_cases
-from testbed.experiment.spec import KNOWN_MODES, ExperimentSpec, ModeSpec, load_spec
+from testbed.experiment.spec import ExperimentSpec, ModeSpec, load_spec
 from testbed.kube.export import (
     APPS,
     DEFAULT_IMAGE,
@@ -34,6 +34,7 @@ from testbed.kube.export import (
     validated_core,
 )
 from testbed.kube.istio import DATAPLANE_MODE
+from testbed.redirect import available_modes
 
 ClusterMode = Literal["ambient", "sidecar", "none"]
 CLUSTER_MODES: dict[str, str] = {"ambient": "inpod", "sidecar": "sidecar", "none": "none"}
@@ -157,7 +158,7 @@ def write_experiment(
     node_map: Mapping[str, str] | None = None,
     image: str = DEFAULT_IMAGE,
 ) -> list[Path]:
-    spec: ExperimentSpec = load_spec(spec_path, available_modes=lambda: list(KNOWN_MODES))
+    spec: ExperimentSpec = load_spec(spec_path, available_modes=available_modes)
     topology = plan(load_topology(spec.topology.as_argument()))
     nodes = dict(node_map or {})
     namespace = dns_name(f"testbed-{spec.name}")

@@ -160,17 +160,18 @@ class RunningTestbed:
 
     def push(self, topology: Topology) -> None:
         """Write the mesh config and the waypoints' L7 files; wait for every proxy to load it."""
-        from testbed.cluster.waypoints import write_l7_config
         from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
         from testbed.mesh.ztunnel.state import config_digest
         from testbed.redirect.control import CONFIG_FILE, mesh_config, write_atomically
+        from testbed.redirect.waypoint_config import l7_config_for
 
         trust_domain = self.inventory["facts"].get("trust_domain", DEFAULT_TRUST_DOMAIN)
         config = mesh_config(topology, trust_domain)
         mesh = self.folder / MESH_FOLDER
-        for name, l7_config in istio.waypoint_l7_files(topology, config).items():
-            if (mesh / name).exists():  # the mode runs this waypoint (and owns the file)
-                write_l7_config(mesh / name, l7_config)
+        for spec in topology.l7.waypoints.values():
+            path = mesh / f"waypoint-{spec.name}.yaml"
+            if path.exists():  # the mode runs this waypoint (and owns the file)
+                write_atomically(path, l7_config_for(spec, config, topology.l7).dump_yaml())
         write_atomically(mesh / CONFIG_FILE, config.dump_yaml())
         self._await_digest(config_digest(config))
 
