@@ -9,7 +9,8 @@ import yaml
 
 from testbed.cli import main
 from testbed.experiment.cases import mode_cases
-from testbed.experiment.spec import KNOWN_MODES, ModeSpec, load_spec
+from testbed.experiment.spec import ModeSpec, load_spec
+from testbed.redirect import available_modes
 
 SPEC = Path(__file__).resolve().parents[2] / "experiments" / "baseline.yaml"
 
@@ -22,7 +23,7 @@ def test_jobs_carry_the_specs_cases_and_the_node_map(tmp_path: Path) -> None:
     args = ["export-experiment", str(SPEC), "--out", str(tmp_path), "--mode", "none",
             "--node-map", "node1=worker-a,node2=worker-b"]  # fmt: skip
     assert main(args) == 0
-    spec = load_spec(SPEC, available_modes=lambda: list(KNOWN_MODES))
+    spec = load_spec(SPEC, available_modes=available_modes)
     expected = [c.parameters() for c in mode_cases(spec, ModeSpec(mode="none"))]
     namespace = yaml.safe_load((tmp_path / "namespace.yaml").read_text())
     assert namespace["metadata"]["labels"] == {"istio.io/dataplane-mode": "none"}
