@@ -14,7 +14,6 @@ from testbed.mesh.metrics import Registry
 from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
 from testbed.mesh.waypoint.proxy import (
-    Address,
     Downstream,
     Endpoint,
     L7Proxy,
@@ -32,9 +31,7 @@ class FakeUpstreams:
         self.behaviour = behaviour
         self.calls: list[str] = []
 
-    async def exchange(
-        self, endpoint: Endpoint, request: HttpRequest, client: Address
-    ) -> HttpResponse:
+    async def exchange(self, endpoint: Endpoint, request: HttpRequest) -> HttpResponse:
         ip = str(endpoint[0].workload_ips[0])
         self.calls.append(ip)
         what = self.behaviour.get(ip, 200)

@@ -192,7 +192,7 @@ class Waypoint(ProxyProcess):
         if record is not None:
             record.upstream = format_address(self.upstreams.tunnel_address(endpoint))
         try:
-            upstream = await self.upstreams.open_socket(endpoint, downstream.client)
+            upstream = await self.upstreams.open_socket(endpoint)
         except ConnectionError as exc:
             log.info("tcp %s -> %s: %s", downstream.client, downstream.target.address, exc)
             if record is not None:

@@ -1,7 +1,15 @@
-"""The waypoint's per-request L7 pipeline, as Envoy's filter chain orders it:
-authorization (403 "RBAC: access denied") -> route selection (404 when routes exist and none
-matches) -> fault injection (delay, then abort) -> weighted backend pick, endpoint pick,
-retries and timeout -> metrics and an access log line.
+"""The per-request L7 pipeline of waypoints and L7 sidecars, as Envoy's filter chain
+orders it: authorization (403 "RBAC: access denied") -> route selection (404 when routes
+exist and none matches) -> fault injection (delay, then abort) -> a redirect answers, or
+the request filters, Envoy's request headers and mirrors -> weighted backend pick, endpoint
+pick (LEAST_REQUEST: the less busy of two random endpoints), retries (Istio's default
+policy unless the route sets one) and timeout -> response filters,
+`x-envoy-upstream-service-time` -> metrics and an access log line in Envoy's format.
+
+Envoy's request headers: `x-request-id` (a UUID when the client sent none),
+`x-forwarded-proto` (the client's scheme when it sent none) and the client's address
+appended to `x-forwarded-for`. Trace context (`traceparent`, `tracestate`, `baggage`) goes
+upstream unchanged.
 
 Sockets stay outside: the upstream exchange is an injected `Upstreams`, so the whole
 pipeline runs in unit tests against fakes.
@@ -14,21 +22,27 @@ import datetime
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from testbed.mesh.config import LocalConfig, Service, Workload
 from testbed.mesh.metrics import TrafficLabels
+from testbed.mesh.waypoint import filters
 from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.mesh.waypoint.l7authz import DENIED_BODY, L7Policies, Subject
 from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
 from testbed.mesh.waypoint.routing import (
     DEFAULT_RULE,
+    Backend,
+    Failure,
     Random,
     RequestFacts,
+    RouteMatch,
     RouteRule,
     RouteTable,
+    fault_fires,
     pick_weighted,
     plan_fault,
 )
@@ -46,9 +60,7 @@ class UpstreamConnectError(ConnectionError):
 
 
 class Upstreams(Protocol):
-    async def exchange(
-        self, endpoint: Endpoint, request: HttpRequest, client: Address
-    ) -> HttpResponse:
+    async def exchange(self, endpoint: Endpoint, request: HttpRequest) -> HttpResponse:
         """Send `request` to the endpoint; UpstreamConnectError if it cannot be reached,
         another ConnectionError if the connection broke before a response."""
         ...
@@ -90,6 +102,9 @@ class _Outcome:
     endpoint: Endpoint | None
 
 
+_FAILURES: dict[str, Failure] = {"UF": "connect-failure", "UC": "reset"}
+
+
 class L7Proxy:
     def __init__(
         self,
@@ -98,13 +113,18 @@ class L7Proxy:
         upstreams: Upstreams,
         metrics: RequestMetrics,
         *,
+        reporter: str = "waypoint",
         rand: Random = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`reporter` labels the metrics: "waypoint", or "source" in a client's sidecar."""
         self.upstreams = upstreams
         self.metrics = metrics
+        self.reporter = reporter
         self.rand = rand
         self.sleep = sleep
+        self.active: dict[tuple[str, int], int] = {}  # requests in flight per endpoint
+        self._mirrors: set[asyncio.Task[None]] = set()
         self.update(mesh, l7)
 
     def update(self, mesh: LocalConfig, l7: WaypointConfig) -> None:
@@ -163,9 +183,10 @@ class L7Proxy:
             denied = HttpResponse(403, [("content-type", "text/plain")], DENIED_BODY, "RBAC")
             return _Outcome(denied, None)
         table = self.table(target.key)
-        rule = table.select(facts) if not table.empty else DEFAULT_RULE
-        if rule is None:
+        selected = table.select(facts) if not table.empty else (RouteMatch(), DEFAULT_RULE)
+        if selected is None:
             return _Outcome(HttpResponse.local(404, "no route matched", "NR"), None)
+        match, rule = selected
         fault = plan_fault(rule.fault, self.rand)
         if fault.delay:
             await self.sleep(fault.delay)
@@ -173,11 +194,42 @@ class L7Proxy:
             return _Outcome(
                 HttpResponse.local(fault.abort_status, "fault filter abort", "FI"), None
             )
+        for redirect in rule.filter_of("RequestRedirect"):
+            assert redirect.request_redirect is not None
+            response = filters.redirect_response(request, redirect.request_redirect, match)
+            return _Outcome(response, None)
+        upstream_request = envoy_request_headers(
+            filters.rewrite_request(request, rule, match), downstream.client
+        )
+        self._mirror(downstream.target, upstream_request, rule)
         try:
             async with asyncio.timeout(rule.timeout):
-                return await self._forward(downstream, request, rule)
+                outcome = await self._forward(downstream, upstream_request, rule)
         except TimeoutError:
             return _Outcome(HttpResponse.local(504, "upstream request timeout", "UT"), None)
+        filters.rewrite_response(outcome.response, rule)
+        return outcome
+
+    def _mirror(self, target: Target, request: HttpRequest, rule: RouteRule) -> None:
+        """Copies to the rule's mirrors, in tasks of their own; their answers are dropped."""
+        for backend, percent in filters.mirror_targets(rule):
+            if not fault_fires(percent, self.rand):
+                continue
+            shadow = RouteRule(backends=[Backend(service=backend.service, port=backend.port)])
+            endpoints = self.endpoints(target, shadow)
+            if not endpoints:
+                log.info("mirror %s has no endpoint", backend.service)
+                continue
+            endpoint = self._least_request(endpoints)
+            task = asyncio.ensure_future(self._send_mirror(endpoint, filters.mirrored(request)))
+            self._mirrors.add(task)
+            task.add_done_callback(self._mirrors.discard)
+
+    async def _send_mirror(self, endpoint: Endpoint, request: HttpRequest) -> None:
+        try:
+            await self.upstreams.exchange(endpoint, request)
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("mirror %s failed: %s", _endpoint_text(endpoint), exc)
 
     async def _forward(
         self, downstream: Downstream, request: HttpRequest, rule: RouteRule
@@ -190,18 +242,23 @@ class L7Proxy:
             if endpoint is None:
                 return _Outcome(HttpResponse.local(503, "no healthy upstream", "UH"), None)
             tried.add(_endpoint_key(endpoint))
-            response = await self._try(endpoint, request, downstream.client, rule)
-            status = None if response.flags == "UF" else response.status
-            if not rule.retry.should_retry(attempt, status):
+            response = await self._try(endpoint, request, rule)
+            failure = _FAILURES.get(response.flags)
+            status = None if failure else response.status
+            grpc = _header(response.headers, "grpc-status") or ""
+            if not rule.retry.should_retry(attempt, status, failure, grpc):
                 return _Outcome(response, endpoint)
             log.debug("retrying %s %s after %s", request.method, request.target, response.status)
 
-    async def _try(
-        self, endpoint: Endpoint, request: HttpRequest, client: Address, rule: RouteRule
-    ) -> HttpResponse:
+    async def _try(self, endpoint: Endpoint, request: HttpRequest, rule: RouteRule) -> HttpResponse:
+        key = _endpoint_key(endpoint)
+        self.active[key] = self.active.get(key, 0) + 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(rule.retry.per_try_timeout):
-                response = await self.upstreams.exchange(endpoint, request, client)
+                response = await self.upstreams.exchange(endpoint, request)
+            elapsed_ms = round((time.perf_counter() - started) * 1000.0)
+            response.headers.append(("x-envoy-upstream-service-time", str(elapsed_ms)))
         except UpstreamConnectError as exc:
             log.info("upstream %s unreachable: %s", _endpoint_text(endpoint), exc)
             response = HttpResponse.local(
@@ -214,6 +271,8 @@ class L7Proxy:
             )
         except TimeoutError:  # this try's own deadline (the route's surfaces as cancellation)
             response = HttpResponse.local(504, "upstream request timeout", "UT")
+        finally:
+            self.active[key] -= 1
         response.upstream = _endpoint_text(endpoint)
         return response
 
@@ -224,7 +283,14 @@ class L7Proxy:
         # Like Istio's retry host predicate: prefer endpoints not tried yet.
         fresh = [e for e in candidates if _endpoint_key(e) not in tried]
         pool = fresh or candidates
-        return pool[int(self.rand() * len(pool)) % len(pool)] if pool else None
+        return self._least_request(pool) if pool else None
+
+    def _least_request(self, pool: list[Endpoint]) -> Endpoint:
+        """Envoy's LEAST_REQUEST with equal weights: of two random picks, the one with fewer
+        requests in flight (the first on a tie)."""
+        first, second = (pool[int(self.rand() * len(pool)) % len(pool)] for _ in range(2))
+        busy = self.active.get
+        return second if busy(_endpoint_key(second), 0) < busy(_endpoint_key(first), 0) else first
 
     def endpoints(self, target: Target, rule: RouteRule) -> list[Endpoint]:
         """The endpoints a request under `rule` may go to (one weighted backend's)."""
@@ -249,6 +315,7 @@ class L7Proxy:
         labels = self._labels.get(key)
         if labels is None:
             labels = self._labels[key] = request_labels(
+                reporter=self.reporter,
                 source=self.mesh.workload_by_ip(downstream.client[0]),
                 source_principal=downstream.identity,
                 service=downstream.target.service,
@@ -290,6 +357,24 @@ class L7Proxy:
             downstream.target.key or "-",
         )
         access_log.info("%s", entry.line())
+
+
+def envoy_request_headers(request: HttpRequest, client: Address) -> HttpRequest:
+    """The request with `x-request-id`, `x-forwarded-proto` and `x-forwarded-for` as Envoy
+    sets them (an id and a scheme the client sent are kept; its address is appended)."""
+    headers = list(request.headers)
+    if _header(headers, "x-request-id") is None:
+        headers.append(("x-request-id", str(uuid.uuid4())))
+    if _header(headers, "x-forwarded-proto") is None:
+        headers.append(("x-forwarded-proto", "http"))
+    forwarded_for = _header(headers, "x-forwarded-for")
+    chain = client[0] if forwarded_for is None else f"{forwarded_for}, {client[0]}"
+    headers = [(n, v) for n, v in headers if n != "x-forwarded-for"] + [("x-forwarded-for", chain)]
+    return replace(request, headers=headers)
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((value for key, value in headers if key == name), None)
 
 
 def _endpoint_key(endpoint: Endpoint) -> tuple[str, int]:

@@ -31,6 +31,7 @@ DURATION_BUCKETS_MS = (
 
 def request_labels(
     *,
+    reporter: str = "waypoint",
     source: Workload | None,
     source_principal: str | None,
     service: Service | None,
@@ -40,7 +41,7 @@ def request_labels(
     if destination is not None:
         values["destination_principal"] = destination.identity.uri
     return TrafficLabels(
-        reporter="waypoint",
+        reporter=reporter,
         source_principal=source_principal or UNKNOWN,
         request_protocol="http",
         connection_security_policy="mutual_tls",

@@ -4,8 +4,8 @@ CONNECT to `<pod ip>:<target port>`, then HTTP/1.1 keep-alive over the tunnel.
 HBONE connections are pooled by the HboneClient (many CONNECT streams per connection); on
 top, finished HTTP/1.1 exchanges leave their stream idle for the next request to the same
 endpoint, so a steady load opens no new streams. A stream is a socket pair: one end is
-relayed by the HBONE stream, the other speaks HTTP through asyncio streams. The `forwarded`
-header of a stream names the client that caused it to open.
+relayed by the HBONE stream, the other speaks HTTP through asyncio streams. The CONNECT
+carries no `forwarded` client address: as with Istio, the app sees the proxy as its peer.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class HboneUpstreams:
         self._idle: dict[Address, list[Http1Client]] = {}
         self._relays: set[asyncio.Task[StreamStats]] = set()
 
-    async def open_socket(self, endpoint: Endpoint, client: Address) -> socket.socket:
+    async def open_socket(self, endpoint: Endpoint) -> socket.socket:
         """A local socket whose peer is a fresh CONNECT stream to the endpoint."""
         workload, port = endpoint
         ip = str(workload.workload_ips[0])
@@ -60,7 +60,6 @@ class HboneUpstreams:
                 ssl_context=self.ssl_context,
                 expected_identities={workload.identity.uri},
                 source_identity=self.identity,
-                source=client,
             )
         except HboneError as exc:
             raise UpstreamConnectError(str(exc)) from exc
@@ -70,9 +69,7 @@ class HboneUpstreams:
         relay.add_done_callback(self._relays.discard)
         return ours
 
-    async def exchange(
-        self, endpoint: Endpoint, request: HttpRequest, client: Address
-    ) -> HttpResponse:
+    async def exchange(self, endpoint: Endpoint, request: HttpRequest) -> HttpResponse:
         key = (str(endpoint[0].workload_ips[0]), endpoint[1])
         idle = self._idle.get(key)
         while idle:
@@ -84,7 +81,7 @@ class HboneUpstreams:
                 return await self._exchange_on(key, conn, request)
             except UpstreamClosed:
                 log.debug("idle upstream connection to %s was closed; opening another", key)
-        streams = await open_streams(await self.open_socket(endpoint, client))
+        streams = await open_streams(await self.open_socket(endpoint))
         return await self._exchange_on(key, Http1Client(*streams), request)
 
     async def _exchange_on(
