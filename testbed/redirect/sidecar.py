@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from testbed.cluster.waypoints import write_l7_config
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
+from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.netlab import ManagedProcess
 from testbed.redirect import inpod_rules, sidecar_rules
 from testbed.redirect.control import ControlPlane, is_captured
@@ -87,6 +89,7 @@ class SidecarMode:
         self.trust_domain = trust_domain
         self.control: ControlPlane | None = None
         self.certs: dict[str, Path] = {}  # node -> its certificate folder
+        self.l7_path = Path()  # routes and L7 policies for the sidecars, written at install
         self.sidecars: dict[str, tuple[Pod, ManagedProcess]] = {}
         self.unenrolled: set[str] = set()
         self._cluster: Cluster | None = None
@@ -103,6 +106,10 @@ class SidecarMode:
     def install(self, cluster: Cluster) -> None:
         self._cluster = cluster
         self.control, folder = start_control_plane(cluster, self.trust_domain)
+        # Every route and L7 policy of the topology; each sidecar applies its destination's.
+        self.l7_path = lab_of(cluster).add_file(folder / "sidecar-l7.yaml")
+        l7 = cluster.topology.l7
+        write_l7_config(self.l7_path, WaypointConfig(routes=l7.routes, policies=l7.policies))
         for node in cluster.nodes:
             self.certs[node] = lab_of(cluster).add_dir(folder / f"sidecars-{node}")
             self.control.issue_node_certs(cluster.topology, node, self.certs[node])
@@ -119,6 +126,7 @@ class SidecarMode:
             "--certs", str(self.certs[pod.node]),
             "--node", pod.node,
             "--uid", pod.spec.uid,
+            "--l7-config", str(self.l7_path),
         ]  # fmt: skip
         self.sidecars[pod.name] = (pod, pod.spawn(argv, label="sidecar"))
         return self.sidecars[pod.name]

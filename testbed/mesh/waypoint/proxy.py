@@ -114,13 +114,19 @@ class L7Proxy:
         metrics: RequestMetrics,
         *,
         reporter: str = "waypoint",
+        default_rule: RouteRule = DEFAULT_RULE,
+        forwarding_headers: bool = True,
         rand: Random = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """`reporter` labels the metrics: "waypoint", or "source" in a client's sidecar."""
+        """`reporter` labels the metrics ("waypoint"; a sidecar's "source" or "destination");
+        `default_rule` serves services without routes; `forwarding_headers` adds Envoy's
+        x-request-id, x-forwarded-* (a server sidecar keeps what the client's sent)."""
         self.upstreams = upstreams
         self.metrics = metrics
         self.reporter = reporter
+        self.default_rule = default_rule
+        self.forwarding_headers = forwarding_headers
         self.rand = rand
         self.sleep = sleep
         self.active: dict[tuple[str, int], int] = {}  # requests in flight per endpoint
@@ -183,7 +189,7 @@ class L7Proxy:
             denied = HttpResponse(403, [("content-type", "text/plain")], DENIED_BODY, "RBAC")
             return _Outcome(denied, None)
         table = self.table(target.key)
-        selected = table.select(facts) if not table.empty else (RouteMatch(), DEFAULT_RULE)
+        selected = table.select(facts) if not table.empty else (RouteMatch(), self.default_rule)
         if selected is None:
             return _Outcome(HttpResponse.local(404, "no route matched", "NR"), None)
         match, rule = selected
@@ -198,9 +204,9 @@ class L7Proxy:
             assert redirect.request_redirect is not None
             response = filters.redirect_response(request, redirect.request_redirect, match)
             return _Outcome(response, None)
-        upstream_request = envoy_request_headers(
-            filters.rewrite_request(request, rule, match), downstream.client
-        )
+        upstream_request = filters.rewrite_request(request, rule, match)
+        if self.forwarding_headers:
+            upstream_request = envoy_request_headers(upstream_request, downstream.client)
         self._mirror(downstream.target, upstream_request, rule)
         try:
             async with asyncio.timeout(rule.timeout):
@@ -295,10 +301,10 @@ class L7Proxy:
     def endpoints(self, target: Target, rule: RouteRule) -> list[Endpoint]:
         """The endpoints a request under `rule` may go to (one weighted backend's)."""
         port = target.address[1]
-        if not rule.backends:
-            if target.service is not None:
-                return self.mesh.endpoints(target.service, port)
-            return [] if target.workload is None else [(target.workload, port)]
+        if not rule.backends:  # a target naming a workload is that workload, else the service's
+            if target.workload is not None:
+                return [(target.workload, port)]
+            return [] if target.service is None else self.mesh.endpoints(target.service, port)
         backend = pick_weighted(rule.backends, self.rand)
         if backend is None:
             return []
