@@ -100,6 +100,7 @@ def resolve_target(config: LocalConfig, address: Address) -> Target | None:
 class _Outcome:
     response: HttpResponse
     endpoint: Endpoint | None
+    sent: HttpRequest | None = None  # the request as it went upstream (for the access log)
 
 
 _FAILURES: dict[str, Failure] = {"UF": "connect-failure", "UC": "reset"}
@@ -214,6 +215,7 @@ class L7Proxy:
         except TimeoutError:
             return _Outcome(HttpResponse.local(504, "upstream request timeout", "UT"), None)
         filters.rewrite_response(outcome.response, rule)
+        outcome.sent = upstream_request
         return outcome
 
     def _mirror(self, target: Target, request: HttpRequest, rule: RouteRule) -> None:
@@ -347,6 +349,7 @@ class L7Proxy:
         )
         if not access_log.isEnabledFor(logging.INFO):
             return
+        sent = outcome.sent or request
         entry = AccessLogEntry(
             wall,
             request.method,
@@ -357,10 +360,12 @@ class L7Proxy:
             len(request.body),
             len(response.body),
             duration_ms,
-            response.upstream,
+            _header(response.headers, "x-envoy-upstream-service-time"),
+            _header(sent.headers, "x-forwarded-for"),
+            _header(sent.headers, "user-agent"),
+            _header(sent.headers, "x-request-id"),
             request.authority,
-            downstream.identity,
-            downstream.target.key or "-",
+            response.upstream,
         )
         access_log.info("%s", entry.line())
 
