@@ -160,3 +160,16 @@ def test_tcp_stays_l4_and_a_server_first_app_works(cluster: Cluster) -> None:
     client, greeter = cluster.pod("client"), cluster.pod("greeter")
     assert greeting(client, greeter.ip, timeout=5.0) == f"greeter {client.ip}"
     assert requests_total(greeter, "destination") == 0
+
+
+@pytest.mark.parametrize("h1", [True, False], ids=["http1.1", "h2c"])
+def test_h2load_through_both_sidecars_has_no_failed_requests(cluster: Cluster, h1: bool) -> None:
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load (Debian package nghttp2-client) is not installed")
+    server = cluster.pod("echo-v1")
+    before = requests_total(server, "destination")
+    url = f"http://{cluster.services['echo'].vip}:{SERVICE_PORT}/x?size=1024"
+    argv = ["h2load", "-n", "300", "-c", "3", "-m", "4", url, *(["--h1"] if h1 else [])]
+    result = cluster.pod("client").run(argv, timeout=60)
+    assert "300 succeeded, 0 failed, 0 errored" in result.stdout, result.stdout
+    assert requests_total(server, "destination") - before >= 300

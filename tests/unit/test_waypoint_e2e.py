@@ -171,13 +171,13 @@ def test_deny_answers_403_and_policy_sees_the_client_identity(tmp_path: Path) ->
     assert "istio_request_duration_milliseconds_bucket{" in metrics
 
 
-def test_http2_requests_are_routed(tmp_path: Path) -> None:
-    async def scenario(lab: WaypointLab) -> dict[int, tuple[str, str]]:
+def test_http2_requests_are_routed_and_go_upstream_as_http2(tmp_path: Path) -> None:
+    async def scenario(lab: WaypointLab) -> dict[int, tuple[str, str, bytes]]:
         reader, writer = await lab.connect()
         conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
         conn.initiate_connection()
         for stream_id in (1, 3):
-            path = "/v2/x" if stream_id == 1 else "/admin"
+            path = "/v2/x?format=json" if stream_id == 1 else "/admin"
             conn.send_headers(
                 stream_id,
                 [(":method", "GET"), (":path", path), (":scheme", "http"),
@@ -185,23 +185,33 @@ def test_http2_requests_are_routed(tmp_path: Path) -> None:
                 end_stream=True,
             )  # fmt: skip
         writer.write(conn.data_to_send())
-        answers: dict[int, tuple[str, str]] = {}
+        answers: dict[int, tuple[str, str, bytes]] = {}
+        bodies: dict[int, bytes] = collections.defaultdict(bytes)
+        heads: dict[int, dict[str, str]] = {}
         while len(answers) < 2:
             data = await reader.read(65536)
             assert data, "waypoint closed the HTTP/2 connection"
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
-                    headers = {str(n): str(v) for n, v in event.headers or []}
                     assert event.stream_id is not None
-                    answers[event.stream_id] = (
-                        str(headers[":status"]),
-                        str(headers.get("x-served-by", "")),
-                    )
+                    heads[event.stream_id] = {str(n): str(v) for n, v in event.headers or []}
+                elif isinstance(event, h2.events.DataReceived):
+                    assert event.stream_id is not None
+                    bodies[event.stream_id] += event.data or b""
+                    conn.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                   event.stream_id)  # fmt: skip
+                elif isinstance(event, h2.events.StreamEnded):
+                    assert event.stream_id is not None
+                    head = heads[event.stream_id]
+                    answers[event.stream_id] = (head[":status"], head.get("x-served-by", ""),
+                                                bodies[event.stream_id])  # fmt: skip
             writer.write(conn.data_to_send())
         writer.close()
         return answers
 
-    assert in_lab(tmp_path, scenario) == {1: ("200", "r2"), 3: ("403", "")}
+    answers = in_lab(tmp_path, scenario)
+    assert answers[1][:2] == ("200", "r2") and answers[3][:2] == ("403", "")
+    assert json.loads(answers[1][2])["protocol"] == "HTTP/2"  # the app saw HTTP/2 too
 
 
 @pytest.mark.parametrize(

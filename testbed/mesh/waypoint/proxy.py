@@ -31,6 +31,7 @@ from testbed.mesh.config import LocalConfig, Service, Workload
 from testbed.mesh.metrics import TrafficLabels
 from testbed.mesh.waypoint import filters
 from testbed.mesh.waypoint.config import WaypointConfig
+from testbed.mesh.waypoint.http2 import StreamRefused
 from testbed.mesh.waypoint.l7authz import DENIED_BODY, L7Policies, Subject
 from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
 from testbed.mesh.waypoint.routing import (
@@ -103,7 +104,8 @@ class _Outcome:
     sent: HttpRequest | None = None  # the request as it went upstream (for the access log)
 
 
-_FAILURES: dict[str, Failure] = {"UF": "connect-failure", "UC": "reset"}
+# Envoy's response flags of tries that got no response, as retry conditions.
+_FAILURES: dict[str, Failure] = {"UF": "connect-failure", "UC": "reset", "UR": "refused-stream"}
 
 
 class L7Proxy:
@@ -271,6 +273,11 @@ class L7Proxy:
             log.info("upstream %s unreachable: %s", _endpoint_text(endpoint), exc)
             response = HttpResponse.local(
                 503, "upstream connect error or disconnect/reset before headers", "UF"
+            )
+        except StreamRefused as exc:
+            log.info("upstream %s refused the stream: %s", _endpoint_text(endpoint), exc)
+            response = HttpResponse.local(
+                503, "upstream connect error or disconnect/reset before headers", "UR"
             )
         except ConnectionError as exc:
             log.info("upstream %s reset: %s", _endpoint_text(endpoint), exc)

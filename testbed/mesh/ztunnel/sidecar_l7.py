@@ -4,9 +4,9 @@ Outbound (15001): a connection to a mesh destination is sniffed (its bytes left 
 socket; 100 ms of silence means a server-first protocol, plain TCP); HTTP/1.1 or HTTP/2 is
 served by an L7Proxy with the destination service's routes, Envoy's defaults (retries,
 LEAST_REQUEST, x-request-id and x-forwarded-*) and metrics reported as "source"; each
-request goes over HBONE, as HTTP/1.1, to the endpoint the pipeline picked (the sidecar's
-own certificate, no client address forwarded). Anything else (plain TCP, a passthrough, a
-waypoint, a refusal) takes the L4 path unchanged.
+request goes over HBONE, in the client's HTTP version, to the endpoint the pipeline picked
+(the sidecar's own certificate, no client address forwarded). Anything else (plain TCP, a
+passthrough, a waypoint, a refusal) takes the L4 path unchanged.
 
 Inbound (15008): the L4 checks and the app connection are HboneInbound's; the stream is then
 sniffed (an app that speaks first makes it plain TCP), and HTTP goes through an L7Proxy with
@@ -34,6 +34,7 @@ from testbed.mesh.hbone import ConnectDecision, ConnectRequest, relay_tcp
 from testbed.mesh.hbone.connect import format_address
 from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.mesh.waypoint.http1 import Http1Client, open_streams
+from testbed.mesh.waypoint.http2 import Http2Client
 from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
 from testbed.mesh.waypoint.proxy import (
     Downstream,
@@ -89,29 +90,39 @@ def inbound_policies(l7: WaypointConfig, config: LocalConfig, workload: Workload
 
 
 class AppConnection:
-    """Upstreams for one inbound stream: requests, one at a time, on the app connection
-    HboneInbound opened; `reconnect` opens another when the app closed it."""
+    """Upstreams for one inbound stream: requests on the app connection HboneInbound opened,
+    in the protocol they came in (HTTP/1.1 one at a time, HTTP/2 concurrently); `reconnect`
+    opens another connection when the app closed it."""
 
     def __init__(self, sock: socket.socket, reconnect: Callable[[], Awaitable[socket.socket]]):
         self.sock: socket.socket | None = sock
         self.reconnect = reconnect
-        self.client: Http1Client | None = None
+        self.client: Http1Client | Http2Client | None = None
         self.lock = asyncio.Lock()
 
     async def exchange(self, endpoint: Endpoint, request: HttpRequest) -> HttpResponse:
+        if request.protocol == "HTTP/2":
+            async with self.lock:
+                client = await self._client(Http2Client)
+            return await client.exchange(request)
         async with self.lock:
-            if self.client is not None and not self.client.reusable:
-                self.client.close()
-                self.client = None
-            if self.client is None:
-                sock = self.sock
-                self.sock = None
-                try:
-                    sock = sock or await self.reconnect()
-                except OSError as exc:
-                    raise UpstreamConnectError(str(exc)) from exc
-                self.client = Http1Client(*await open_streams(sock))
-            return await self.client.exchange(request)
+            client = await self._client(Http1Client)
+            return await client.exchange(request)
+
+    async def _client(
+        self, kind: type[Http1Client] | type[Http2Client]
+    ) -> Http1Client | Http2Client:
+        if self.client is not None and (not self.client.reusable or type(self.client) is not kind):
+            self.client.close()
+            self.client = None
+        if self.client is None:
+            sock, self.sock = self.sock, None
+            try:
+                sock = sock or await self.reconnect()
+            except OSError as exc:
+                raise UpstreamConnectError(str(exc)) from exc
+            self.client = kind(*await open_streams(sock))
+        return self.client
 
     def close(self) -> None:
         if self.client is not None:
