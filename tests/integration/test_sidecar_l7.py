@@ -4,7 +4,9 @@ TCP stays L4.
 
 `client` on node1; `echo-v1` (node2) and `echo-v2` (node1) run the HTTP echo app behind the
 service `echo` (9080 -> 8080), split by a route: `/v2` goes to echo-v2, the rest to echo-v1;
-a DENY policy answers /admin with 403. `greeter` runs a server-first TCP app.
+a DENY policy answers /admin with 403. `greeter` runs a server-first TCP app. Namespace
+default uses a waypoint, as a topology written for ambient does: in sidecar mode no
+waypoint runs, and the sidecars do its L7 work.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from podapps import GreetingServer, greeting
 
 from testbed.cluster import Cluster, Pod, Topology
+from testbed.cluster.waypoints import USE_WAYPOINT
 from testbed.redirect.inpod import http_get
 
 APP_PORT, SERVICE_PORT = 8080, 9080
@@ -47,6 +50,8 @@ class SidecarL7Topology(Topology):
     def build(self) -> None:
         self.add_node("node1")
         self.add_node("node2")
+        self.label_namespace("default", {USE_WAYPOINT: "waypoint"})
+        self.add_waypoint("waypoint", "node2")
         self.add_pod("client", "node1", labels={"app": "client"})
         self.add_pod("echo-v1", "node2", service_account="echo", labels={"app": "echo", "v": "1"})
         self.add_pod("echo-v2", "node1", service_account="echo", labels={"app": "echo", "v": "2"})

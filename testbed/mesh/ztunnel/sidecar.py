@@ -7,7 +7,9 @@ arrives on 15008. Every socket the proxy opens carries mark 0x539, which the rul
 HTTP is recognised by sniffing the first bytes (the mesh config, like ztunnel's, carries no
 appProtocol); routes and L7 policies come from `--l7-config` (the waypoint's file format,
 every route and policy of the mesh; without it: no routes, no L7 policies). The file is
-watched and reloaded like the mesh config.
+watched and reloaded like the mesh config. Being the L7 proxy itself, a sidecar ignores
+waypoint attachments in the mesh config (no waypoint runs in sidecar mode): it goes to the
+endpoints directly and takes HBONE from any peer its policies allow.
 
     python -m testbed.mesh.ztunnel.sidecar --config FILE --certs DIR --node NAME --uid UID
         [--l7-config FILE]
@@ -31,6 +33,16 @@ from testbed.mesh.ztunnel.inbound import HboneInbound, serve_inbound_plaintext
 from testbed.mesh.ztunnel.pods import PodProxy
 from testbed.mesh.ztunnel.process import ZtunnelProcess, main
 from testbed.mesh.ztunnel.sidecar_l7 import SidecarL7
+from testbed.mesh.ztunnel.state import config_digest
+
+
+def without_waypoints(config: LocalConfig) -> LocalConfig:
+    """`config` with no workload or service bound to a waypoint."""
+    return LocalConfig(
+        workloads=[w.model_copy(update={"waypoint": None}) for w in config.workloads],
+        services=[s.model_copy(update={"waypoint": None}) for s in config.services],
+        policies=config.policies,
+    )
 
 
 class Sidecar(ZtunnelProcess):
@@ -38,11 +50,12 @@ class Sidecar(ZtunnelProcess):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args.config, args.certs, args.node, proxy="sidecar")
+        self.l7: SidecarL7 | None = None
+        self.on_config(self.mesh.config)
         self.uid: str = args.uid
         self.l7_path: Path | None = args.l7_config
         self.l7_config = WaypointConfig.load(args.l7_config) if args.l7_config else WaypointConfig()
         self.request_metrics = RequestMetrics.register(self.registry)
-        self.l7: SidecarL7 | None = None
 
     async def start(self) -> None:
         own_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -55,7 +68,8 @@ class Sidecar(ZtunnelProcess):
         self.ready = True
 
     def on_config(self, config: LocalConfig) -> None:
-        super().on_config(config)
+        super().on_config(without_waypoints(config))
+        self.mesh.digest = config_digest(config)  # the file's version, which the mode awaits
         if self.l7 is not None:
             self.l7.update()
 
