@@ -69,7 +69,8 @@ class Upstreams(Protocol):
 
 @dataclass(frozen=True)
 class Target:
-    """Where the source ztunnel's CONNECT was going: a service VIP:port or a workload."""
+    """Where a request is going: a service VIP:port, a workload, or (a sidecar's inbound)
+    the workload itself with the service it serves on that port."""
 
     address: Address
     service: Service | None
