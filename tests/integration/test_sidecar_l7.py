@@ -4,7 +4,8 @@ TCP stays L4.
 
 `client` on node1; `echo-v1` (node2) and `echo-v2` (node1) run the HTTP echo app behind the
 service `echo` (9080 -> 8080), split by a route: `/v2` goes to echo-v2, the rest to echo-v1;
-a DENY policy answers /admin with 403. `greeter` runs a server-first TCP app. Namespace
+a DENY policy answers /admin with 403. `greeter` runs a server-first TCP app; `flaky` is
+echo-v2 and `broken`, which answers every request 503. Namespace
 default uses a waypoint, as a topology written for ambient does: in sidecar mode no
 waypoint runs, and the sidecars do its L7 work.
 """
@@ -44,6 +45,22 @@ print(json.dumps(out))
 """
 
 
+# Runs in the broken pod: every request is answered 503.
+ALWAYS_503 = r"""
+import http.server, sys
+class Broken(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(503)
+        self.send_header("content-length", "0")
+        self.send_header("x-served-by", "broken")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Broken).serve_forever()
+"""
+
+
 class SidecarL7Topology(Topology):
     name = "sidecar_l7_test"
 
@@ -54,12 +71,15 @@ class SidecarL7Topology(Topology):
         self.add_waypoint("waypoint", "node2")
         self.add_pod("client", "node1", labels={"app": "client"})
         self.add_pod("echo-v1", "node2", service_account="echo", labels={"app": "echo", "v": "1"})
-        self.add_pod("echo-v2", "node1", service_account="echo", labels={"app": "echo", "v": "2"})
+        v2 = {"app": "echo", "v": "2", "flaky": "yes"}
+        self.add_pod("echo-v2", "node1", service_account="echo", labels=v2)
         self.add_pod("greeter", "node2", labels={"app": "greeter"})
+        self.add_pod("broken", "node2", labels={"flaky": "yes"})
         ports = {SERVICE_PORT: APP_PORT}
         self.add_service("echo", selector={"app": "echo"}, ports=ports)
         self.add_service("echo-v1", selector={"app": "echo", "v": "1"}, ports=ports)
         self.add_service("echo-v2", selector={"app": "echo", "v": "2"}, ports=ports)
+        self.add_service("flaky", selector={"flaky": "yes"}, ports=ports)  # echo-v2 and broken
         self.add_http_route(
             "echo",
             services=["echo"],
@@ -89,7 +109,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             for name in ("echo-v1", "echo-v2"):
                 argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", name]
                 built.pod(name).spawn([*argv, "--port", str(APP_PORT)], label="echo")
-            for name in ("echo-v1", "echo-v2"):
+            built.pod("broken").spawn(
+                [sys.executable, "-c", ALWAYS_503, str(APP_PORT)], label="broken"
+            )
+            for name in ("echo-v1", "echo-v2", "broken"):
                 _await_http(built, name)
             greeter = GreetingServer(built.pod("greeter"))
             yield built
@@ -112,8 +135,8 @@ def _await_http(cluster: Cluster, name: str, timeout: float = 10.0) -> None:
                 time.sleep(0.05)
 
 
-def get(cluster: Cluster, *paths: str, host: str | None = None) -> list[dict[str, object]]:
-    address = host or cluster.services["echo"].vip
+def get(cluster: Cluster, *paths: str, service: str = "echo") -> list[dict[str, object]]:
+    address = cluster.services[service].vip
     argv = [sys.executable, "-c", GET, address, str(SERVICE_PORT), *paths]
     result = cluster.pod("client").run(argv, timeout=60)
     found: list[dict[str, object]] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -140,6 +163,14 @@ def test_routes_apply_in_the_client_sidecar(cluster: Cluster) -> None:
     assert headers["x-echo-x-forwarded-proto"] == "http"
     assert headers["x-echo-x-forwarded-for"] == cluster.pod("client").ip
     assert int(headers["x-envoy-upstream-service-time"]) >= 0
+
+
+def test_default_retries_in_the_client_sidecar_hide_a_503_backend(cluster: Cluster) -> None:
+    answers = get(cluster, *["/"] * 30, service="flaky")
+    assert {a["status"] for a in answers} == {200}
+    assert {a["served"] for a in answers} == {"echo-v2"}
+    broken = cluster.pod("broken")
+    assert requests_total(broken, "destination") > 0  # it was tried, and hidden
 
 
 def test_l7_deny_in_the_server_sidecar(cluster: Cluster) -> None:
