@@ -127,6 +127,14 @@ def parse_u32(payload: bytes, what: str) -> int:
     return value
 
 
+def parse_goaway(payload: bytes) -> tuple[int, int]:
+    """(last stream id, error code) of a GOAWAY payload (any debug data after them ignored)."""
+    if len(payload) < _GOAWAY.size:
+        raise FrameError(FRAME_SIZE_ERROR, "GOAWAY payload shorter than 8 bytes")
+    last, code = _GOAWAY.unpack_from(payload)
+    return last & 0x7FFFFFFF, code
+
+
 def parse_window_increment(payload: bytes) -> int:
     return parse_u32(payload, "WINDOW_UPDATE") & 0x7FFFFFFF
 
