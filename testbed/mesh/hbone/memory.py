@@ -1,4 +1,4 @@
-"""Keep the data path's 1 MiB buffers in the heap (glibc only; a no-op elsewhere).
+"""The decrypt buffer pool, and keeping 1 MiB buffers in the heap (glibc only).
 
 By default glibc serves allocations above 128 KiB-32 MiB (adaptive) with fresh mmap()s and
 trims the heap eagerly, so every decrypted 1 MiB batch page-faults its memory in again:
