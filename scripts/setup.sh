@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iptables nftables ipset iperf3 sockperf iputils-ping tcpdump
-  ethtool procps openssl make python3-venv
+  ethtool procps openssl make python3-venv haproxy
   clang bpftool libbpf-dev
 )
 
