@@ -91,7 +91,7 @@ def ratio(spread: dict[tuple[str, str], Spread], arm: str, base: str, figure: st
 def table(samples: Sequence[Sample], arms: Sequence[str], native: str | None) -> str:
     """One line per figure and arm: median [min-max] CV, x none, x native."""
     found = spreads(samples)
-    head = f"{'figure':28} {'arm':8} {'median':>10} {'min-max':>21} {'cv':>6}"
+    head = f"{'figure':34} {'arm':8} {'median':>10} {'min-max':>21} {'cv':>6}"
     head += f" {'x none':>8} {'x native':>9}"
     lines = [head, "-" * len(head)]
     for figure in FIGURES:
@@ -102,7 +102,7 @@ def table(samples: Sequence[Sample], arms: Sequence[str], native: str | None) ->
             to_none = ratio(found, arm, "none", figure.name)
             to_native = ratio(found, arm, native, figure.name) if native else None
             lines.append(
-                f"{figure.name + ' (' + figure.unit + ')':28} {arm:8} {spread.median:10.3f} "
+                f"{figure.name + ' (' + figure.unit + ')':34} {arm:8} {spread.median:10.3f} "
                 f"{f'{spread.low:.3f}-{spread.high:.3f}':>21} {spread.cv:6.1%} "
                 f"{_x(to_none):>8} {_x(to_native):>9}"
             )

@@ -43,7 +43,7 @@ def _global_section() -> list[str]:
     return [
         "global",
         "    nbthread 1",
-        "    maxconn 20000",
+        "    maxconn 8000",
         f"    ssl-default-bind-ciphersuites {SUITES}",
         f"    ssl-default-server-ciphersuites {SUITES}",
         "    ssl-default-bind-options ssl-min-ver TLSv1.3",
