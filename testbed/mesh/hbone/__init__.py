@@ -34,7 +34,7 @@ connection, an SSLObject over MemoryBIOs with 1 MiB reads decrypted into pooled 
 DATA frames are written from 9 bytes of headroom in the socket read buffer and parsed as
 memoryview slices. Windows are Istio's (stream 4 MiB, connection 16 MiB; 1 MiB frames); a
 stream's credit goes back as bytes arrive while at most 4 MiB wait for a slow app socket,
-batched (>= 256 KiB) into the flush of each receive batch. TLS 1.3 prefers AES-128-GCM.
+batched (>= 1 MiB) into the flush of each receive batch. TLS 1.3 prefers AES-128-GCM.
 Server and client tune glibc malloc once so 1 MiB buffers are reused (see memory.py).
 
 Modules: events + protocol (sans-I/O HTTP/2), frames (framing), flow (window accounting),

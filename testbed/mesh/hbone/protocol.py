@@ -33,7 +33,7 @@ from .flow import ReceiveWindow, SendWindow, StreamReceiver
 STREAM_WINDOW = 4 << 20  # Istio ztunnel's stream window
 CONNECTION_WINDOW = 16 << 20  # ... and its connection window
 STREAM_BUFFER_LIMIT = 4 << 20  # bytes a stream may hold for a slow app beyond its window
-CREDIT_THRESHOLD = 256 << 10  # batch WINDOW_UPDATEs: at most one per 256 KiB per stream
+CREDIT_THRESHOLD = 1 << 20  # batch WINDOW_UPDATEs: at most one per MiB per stream
 MAX_FRAME_SIZE = 1 << 20
 _LAST_STREAM_ID = 2**31 - 1
 
