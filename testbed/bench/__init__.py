@@ -34,6 +34,7 @@ from testbed.bench.native import haproxy_tunnel
 from testbed.cluster.cluster import Cluster, Pod
 from testbed.cluster.loader import load_topology
 from testbed.experiment.pinning import apply_pinning, describe_pinning
+from testbed.measure.errors import MeasureError
 from testbed.measure.http import run_http_fixed_qps
 from testbed.measure.iperf import run_throughput
 from testbed.measure.resources import read_process
@@ -45,6 +46,7 @@ NATIVE = "native"
 IPERF_PORT, RR_PORT, HTTP_PORT = 5201, 7777, 8080
 HTTP_QPS = 1000
 PINNINGS = ("none", "split")
+BRIEF = ("throughput", "rr_p50", "connections_per_s", "http16_p90")  # printed per repetition
 
 
 class BenchError(ValueError):
@@ -113,26 +115,36 @@ def _timed_cpu(
     return rows, _cpu(pids) - before
 
 
-def measure_arm(arm: Arm, rep: int, d: Durations, pinning: str) -> list[Sample]:
+def measure_arm(
+    arm: Arm, rep: int, d: Durations, pinning: str, say: Callable[[str], None] = print
+) -> list[Sample]:
+    """Every figure of one arm once. A tool that fails costs only its own figures (the table
+    then names them as missing), not the sitting."""
     client, server = apply_pinning(pinning, arm.client, arm.server)
     ip, pids = arm.target_ip, arm.proxy_pids
     found: dict[str, float] = {}
-    rows, cpu = _timed_cpu(
-        pids, lambda: run_throughput(client, server, ip, duration=d.iperf, port=IPERF_PORT)
-    )
-    gbps = _value(rows, "throughput") / 1e9
-    found["throughput"] = gbps
-    if pids:
-        found["proxy_cpu_per_gb"] = cpu / (gbps * d.iperf / 8)
-    rows = run_rr(client, server, ip, duration=d.rr, port=RR_PORT)
-    found["rr_p50"], found["rr_p99"] = _value(rows, "rtt_p50"), _value(rows, "rtt_p99")
-    rows = run_crr(client, server, ip, duration=d.crr, port=RR_PORT)
-    found["connections_per_s"] = _value(rows, "connect_rate")
-    for conns in HTTP_CONNECTIONS:
+
+    def throughput() -> None:
+        rows, cpu = _timed_cpu(
+            pids, lambda: run_throughput(client, server, ip, duration=d.iperf, port=IPERF_PORT)
+        )
+        gbps = found["throughput"] = _value(rows, "throughput") / 1e9
+        if pids:
+            found["proxy_cpu_per_gb"] = cpu / (gbps * d.iperf / 8)
+
+    def rr() -> None:
+        rows = run_rr(client, server, ip, duration=d.rr, port=RR_PORT)
+        found["rr_p50"], found["rr_p99"] = _value(rows, "rtt_p50"), _value(rows, "rtt_p99")
+
+    def crr() -> None:
+        rows = run_crr(client, server, ip, duration=d.crr, port=RR_PORT)
+        found["connections_per_s"] = _value(rows, "connect_rate")
+
+    def http(conns: int) -> None:
         rows, cpu = _timed_cpu(
             pids,
-            lambda c=conns: run_http_fixed_qps(  # type: ignore[misc]
-                client, server, ip, qps=HTTP_QPS, connections=c, duration=d.http,
+            lambda: run_http_fixed_qps(
+                client, server, ip, qps=HTTP_QPS, connections=conns, duration=d.http,
                 warmup=d.warmup, port=HTTP_PORT,
             ),
         )  # fmt: skip
@@ -141,6 +153,16 @@ def measure_arm(arm: Arm, rep: int, d: Durations, pinning: str) -> list[Sample]:
         if pids:
             krps = _value(rows, "achieved_qps") / 1000
             found[f"proxy_vcpu_per_krps_http{conns}"] = cpu / (d.warmup + d.http) / krps
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("iperf3", throughput), ("rr", rr), ("crr", crr),
+        *((f"http {c} conn", lambda c=c: http(c)) for c in HTTP_CONNECTIONS),
+    ]  # fmt: skip
+    for name, step in steps:
+        try:
+            step()
+        except (MeasureError, KeyError) as exc:
+            say(f"rep {rep} {arm.name}: {name} failed, its figures are missing: {exc}")
     if pids:
         found["proxy_rss"] = sum(read_process(pid).rss_bytes for pid in pids) / 1e6
     return [Sample(rep, arm.name, name, value) for name, value in found.items()]
@@ -188,12 +210,12 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> list
             f"{', '.join(arm.name for arm in arms)}")  # fmt: skip
         for rep in range(1, options.reps + 1):
             for arm in arms:
-                got = measure_arm(arm, rep, options.durations, options.pinning)
+                got = measure_arm(arm, rep, options.durations, options.pinning, say)
                 samples += got
                 brief = {s.figure: s.value for s in got}
-                say(f"rep {rep} {arm.name:8} {brief['throughput']:6.2f} Gbit/s  "
-                    f"rr p50 {brief['rr_p50']:7.1f} us  {brief['connections_per_s']:7.0f} conn/s  "
-                    f"http16 p90 {brief['http16_p90']:6.2f} ms  load {_load()}")  # fmt: skip
+                say(f"rep {rep} {arm.name:8} " + "  ".join(
+                    f"{name} {brief[name]:.4g}" for name in BRIEF if name in brief
+                ) + f"  load {_load()}")  # fmt: skip
     names = [arm.name for arm in arms]
     native = NATIVE if options.native else None
     say(table(samples, names, native))
