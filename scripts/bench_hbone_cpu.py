@@ -118,6 +118,46 @@ async def transfer(mib: int, pause_every: int, certs: Path) -> dict[str, object]
     return result
 
 
+async def new_streams(count: int, certs: Path) -> dict[str, object]:
+    """`count` sequential CONNECTs, each carrying 64 B there and back, then closed."""
+    pki = TestPki(certs)
+    server_id, client_id = pki.identity("ns-b", "sa-b"), pki.identity("ns-a", "sa-a")
+
+    async def pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(64))
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(pong, sock=_listen())
+    authority = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+
+    async def on_connect(request: ConnectRequest) -> ConnectDecision:
+        return ConnectDecision.accept(await connect_tcp(request.authority))
+
+    server = HboneServer(server_context(server_id.cert, server_id.key, pki.roots), on_connect)
+    await server.start(_listen())
+    client = HboneClient()
+    context = client_context(client_id.cert, client_id.key, pki.roots)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for _ in range(count):
+        stream = await client.open(
+            server.address, authority, ssl_context=context, expected_identities={server_id.uri}
+        )
+        ours, theirs = socket.socketpair()
+        relay = asyncio.create_task(stream.relay(theirs))
+        reader, writer = await asyncio.open_connection(sock=ours)
+        writer.write(b"p" * 64)
+        await reader.readexactly(64)
+        writer.close()
+        await relay
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    await client.close()
+    await server.close()
+    app.close()
+    return {"streams": count, "cpu_us_per_stream": round(cpu / count * 1e6), "per_s": round(
+        count / wall)}  # fmt: skip
+
+
 def cipher_cost(suite: str, mib: int = 256) -> float:
     """CPU s/GB to encrypt and decrypt with TLS 1.3 `suite` alone (memory BIOs, 16 KiB records)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,13 +201,17 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--pause-every", type=int, default=0, metavar="MIB")
     parser.add_argument("--ciphers", action="store_true")
+    parser.add_argument("--streams", type=int, default=0, help="time N new streams instead")
     args = parser.parse_args()
     if args.ciphers:
         for suite in ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"):
             print(f"{suite}: {cipher_cost(suite):.3f} CPU s/GB (encrypt + decrypt)")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        print(uvloop.run(transfer(args.mib, args.pause_every, Path(tmp))), flush=True)
+        if args.streams:
+            print(uvloop.run(new_streams(args.streams, Path(tmp))), flush=True)
+        else:
+            print(uvloop.run(transfer(args.mib, args.pause_every, Path(tmp))), flush=True)
     sys.exit(0)
 
 
