@@ -40,6 +40,7 @@ from testbed.measure.iperf import run_throughput
 from testbed.measure.resources import read_process
 from testbed.measure.rows import Measurement
 from testbed.measure.rr import run_crr, run_rr
+from testbed.netlab import NetlabError
 from testbed.netlab.manifest import RUNS_ROOT
 
 NATIVE = "native"
@@ -161,7 +162,7 @@ def measure_arm(
     for name, step in steps:
         try:
             step()
-        except (MeasureError, KeyError) as exc:
+        except (MeasureError, NetlabError, KeyError) as exc:  # NetlabError: a tool timed out
             say(f"rep {rep} {arm.name}: {name} failed, its figures are missing: {exc}")
     if pids:
         found["proxy_rss"] = sum(read_process(pid).rss_bytes for pid in pids) / 1e6
