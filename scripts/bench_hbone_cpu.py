@@ -158,6 +158,47 @@ async def new_streams(count: int, certs: Path) -> dict[str, object]:
         count / wall)}  # fmt: skip
 
 
+async def ping_pong(count: int, certs: Path) -> dict[str, object]:
+    """`count` 64 B round trips on one stream: CPU and wall time per round trip."""
+    pki = TestPki(certs)
+    server_id, client_id = pki.identity("ns-b", "sa-b"), pki.identity("ns-a", "sa-a")
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(64):
+            writer.write(data)
+        writer.close()
+
+    app = await asyncio.start_server(echo, sock=_listen())
+
+    async def on_connect(request: ConnectRequest) -> ConnectDecision:
+        return ConnectDecision.accept(await connect_tcp(request.authority))
+
+    server = HboneServer(server_context(server_id.cert, server_id.key, pki.roots), on_connect)
+    await server.start(_listen())
+    client = HboneClient()
+    stream = await client.open(
+        server.address,
+        f"127.0.0.1:{app.sockets[0].getsockname()[1]}",
+        ssl_context=client_context(client_id.cert, client_id.key, pki.roots),
+        expected_identities={server_id.uri},
+    )
+    ours, theirs = socket.socketpair()
+    relay = asyncio.create_task(stream.relay(theirs))
+    reader, writer = await asyncio.open_connection(sock=ours)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for _ in range(count):
+        writer.write(b"r" * 64)
+        await reader.readexactly(64)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    writer.close()
+    await relay
+    await client.close()
+    await server.close()
+    app.close()
+    return {"round_trips": count, "cpu_us_each": round(cpu / count * 1e6, 1),
+            "wall_us_each": round(wall / count * 1e6, 1)}  # fmt: skip
+
+
 def cipher_cost(suite: str, mib: int = 256) -> float:
     """CPU s/GB to encrypt and decrypt with TLS 1.3 `suite` alone (memory BIOs, 16 KiB records)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,13 +243,16 @@ def main() -> None:
     parser.add_argument("--pause-every", type=int, default=0, metavar="MIB")
     parser.add_argument("--ciphers", action="store_true")
     parser.add_argument("--streams", type=int, default=0, help="time N new streams instead")
+    parser.add_argument("--pingpong", type=int, default=0, help="time N 64 B round trips")
     args = parser.parse_args()
     if args.ciphers:
         for suite in ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"):
             print(f"{suite}: {cipher_cost(suite):.3f} CPU s/GB (encrypt + decrypt)")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        if args.streams:
+        if args.pingpong:
+            print(uvloop.run(ping_pong(args.pingpong, Path(tmp))), flush=True)
+        elif args.streams:
             print(uvloop.run(new_streams(args.streams, Path(tmp))), flush=True)
         else:
             print(uvloop.run(transfer(args.mib, args.pause_every, Path(tmp))), flush=True)
