@@ -31,9 +31,10 @@ from testbed.mesh.waypoint.messages import (
     HttpResponse,
     end_to_end,
 )
+from testbed.netlab.errors import TestbedError
 
 
-class StreamRefused(ConnectionError):
+class StreamRefused(TestbedError, ConnectionError):
     """The upstream refused the stream before processing it (safe to retry)."""
 
 
