@@ -13,7 +13,7 @@ from podapps import GreetingServer, connect, finish, read_line
 from testbed.cluster.cluster import Cluster
 from testbed.cluster.loader import load_topology
 from testbed.redirect import create_mode
-from testbed.redirect.inpod import http_get
+from testbed.redirect.base import http_get
 
 PORT = 9300
 BLOCK = bytes(range(256)) * 4096  # 1 MiB
@@ -39,7 +39,7 @@ class PausingServer(GreetingServer):
 
 
 def received_by_ztunnel(cluster: Cluster, node: str, workload: str) -> float:
-    pod = cluster.mode.nodes[node].pod  # type: ignore[attr-defined]
+    pod = cluster.mode.ztunnels[node].pod  # type: ignore[attr-defined]
     metrics = http_get(pod, 15020, "/metrics")[1].decode()
     total = 0.0
     for line in metrics.splitlines():

@@ -438,7 +438,7 @@ def test_a_deny_closes_a_running_transfer_within_2s_and_blocks_new_ones(
 
 def test_admin_port_is_localhost_only_and_metrics_ready_are_not(mesh: Mesh) -> None:
     """Istio binds the admin port (its /config_dump names every workload) to localhost."""
-    ztunnel = mesh.mode.nodes["node2"].pod
+    ztunnel = mesh.mode.ztunnels["node2"].pod
     outsider, client = mesh.pod("outsider"), mesh.pod("client")
     with pytest.raises(ConnectionRefusedError):
         connect(outsider, ztunnel.ip, 15000).close()
@@ -456,7 +456,7 @@ def test_admin_port_is_localhost_only_and_metrics_ready_are_not(mesh: Mesh) -> N
 def test_connections_lists_what_both_ztunnels_did(mesh: Mesh) -> None:
     client, server2 = mesh.pod("client"), mesh.pod("server2")
     assert greeting(client, server2.ip) == f"server2 {client.ip}"
-    node1, node2 = mesh.mode.nodes["node1"].pod, mesh.mode.nodes["node2"].pod
+    node1, node2 = mesh.mode.ztunnels["node1"].pod, mesh.mode.ztunnels["node2"].pod
     target = f"{server2.ip}:{APP_PORT}"
 
     def records(pod: Pod) -> list[dict[str, object]]:

@@ -25,7 +25,8 @@ from podapps import GreetingServer, greeting
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
-from testbed.redirect.inpod import http_get
+from testbed.redirect import create_mode
+from testbed.redirect.base import http_get
 
 APP_PORT, SERVICE_PORT = 8080, 9080
 
@@ -105,7 +106,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root.mkdir(parents=True, exist_ok=True)
     greeter: GreetingServer | None = None
     try:
-        with Cluster(SidecarL7Topology(), mode="sidecar", root=root) as built:
+        with Cluster(SidecarL7Topology(), create_mode("sidecar"), root=root) as built:
             for name in ("echo-v1", "echo-v2"):
                 argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", name]
                 built.pod(name).spawn([*argv, "--port", str(APP_PORT)], label="echo")
