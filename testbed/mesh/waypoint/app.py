@@ -119,7 +119,7 @@ class Waypoint:
     async def serve_tunnel(self, sock: socket.socket, downstream: Downstream) -> None:
         sock.setblocking(False)
         protocol, initial = await _sniff(sock)
-        if protocol == "tcp" and initial:
+        if protocol == "tcp":  # also a client silent past SNIFF_TIMEOUT (server speaks first)
             await self._pass_tcp(sock, downstream, initial)
             return
         if protocol not in ("h2", "http/1.1"):
