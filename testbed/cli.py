@@ -28,10 +28,11 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from testbed.experiment.export import ExportError
     from testbed.experiment.spec import SpecError
     from testbed.redirect import ModeError
 
-    return (TopologyError, ModeError, ManifestError, SpecError, UsageError)
+    return (TopologyError, ModeError, ManifestError, SpecError, ExportError, UsageError)
 
 
 # -- doctor ---------------------------------------------------------------------------------
@@ -228,6 +229,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_results(args: argparse.Namespace) -> int:
+    from testbed.experiment.export import export_run
+
+    written = export_run(args.run, args.format, args.out)
+    console.print(f"{len(written)} {args.format} file(s) under {written[0].parent}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -294,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", type=Path)
     p.add_argument("run_b", type=Path)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export-results", help="a run's HTTP cases as fortio JSON or SMP documents")
+    p.add_argument("run", type=Path, help="results directory")
+    p.add_argument("--format", choices=["fortio", "smp"], required=True)
+    p.add_argument("--out", type=Path, help="folder to write (default: RUN/export/FORMAT)")
+    p.set_defaults(func=cmd_export_results)
     return parser
 
 

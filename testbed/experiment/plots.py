@@ -210,7 +210,7 @@ def waterfall_figure(table: pd.DataFrame, *, unit: str, title: str, path: Path) 
     fig, axes = plt.subplots(
         1,
         len(placements),
-        figsize=(max(4.5, 1.4 * table["mode"].nunique() + 2) * len(placements), 4.5),
+        figsize=(max(6.0, 1.4 * table["mode"].nunique() + 3) * len(placements), 4.5),
         squeeze=False,
     )
     for column, placement in enumerate(placements):
@@ -231,7 +231,7 @@ def waterfall_figure(table: pd.DataFrame, *, unit: str, title: str, path: Path) 
     handles, labels = _unique_legend(fig)
     fig.legend(handles, labels, loc="upper right", title="layer")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.86, 0.93))
+    fig.tight_layout(rect=(0, 0, 0.8, 0.92))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -6,7 +6,7 @@ import pytest
 from test_experiment_fakes import SMALL_SPEC, write_spec
 
 from testbed.experiment.cases import estimated_seconds, mode_cases
-from testbed.experiment.spec import KNOWN_MODES, SpecError, load_spec
+from testbed.experiment.spec import DATA_PATHS, KNOWN_MODES, SpecError, load_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -109,9 +109,22 @@ def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
     spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=lambda: KNOWN_MODES)
     assert [mode.mode for mode in spec.modes] == list(KNOWN_MODES)
     assert set(spec.placements) == {"same-node", "cross-node"}
-    assert {"tcp_stream", "tcp_rr", "http_fixed_qps"} <= set(spec.workloads)
-    assert spec.repetitions == 3
+    assert {"tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"} <= set(spec.workloads)
+    assert {p for mode in spec.modes for p in spec.mode_paths(mode)} == set(DATA_PATHS)
+    assert spec.repetitions >= 2
     assert estimated_seconds(spec) < 15 * 60
+    assert "15 minutes" in (EXPERIMENTS / "default.yaml").read_text()
+
+
+def test_breakdown_and_published_specs_load_and_state_their_budget() -> None:
+    for name in ("breakdown", "istio_published"):
+        path = EXPERIMENTS / f"{name}.yaml"
+        spec = load_spec(path, available_modes=lambda: KNOWN_MODES)
+        assert "Budget:" in path.read_text()
+        assert estimated_seconds(spec) > 0
+    published = load_spec(EXPERIMENTS / "istio_published.yaml", available_modes=lambda: KNOWN_MODES)
+    assert published.sweeps.connections == [1, 2, 4, 8, 16, 32, 64]
+    assert published.http_payload == 1024 and published.sweeps.qps == [1000]
 
 
 def test_baseline_spec_is_mode_none_throughput_and_latency() -> None:
