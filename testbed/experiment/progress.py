@@ -67,7 +67,8 @@ class RunProgress:
         self._text = ""
 
     def __enter__(self) -> RunProgress:
-        self._progress.start()
+        if not self._lines:  # a stopped rich display still ends with a newline
+            self._progress.start()
         return self
 
     def __exit__(
@@ -76,7 +77,8 @@ class RunProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        if not self._lines:
+            self._progress.stop()
 
     def describe(self, text: str) -> None:
         self._text = text
