@@ -8,8 +8,8 @@ by its `istio.io/use-waypoint` label followed by `mode.update_policies(topology)
 
 A waypoint cannot be added to a running cluster (its pod and identity come from the
 topology), so a mode that runs the `waypoint` path is built from a variant of the topology
-(`waypoint_variant`): one waypoint pod on the client's node and, per server pod, a service
-whose only endpoint is that pod (so that a placement keeps its meaning through the
+(`waypoint_variant`): one waypoint pod (on a node without the client, where there is one)
+and, per server pod, a service whose only endpoint is that pod (so that a placement keeps its meaning through the
 waypoint). The variant is named in the rows' facts. The waypoint idles while not attached.
 
 `set_path` is the one place that touches the mode; the runner calls it through a parameter.
@@ -51,7 +51,7 @@ def add_waypoint_parts(topology: Topology) -> None:
     servers = [p for p in topology.pods.values() if p.labels.get("role") == "server"]
     if not clients or not servers:
         raise topology.error("the waypoint path needs role=client and role=server pods")
-    topology.add_waypoint(WAYPOINT_NAME, clients[0].node, namespace=servers[0].namespace)
+    topology.add_waypoint(WAYPOINT_NAME, waypoint_node(topology), namespace=servers[0].namespace)
     for pod in servers:
         pod.labels[TARGET_LABEL] = pod.name
         topology.add_service(
@@ -60,6 +60,15 @@ def add_waypoint_parts(topology: Topology) -> None:
             ports=list(WORKLOAD_PORTS),
             namespace=pod.namespace,
         )
+
+
+def waypoint_node(topology: Topology) -> str:
+    """The last node without a client pod, else the client's: the waypoint never shares
+    the client's node when it need not (Istio places it as any Deployment; mode legacy's
+    ztunnel takes HBONE to a pod of its own node for itself, the waypoint's included)."""
+    client_nodes = {p.node for p in topology.pods.values() if p.labels.get("role") == "client"}
+    free = [node for node in topology.nodes if node not in client_nodes]
+    return free[-1] if free else next(iter(client_nodes))
 
 
 def variant_facts(topology: Topology) -> dict[str, str]:
