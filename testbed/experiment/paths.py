@@ -9,8 +9,9 @@ by its `istio.io/use-waypoint` label followed by `mode.update_policies(topology)
 A waypoint cannot be added to a running cluster (its pod and identity come from the
 topology), so a mode that runs the `waypoint` path is built from a variant of the topology
 (`waypoint_variant`): one waypoint pod (on a node without the client, where there is one)
-and, per server pod, a service whose only endpoint is that pod (so that a placement keeps its meaning through the
-waypoint). The variant is named in the rows' facts. The waypoint idles while not attached.
+and, per server pod, a service whose only endpoint is that pod (so that a placement keeps
+its meaning through the waypoint). The variant is named in the rows' facts. The waypoint
+idles while not attached.
 
 `set_path` is the one place that touches the mode; the runner calls it through a parameter.
 """
