@@ -13,7 +13,8 @@ and, per server pod, a service whose only endpoint is that pod (so that a placem
 its meaning through the waypoint). The variant is named in the rows' facts. The waypoint
 idles while not attached.
 
-`set_path` is the one place that touches the mode; the runner calls it through a parameter.
+`set_path` is the one place that touches the mode; the runner reaches it through
+`ClusterPaths` (its `paths` parameter, which tests replace with a fake).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from testbed.cluster.loader import load_topology
 from testbed.cluster.model import Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
 
@@ -168,3 +170,26 @@ def start_missing_waypoint(cluster: Any) -> dict[str, int]:
     config = control.write_config(cluster.topology, fleet.unenrolled)
     processes.start_all(config, InPodMode.waypoint_ready)
     return processes.proxy_pids()
+
+
+class ClusterPaths:
+    """The runner's PathControl over a real Cluster."""
+
+    def topology(self, topology: str, paths: Sequence[str]) -> str | Topology:
+        """The spec's topology, or its waypoint variant for a mode with the waypoint path."""
+        return waypoint_variant(load_topology(topology)) if "waypoint" in paths else topology
+
+    def prepare(self, cluster: Any, paths: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
+        facts = variant_facts(cluster.topology)
+        if "waypoint" not in paths:
+            return facts, {}
+        started = start_missing_waypoint(cluster)
+        if started:
+            facts["waypoint_started_by"] = "experiment (the mode starts no waypoints)"
+        return facts, started
+
+    def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None:
+        set_path(cluster, path, servers)
+
+    def destination(self, cluster: Any, path: str, server: Any) -> Any:
+        return destination(cluster, path, server)

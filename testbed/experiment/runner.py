@@ -25,6 +25,7 @@ from testbed.experiment.cases import (
     mode_seconds,
     separate_warmup,
 )
+from testbed.experiment.paths import ClusterPaths
 from testbed.experiment.pinning import apply_pinning
 from testbed.experiment.progress import RunProgress
 from testbed.experiment.rows import case_row, failed_row, measurement_rows
@@ -57,39 +58,6 @@ class PathControl(Protocol):
     def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None: ...
 
     def destination(self, cluster: Any, path: str, server: Any) -> Any: ...
-
-
-class ClusterPaths:
-    """PathControl over a real Cluster."""
-
-    def topology(self, topology: str, paths: Sequence[str]) -> Any:
-        if "waypoint" not in paths:
-            return topology
-        from testbed.cluster.loader import load_topology
-        from testbed.experiment.paths import waypoint_variant
-
-        return waypoint_variant(load_topology(topology))
-
-    def prepare(self, cluster: Any, paths: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
-        from testbed.experiment import paths as data_paths
-
-        facts = data_paths.variant_facts(cluster.topology)
-        if "waypoint" not in paths:
-            return facts, {}
-        started = data_paths.start_missing_waypoint(cluster)
-        if started:
-            facts["waypoint_started_by"] = "experiment (the mode starts no waypoints)"
-        return facts, started
-
-    def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None:
-        from testbed.experiment.paths import set_path
-
-        set_path(cluster, path, servers)
-
-    def destination(self, cluster: Any, path: str, server: Any) -> Any:
-        from testbed.experiment.paths import destination
-
-        return destination(cluster, path, server)
 
 
 ClusterFactory = Callable[..., AbstractContextManager[ClusterLike]]
