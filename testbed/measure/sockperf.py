@@ -75,7 +75,10 @@ def run_pingpong(
     and a 0.4 s warm-up before it). The client's report goes to
     `raw_dir`/sockperf-client.txt when given."""
     protocol = ["--tcp"] if tcp else []
+    # SO_REUSEADDR: a proxy in front of the server may leave the previous case's connection
+    # in TIME-WAIT on the server's port, which would fail the next server's bind for 60 s.
     server_argv = ["sockperf", "server", *protocol, "-i", "0.0.0.0", "-p", str(port)]
+    server_argv.append("--uc-reuseaddr")
     if msg_size > SERVER_DEFAULT_MAX_MESSAGE:  # it drops larger ones and resets the client
         server_argv += ["-m", str(msg_size)]
     argv = ["sockperf", "ping-pong", *protocol, "-i", server_ip, "-p", str(port)]
