@@ -331,11 +331,20 @@ def _capture_alone(frame: pd.DataFrame, run_dir: Path) -> str:
         )
         text += _image(run_dir, path, f"modes compared on capture alone, {figure.title}")
         for placement, part in costs.groupby("placement", sort=False):
-            best = part.loc[part["cost"].idxmin()]
+            ranked = part.sort_values("cost")
+            best = ranked.iloc[0]
+            overlapping = [
+                r["mode"] for _, r in ranked.iloc[1:].iterrows() if r["low"] <= best["high"]
+            ]
+            caveat = (
+                f"; its interval overlaps {', '.join(overlapping)}'s, so no clear winner"
+                if overlapping
+                else ""
+            )
             text += (
                 f"\nCheapest redirection on this kernel by {figure.title}, {placement}: "
                 f"**{best['mode']}** ({best['cost']:+.3g} {figure.unit}, 95 % interval "
-                f"{best['low']:.3g} .. {best['high']:.3g}, {best['n']} repetitions).\n"
+                f"{best['low']:.3g} .. {best['high']:.3g}, {best['n']} repetitions{caveat}).\n"
             )
         text += "\n"
     if not text:
