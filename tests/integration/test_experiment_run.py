@@ -93,9 +93,9 @@ def test_failing_case_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, ["none"], repetitions=1, extra="sweeps: {parallel: [200, 1]}\n")
     run_dir = run_experiment(spec, results_dir=tmp_path / "results", show_progress=False)
     cases = load(run_dir).drop_duplicates("case_id").set_index("case_id")
-    failed = cases.loc["none-cross-node-tcp_stream-p200-r1"]
+    failed = cases.loc["none-direct-cross-node-tcp_stream-p200-r1"]
     assert failed["status"] == "failed" and "iperf3" in failed["error"]
-    assert cases.loc["none-cross-node-tcp_stream-p1-r1", "status"] == "ok"
+    assert cases.loc["none-direct-cross-node-tcp_stream-p1-r1", "status"] == "ok"
     assert not leaked_namespaces(run_dir)
 
 
