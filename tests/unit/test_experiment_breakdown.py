@@ -220,3 +220,16 @@ def test_progress_writes_a_line_per_case_off_a_terminal() -> None:
     assert lines[0].startswith("[1/2 ")
     assert lines[0].endswith("inpod capture cross-node tcp_rr msg_size=64 rep 1: ok")
     assert lines[1].startswith("[2/2 ") and lines[1].endswith(": failed")
+
+
+def test_export_results_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from testbed.cli import main
+
+    assert main(["export-results", str(tmp_path), "--format", "smp"]) == 2
+    assert "not a results directory" in capsys.readouterr().err
+    spec_path, spec = load_fake_spec(tmp_path, PATH_SPEC)
+    store = RunStore.create(tmp_path / "results", spec.name)
+    execute(spec_path, spec, store, fake_runner(spec, store, FakeClusterFactory()))
+    out = tmp_path / "smp-out"
+    assert main(["export-results", str(store.path), "--format", "smp", "--out", str(out)]) == 0
+    assert json.loads((out / "smp.json").read_text())
