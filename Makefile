@@ -4,10 +4,13 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup test unit integration experiment report lint typecheck clean
+.PHONY: setup python-env test unit integration experiment report lint typecheck clean
 
 setup:
 	@bash scripts/setup.sh
+
+python-env:
+	@bash scripts/setup.sh python
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -24,7 +27,7 @@ experiment: setup
 report: setup
 	$(TESTBED) report $(RUN)
 
-lint: setup
+lint: python-env
 	$(VENV)/bin/ruff check testbed tests topologies
 	$(VENV)/bin/ruff format --check testbed tests topologies
 	$(VENV)/bin/mypy testbed

@@ -10,6 +10,7 @@ import statistics
 import time
 
 from testbed.cluster import Cluster, load_topology
+from testbed.redirect import create_mode
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     ups, downs = [], []
     for _ in range(args.repeat):
-        cluster = Cluster(load_topology(args.topology))
+        cluster = Cluster(load_topology(args.topology), create_mode("none"))
         started = time.perf_counter()
         cluster.start()
         ups.append(time.perf_counter() - started)

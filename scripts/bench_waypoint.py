@@ -18,7 +18,7 @@ from testbed.cluster import Cluster, Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
 from testbed.measure.http import run_http_fixed_qps
 from testbed.measure.resources import read_process
-from testbed.redirect.inpod import InPodMode
+from testbed.redirect import create_mode
 
 PORT = 8080
 CASES = (("none", False), ("inpod", False), ("inpod+waypoint", True))
@@ -41,7 +41,7 @@ class BenchTopology(Topology):
 def run_case(name: str, waypoint: bool, args: argparse.Namespace) -> dict[int, list[float]]:
     mode = "none" if name == "none" else "inpod"
     rows: dict[int, list[float]] = {}
-    with Cluster(BenchTopology(waypoint=waypoint), mode=mode) as cluster:
+    with Cluster(BenchTopology(waypoint=waypoint), create_mode(mode)) as cluster:
         vip = cluster.services["server"].vip
         for connections in args.connections:
             pid = _waypoint_pid(cluster)
@@ -66,10 +66,7 @@ def run_case(name: str, waypoint: bool, args: argparse.Namespace) -> dict[int, l
 
 
 def _waypoint_pid(cluster: Cluster) -> int | None:
-    mode = cluster.mode
-    if isinstance(mode, InPodMode) and mode.waypoints is not None:
-        return mode.waypoints.proxy_pids().get("waypoint-waypoint")
-    return None
+    return cluster.proxy_pids().get("waypoint-waypoint")
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from testbed.cluster.loader import load_topology
 from testbed.measure.iperf import run_throughput
 from testbed.measure.rows import Measurement
 from testbed.measure.sockperf import run_pingpong
+from testbed.redirect import create_mode
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def started_as(arm: Arm) -> Iterator[None]:
 
 @contextmanager
 def built(arm: Arm, pin_ztunnels: str | None) -> Iterator[Target]:
-    cluster = Cluster(load_topology("two_nodes"), mode=arm.mode)
+    cluster = Cluster(load_topology("two_nodes"), create_mode(arm.mode))
     with started_as(arm):
         cluster.start()
     try:

@@ -15,31 +15,24 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.cluster.loader import parse_value
-from testbed.cluster.model import TopologyError
-from testbed.netlab import ManifestError, NetlabError, interrupt
+from testbed.netlab import NetlabError, interrupt
+from testbed.netlab.errors import TestbedError
 from testbed.netlab.manifest import RUNS_ROOT, list_runs
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-class UsageError(Exception):
+class UsageError(TestbedError):
     """A mistake on the command line."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from testbed.experiment.export import ExportError
-    from testbed.experiment.spec import SpecError
-    from testbed.redirect import ModeError
-
-    return (TopologyError, ModeError, ManifestError, SpecError, ExportError, UsageError)
 
 
 # -- doctor ---------------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed.netlab.features import detect_features
+    from testbed.trace import detect_tracing
 
-    features = detect_features()
+    features = detect_features() + detect_tracing()
     if args.json:
         print(json.dumps([f.as_dict() for f in features], indent=2))
     else:
@@ -78,16 +71,12 @@ def _mode_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_up(args: argparse.Namespace) -> int:
     from testbed.cluster.cluster import Cluster
     from testbed.inventory import inventory_tables, summary_line
+    from testbed.redirect import create_mode
     from testbed.shell import ClusterShell
 
     started = time.monotonic()
-    cluster = Cluster(
-        args.topology,
-        mode=args.mode,
-        name=args.name,
-        mode_options=_mode_options(args),
-        root=args.root,
-    )
+    mode = create_mode(args.mode, _mode_options(args))  # a bad option: nothing is built
+    cluster = Cluster(args.topology, mode, name=args.name, root=args.root)
     cluster.start()
     inv = cluster.inventory()
     console.print(f"{summary_line(inv)} (built in {time.monotonic() - started:.1f} s)")
@@ -195,6 +184,30 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return max((_print_report(r) for r in reports), default=0)
 
 
+# -- trace ----------------------------------------------------------------------------------
+def cmd_trace(args: argparse.Namespace) -> int:
+    from testbed.cluster.cluster import load_inventory
+    from testbed.trace import TraceError, trace
+    from testbed.trace.diagram import DiagramError
+
+    inv = _inventory(args.name, args.root, load_inventory)
+    if args.diagram and args.diagram.suffix.lower() not in (".svg", ".png"):
+        raise UsageError(f"--diagram {args.diagram}: expected a .svg or .png file name")
+    try:
+        result = trace(inv, args.src, args.dst)
+        if args.diagram:
+            result.write_diagram(args.diagram)
+    except (TraceError, DiagramError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(result.json())
+    else:
+        print(result.text(evidence=args.evidence))
+        if args.diagram:
+            print(f"diagram: {args.diagram}")
+    return 0 if result.outcome.ok else 1
+
+
 # -- experiments ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.experiment import run_experiment
@@ -237,8 +250,109 @@ def cmd_export_results(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- Kubernetes: export, export-experiment, import, apply, delete (testbed.kube) -------------
+def _kube_errors() -> tuple[type[Exception], ...]:
+    from testbed.kube.documents import DocumentError
+    from testbed.kube.export import ExportError
+    from testbed.kube.importer import RowsError
+    from testbed.kube.istio import ApplyError
+
+    return (DocumentError, ExportError, RowsError, ApplyError)
+
+
+def cmd_kube(args: argparse.Namespace) -> int:
+    try:
+        code: int = args.kube_func(args)
+        return code
+    except _kube_errors() as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _kube_export(args: argparse.Namespace) -> int:
+    from testbed.cluster.loader import load_topology
+    from testbed.cluster.model import plan
+    from testbed.kube.export import parse_node_map, write_export
+
+    topology = plan(load_topology(args.topology))
+    node_map = parse_node_map(args.node_map, topology)
+    files = write_export(topology, args.out, mode=args.mode, node_map=node_map, image=args.image)
+    console.print(f"wrote {len(files)} files to {args.out} (kubectl apply -k {args.out})")
+    return 0
+
+
+def _kube_export_experiment(args: argparse.Namespace) -> int:
+    from testbed.cluster.loader import load_topology
+    from testbed.cluster.model import plan
+    from testbed.experiment.spec import load_spec
+    from testbed.kube.export import parse_node_map
+    from testbed.kube.jobs import write_experiment
+    from testbed.redirect import available_modes
+
+    spec = load_spec(args.spec, available_modes=available_modes)
+    node_map = parse_node_map(args.node_map, plan(load_topology(spec.topology.as_argument())))
+    files = write_experiment(
+        args.spec, args.out, mode=args.mode, node_map=node_map, image=args.image
+    )
+    console.print(f"wrote {len(files)} files to {args.out}; see {args.out / 'README.md'}")
+    return 0
+
+
+def _kube_import(args: argparse.Namespace) -> int:
+    from testbed.kube.importer import import_rows
+
+    console.print(f"results: {import_rows(args.rows, args.name, args.results)}")
+    return 0
+
+
+def _kube_apply(args: argparse.Namespace) -> int:
+    from testbed.kube.live import apply_to_run, delete_from_run
+
+    change = delete_from_run if args.delete else apply_to_run
+    for res in change(args.name, args.file, args.root):
+        verb = "deleted" if args.delete else "applied"
+        console.print(
+            f"{res.kind} {res.metadata.namespace or 'default'}/{res.metadata.name} {verb}"
+        )
+    return 0
+
+
+def add_kube_commands(sub: Any) -> None:
+    from testbed.kube.export import DEFAULT_IMAGE, EXPORT_MODES
+
+    p = sub.add_parser("export", help="Kubernetes + Istio manifests for a topology")
+    p.add_argument("topology", help="name, spec string or file.py, as for up")
+    p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
+    p.add_argument("--node-map", help="node1=worker-a,node2=worker-b (default: same names)")
+    p.add_argument("--mode", choices=EXPORT_MODES, default="ambient")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the apps (the project's)")
+    p.set_defaults(func=cmd_kube, kube_func=_kube_export)
+
+    p = sub.add_parser("export-experiment", help="an experiment spec as Kubernetes Jobs")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--node-map", help="node1=worker-a,node2=worker-b (default: same names)")
+    p.add_argument("--mode", choices=["ambient", "sidecar", "none"], default="ambient")
+    p.add_argument("--image", default=DEFAULT_IMAGE)
+    p.set_defaults(func=cmd_kube, kube_func=_kube_export_experiment)
+
+    p = sub.add_parser("import", help="a Job's JSON rows as a results directory")
+    p.add_argument("rows", type=Path)
+    p.add_argument("--name", required=True, help="name of the results directory")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.set_defaults(func=cmd_kube, kube_func=_kube_import)
+
+    for verb in ("apply", "delete"):
+        p = sub.add_parser(verb, help=f"{verb} Istio YAML (policies, waypoints, routes, labels)")
+        p.add_argument("name", help="a running testbed")
+        p.add_argument("file", type=Path)
+        p.set_defaults(func=cmd_kube, kube_func=_kube_apply, delete=verb == "delete")
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from testbed.redirect import available_modes
+
+    modes = available_modes()
     parser = argparse.ArgumentParser(
         prog="testbed",
         description="Network emulation testbed for Istio's ambient data plane.",
@@ -252,11 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="build a testbed and open a shell (or --detach)")
     p.add_argument("topology", help="name, spec string (multi_node,nodes=3,pods=10) or file.py")
-    p.add_argument("--mode", default="none", help="redirection mode (default: none)")
+    p.add_argument(
+        "--mode", default="none", help=f"redirection mode: {', '.join(modes)} (default: none)"
+    )
     p.add_argument(
         "--inpod-variant",
-        choices=["redirect", "tproxy", "nftables"],
-        help="rules used by mode inpod (default redirect)",
+        metavar="VARIANT",
+        help="rules used by mode inpod: the option inpod_variant (default redirect)",
     )
     p.add_argument(
         "-o", "--option", action="append", metavar="KEY=VALUE", help="a mode option, repeatable"
@@ -288,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_clean)
 
+    p = sub.add_parser(
+        "trace", help="walk one TCP connection through the data plane: trace NAME SRC DST[:PORT]"
+    )
+    p.add_argument("name", help="a running testbed")
+    p.add_argument("src", help="source pod")
+    p.add_argument("dst", help="pod, service name or VIP, with :PORT (default 8080 / first port)")
+    p.add_argument("--json", action="store_true", help="the hops as JSON")
+    p.add_argument("--evidence", action="store_true", help="print each hop's evidence too")
+    p.add_argument("--diagram", type=Path, metavar="FILE", help="also draw it (.svg or .png)")
+    p.set_defaults(func=cmd_trace)
+
     p = sub.add_parser("run", help="run an experiment spec (YAML)")
     p.add_argument("spec", type=Path)
     p.add_argument("--results", type=Path, default=Path("results"))
@@ -309,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["fortio", "smp"], required=True)
     p.add_argument("--out", type=Path, help="folder to write (default: RUN/export/FORMAT)")
     p.set_defaults(func=cmd_export_results)
+    add_kube_commands(sub)
     return parser
 
 
@@ -318,12 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except _user_errors() as exc:
+    except TestbedError as exc:  # every error of ours: one line, never a traceback
         err_console.print(f"testbed: error: {exc}", highlight=False, soft_wrap=True)
         return 2
-    except NetlabError as exc:
-        err_console.print(f"testbed: failed: {exc}", highlight=False, soft_wrap=True)
-        return 1
     except KeyboardInterrupt as exc:
         err_console.print("testbed: interrupted; everything it created was removed")
         partial = getattr(exc, "run_dir", None)  # an experiment keeps what it measured

@@ -17,6 +17,7 @@ from testbed.netlab.process import NetlabError, nsenter_argv
 class ClusterShell(cmd.Cmd):
     intro = (
         "testbed shell: nodes, pods, services, ping A B, pingall, iperf A B, rules POD,\n"
+        "trace SRC DST[:PORT], "
         "exec POD CMD... (pod names become their IPs), help, exit (tears the testbed down)"
     )
 
@@ -83,6 +84,26 @@ class ClusterShell(cmd.Cmd):
             self.console.print(rules, soft_wrap=True, highlight=False, markup=False)
         except TopologyError as exc:
             self.console.print(f"[red]{exc}[/red]")
+
+    def do_trace(self, line: str) -> None:
+        """trace SRC DST[:PORT] [FILE.svg|FILE.png]: walk one connection through the data plane"""
+        from pathlib import Path
+
+        from testbed.trace import TraceError, trace
+        from testbed.trace.diagram import DiagramError
+
+        args = line.split()
+        if len(args) not in (2, 3):
+            self.console.print("usage: trace SRC DST[:PORT] [FILE.svg|FILE.png]")
+            return
+        try:
+            result = trace(self.cluster, args[0], args[1])
+            if len(args) == 3:
+                result.write_diagram(Path(args[2]))
+        except (TraceError, DiagramError, NetlabError) as exc:
+            self.console.print(f"[red]{exc}[/red]")
+            return
+        self.console.print(result.text(), soft_wrap=True, highlight=False, markup=False)
 
     def do_exec(self, line: str) -> None:
         """exec POD CMD...: run a command inside a pod (pod names become IPs)"""

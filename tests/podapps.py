@@ -1,15 +1,21 @@
 """Apps the integration tests run in pods: a server that greets every connection with
 "<pod name> <peer ip>" (the address the app saw, to check that the mesh keeps the client's),
-and the client side that connects from inside a pod and reads that greeting."""
+and the client side that connects from inside a pod and reads that greeting; the project's
+HTTP echo server as a pod process, and an HTTP client that requests from inside a pod."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import socket
+import sys
 import threading
+import time
+from dataclasses import dataclass
 
 from testbed.cluster import Pod
+from testbed.netlab import ManagedProcess
 
 APP_PORT = 8080
 
@@ -93,3 +99,51 @@ def finish(sock: socket.socket) -> str:
     while chunk := sock.recv(128):
         answer += chunk
     return answer.decode()
+
+
+def start_http_echo(pod: Pod, port: int = APP_PORT, timeout: float = 10.0) -> ManagedProcess:
+    """testbed.workloads.http_echo in `pod` (its replies carry `x-served-by: <pod>`), returned
+    once it accepts connections."""
+    argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", pod.name]
+    process = pod.spawn([*argv, "--port", str(port)], label="http-echo")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect(pod, "127.0.0.1", port, timeout=1.0).close()
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    served_by: str  # the x-served-by header ("-" without one)
+    body: bytes
+
+
+def http_requests(
+    pod: Pod, ip: str, port: int, path: str, count: int, timeout: float = 10.0
+) -> list[HttpReply]:
+    """`count` GETs of `path` made from inside `pod`, on one keep-alive connection (a new one
+    whenever the server closes it)."""
+    replies: list[HttpReply] = []
+    conn: http.client.HTTPConnection | None = None
+    try:
+        for _ in range(count):
+            if conn is None:
+                conn = http.client.HTTPConnection(ip, port, timeout=timeout)
+                conn.sock = connect(pod, ip, port, timeout)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+            replies.append(HttpReply(response.status, response.getheader("x-served-by", "-"), body))
+            if response.will_close:
+                conn.close()
+                conn = None
+    finally:
+        if conn is not None:
+            conn.close()
+    return replies

@@ -1,5 +1,7 @@
 """The cluster model (Topology, pods, services, policies) and its build into netlab."""
 
+from typing import TYPE_CHECKING
+
 from testbed.cluster.model import (
     LinkParams,
     NodeSpec,
@@ -12,6 +14,10 @@ from testbed.cluster.model import (
     plan,
     service_endpoints,
 )
+
+if TYPE_CHECKING:  # imported on first use (below): the model alone stays light
+    from testbed.cluster.cluster import Cluster, Pod
+    from testbed.cluster.loader import load_topology
 
 __all__ = [
     "Cluster",

@@ -1,7 +1,10 @@
 """The running cluster: build, inventory, pod handles, connectivity checks, teardown.
 
-with Cluster(load_topology("two_nodes"), mode="none") as c:
+with Cluster(load_topology("two_nodes"), create_mode("none")) as c:
     c.ping_all()
+
+The mode is an object the caller makes (testbed.redirect.create_mode), as Mininet is given
+its node classes: the cluster builds the network and calls the mode, never the other way.
 """
 
 from __future__ import annotations
@@ -91,15 +94,14 @@ class Cluster:
     def __init__(
         self,
         topology: Topology | str,
-        mode: str | RedirectMode = "none",
+        mode: RedirectMode,
         *,
         name: str | None = None,
-        mode_options: dict[str, Any] | None = None,
         root: Path = RUNS_ROOT,
     ) -> None:
         self.topology = load_topology(topology) if isinstance(topology, str) else topology
         self.run = check_run_name(name) if name else secrets.token_hex(3)
-        self.mode = _resolve_mode(mode, mode_options or {})
+        self.mode = mode
         self.root = root
         self.lab: Lab | None = None
         self.fabric: Netns | None = None
@@ -318,14 +320,6 @@ def _tcp_reaches(ip: str, port: int, timeout: float) -> bool:
             return True
     except OSError:
         return False
-
-
-def _resolve_mode(mode: str | RedirectMode, options: dict[str, Any]) -> RedirectMode:
-    if not isinstance(mode, str):
-        return mode
-    from testbed.redirect import create_mode  # modes build on the cluster, so imported late
-
-    return create_mode(mode, options)
 
 
 def load_inventory(run: str, root: Path = RUNS_ROOT) -> dict[str, Any]:

@@ -1,16 +1,28 @@
-"""What a redirection mode must provide to the cluster (implemented in testbed.redirect)."""
+"""What a redirection mode must provide to the cluster (implemented in testbed.redirect).
+
+The cluster is given a mode object, as Mininet is given its node classes; it never looks a
+mode up itself, so nothing here depends on the modes.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
+
+from testbed.netlab.errors import TestbedError
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
     from testbed.cluster.model import Topology
 
 
+class ModeError(TestbedError):
+    """An unknown mode or a bad mode option; the message names it and what was expected."""
+
+
 class RedirectMode(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The mode's name, as the registry and every result row know it."""
 
     def install(self, cluster: Cluster) -> None:
         """After the network is built: start proxies and enroll the pods."""

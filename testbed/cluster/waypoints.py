@@ -1,5 +1,4 @@
-"""Waypoints in topology scripts: declarations, Istio's attachment labels, and what follows
-from them (waypoint fields in the mesh config, each waypoint's L7 file, its process).
+"""Waypoints in topology scripts: the declarations and Istio's attachment labels.
 
 A waypoint is a pod of its own (service account = its name, never captured) running
 `python -m testbed.mesh.waypoint`. Istio's labels decide who uses it:
@@ -11,29 +10,24 @@ A waypoint is a pod of its own (service account = its name, never captured) runn
   `workload` (traffic to pod IPs), `all`, or `none`.
 
 Routes (HTTPRoute-like) attach to services by name; L7 policies target services by name,
-or, with none named, everything the waypoints of their namespace serve.
+or, with none named, everything the waypoints of their namespace serve. What follows from
+the labels (waypoint fields in the mesh config, each waypoint's L7 file) is the control
+plane's (testbed.redirect.waypoint_config); the processes are the mode's.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import ValidationError
 
-from testbed.mesh.ca import CertificateAuthority, Identity
-from testbed.mesh.config import GatewayAddress, LocalConfig, NetworkAddress, Service, Workload
-from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.mesh.waypoint.l7authz import L7Policy
 from testbed.mesh.waypoint.routing import HttpRoute
-from testbed.netlab import ManagedProcess
+from testbed.netlab.errors import TestbedError
 
 if TYPE_CHECKING:
-    from testbed.cluster.cluster import Cluster, Pod
     from testbed.cluster.model import Topology
 
 USE_WAYPOINT = "istio.io/use-waypoint"
@@ -46,7 +40,7 @@ WaypointFor = Literal["service", "workload", "all", "none"]
 Kind = Literal["service", "workload"]
 
 
-class WaypointError(ValueError):
+class WaypointError(TestbedError, ValueError):
     """A waypoint declaration, route or L7 policy is wrong (the caller names the topology)."""
 
 
@@ -97,23 +91,6 @@ class L7Declarations:
     def add_policy(self, data: dict[str, Any]) -> None:
         self.policies.append(_validated(L7Policy, data, f"L7 policy {data.get('name')!r}"))
 
-    # -- attachment -------------------------------------------------------------------------
-    def waypoint_for(
-        self, labels: Mapping[str, str], namespace: str, kind: Kind
-    ) -> WaypointSpec | None:
-        """The waypoint an object with `labels` in `namespace` uses for `kind` traffic."""
-        namespace_labels = self.namespace_labels.get(namespace, {})
-        own = USE_WAYPOINT in labels
-        name = labels[USE_WAYPOINT] if own else namespace_labels.get(USE_WAYPOINT)
-        if not name or name == OPT_OUT:
-            return None
-        source = labels if own else namespace_labels
-        key = f"{source.get(USE_WAYPOINT_NAMESPACE, namespace)}/{name}"
-        spec = self.waypoints.get(key)
-        if spec is None:
-            raise WaypointError(f"{USE_WAYPOINT}={name!r} in {namespace!r}: no waypoint {key!r}")
-        return spec if spec.serves(kind) else None
-
 
 def _validated(model: Any, data: dict[str, Any], what: str) -> Any:
     try:
@@ -123,76 +100,6 @@ def _validated(model: Any, data: dict[str, Any], what: str) -> Any:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise WaypointError(f"{what}: {problems}") from None
-
-
-def gateway_address(waypoint_ip: str) -> GatewayAddress:
-    return GatewayAddress(destination=NetworkAddress.parse(f"/{waypoint_ip}"))
-
-
-@dataclass(frozen=True)
-class ObjectLabels:
-    """What attachment looks at for one workload or service of the mesh config."""
-
-    labels: Mapping[str, str]
-    namespace: str
-    is_waypoint: bool = False
-
-
-def attach(
-    config: LocalConfig,
-    decls: L7Declarations,
-    workloads: Mapping[str, ObjectLabels],
-    services: Mapping[str, ObjectLabels],
-    waypoint_ips: Mapping[str, str],
-) -> LocalConfig:
-    """`config` with the `waypoint` of every workload (by uid) and service (by
-    "<ns>/<hostname>") that uses one; `waypoint_ips` maps waypoint keys to pod IPs."""
-
-    def address(labels: ObjectLabels | None, kind: Kind) -> GatewayAddress | None:
-        if labels is None or labels.is_waypoint:
-            return None
-        spec = decls.waypoint_for(labels.labels, labels.namespace, kind)
-        return None if spec is None else gateway_address(waypoint_ips[spec.key])
-
-    new_workloads: list[Workload] = [
-        w.model_copy(update={"waypoint": address(workloads.get(w.uid), "workload")})
-        for w in config.workloads
-    ]
-    new_services: list[Service] = [
-        s.model_copy(update={"waypoint": address(services.get(s.key), "service")})
-        for s in config.services
-    ]
-    return LocalConfig(workloads=new_workloads, services=new_services, policies=config.policies)
-
-
-def l7_config_for(spec: WaypointSpec, config: LocalConfig, decls: L7Declarations) -> WaypointConfig:
-    """The routes and policies one waypoint needs: those of the services it serves."""
-    waypoint_ip = _waypoint_ip(spec, config)
-    served = {
-        s.key
-        for s in config.services
-        if s.waypoint is not None and config.waypoint_for_service(s) == (waypoint_ip, 15008)
-    }
-    routes = [r for r in decls.routes if served.intersection(r.parents)]
-    policies = [
-        p
-        for p in decls.policies
-        if served.intersection(p.targets) or (not p.targets and p.namespace == spec.namespace)
-    ]
-    return WaypointConfig(routes=routes, policies=policies)
-
-
-def _waypoint_ip(spec: WaypointSpec, config: LocalConfig) -> str:
-    for workload in config.workloads:
-        if workload.namespace == spec.namespace and workload.name == spec.name:
-            return str(workload.workload_ips[0])
-    raise WaypointError(f"waypoint {spec.key} has no pod in the mesh config")
-
-
-def write_l7_config(path: Path, config: WaypointConfig) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(config.dump_yaml(), encoding="utf-8")
-    partial.replace(path)
 
 
 # ---------------------------------------------------------------- a topology's waypoints
@@ -260,114 +167,3 @@ def declare_l7_policy(
     except WaypointError as exc:
         raise topology.error(str(exc)) from None
     return name
-
-
-def topology_labels(
-    topology: Topology,
-) -> tuple[dict[str, ObjectLabels], dict[str, ObjectLabels], dict[str, str]]:
-    """(workloads by uid, services by key, waypoint pod IPs by key) of a planned topology."""
-    decls = topology.l7
-    waypoint_pods = {f"{s.namespace}/{s.name}" for s in decls.waypoints.values()}
-    workloads = {
-        pod.uid: ObjectLabels(
-            pod.labels, pod.namespace, f"{pod.namespace}/{pod.name}" in waypoint_pods
-        )
-        for pod in topology.pods.values()
-    }
-    services = {
-        f"{svc.namespace}/{svc.hostname}": ObjectLabels(svc.labels, svc.namespace)
-        for svc in topology.services.values()
-    }
-    ips = {
-        f"{pod.namespace}/{pod.name}": pod.ip
-        for pod in topology.pods.values()
-        if f"{pod.namespace}/{pod.name}" in waypoint_pods
-    }
-    return workloads, services, ips
-
-
-def attach_topology(config: LocalConfig, topology: Topology) -> LocalConfig:
-    """The mesh config with the waypoints the topology's labels ask for."""
-    if not topology.l7.waypoints:
-        return config
-    workloads, services, ips = topology_labels(topology)
-    try:
-        return attach(config, topology.l7, workloads, services, ips)
-    except WaypointError as exc:
-        raise topology.error(str(exc)) from None
-
-
-ReadyProbe = Callable[["Pod"], bool]
-
-
-class WaypointProcesses:
-    """The topology's waypoints as processes in their pods, each with its own certificate
-    and L7 file under `folder`, all reading the shared mesh config (and its reloads)."""
-
-    def __init__(
-        self, cluster: Cluster, mesh_config: Path, ca: CertificateAuthority, folder: Path
-    ) -> None:
-        self.cluster = cluster
-        self.mesh_config = mesh_config
-        self.ca = ca
-        self.folder = folder
-        self.processes: dict[str, ManagedProcess] = {}
-
-    @property
-    def specs(self) -> dict[str, WaypointSpec]:
-        return {spec.name: spec for spec in self.cluster.topology.l7.waypoints.values()}
-
-    def start_all(self, config: LocalConfig, ready: ReadyProbe, timeout: float = 15.0) -> None:
-        self.write_l7(config)
-        for name in self.specs:
-            self.start(name)
-        for name in self.specs:
-            self.await_ready(name, ready, timeout)
-
-    def write_l7(self, config: LocalConfig) -> None:
-        """(Re)write every waypoint's L7 file; running waypoints reload it."""
-        for spec in self.specs.values():
-            path = self.folder / f"waypoint-{spec.name}.yaml"
-            if not path.exists():
-                self.cluster._lab.add_file(path)
-            write_l7_config(path, l7_config_for(spec, config, self.cluster.topology.l7))
-
-    def start(self, name: str) -> ManagedProcess:
-        spec = self.specs[name]
-        certs = self.folder / f"waypoint-{name}-certs"
-        if not certs.exists():
-            self.cluster._lab.add_dir(certs)
-            identity = Identity(self.ca.trust_domain, spec.namespace, spec.name)
-            self.ca.issue(identity).write(certs)
-        argv = [
-            sys.executable, "-m", "testbed.mesh.waypoint",
-            "--mesh-config", str(self.mesh_config),
-            "--l7-config", str(self.folder / f"waypoint-{name}.yaml"),
-            "--certs", str(certs),
-            "--name", f"waypoint-{name}",
-        ]  # fmt: skip
-        process = self.cluster.pod(name).spawn(argv, label="waypoint")
-        self.processes[name] = process
-        return process
-
-    def await_ready(self, name: str, ready: ReadyProbe, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        process = self.processes[name]
-        while not ready(self.cluster.pod(name)):
-            if process.poll() is not None:
-                raise WaypointError(f"waypoint {name} exited: {process.output()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise WaypointError(f"waypoint {name} not ready after {timeout} s")
-            time.sleep(0.05)
-
-    def stop(self, name: str) -> None:
-        process = self.processes.pop(name, None)
-        if process is not None:
-            process.terminate()
-
-    def proxy_pids(self) -> dict[str, int]:
-        return {
-            f"waypoint-{name}": process.pid
-            for name, process in self.processes.items()
-            if process.poll() is None
-        }

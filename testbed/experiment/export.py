@@ -26,6 +26,7 @@ import pandas as pd
 
 from testbed.experiment.analysis import measured, with_paths
 from testbed.experiment.store import RunStore
+from testbed.netlab.errors import TestbedError
 from testbed.results import load
 
 Format = Literal["fortio", "smp"]
@@ -36,7 +37,7 @@ FORTIO_PERCENTILES = (50.0, 75.0, 90.0, 99.0, 99.9)
 RAW_NAME = "http-load.json"
 
 
-class ExportError(Exception):
+class ExportError(TestbedError):
     """A run that cannot be exported (no results, unknown format)."""
 
 

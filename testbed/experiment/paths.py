@@ -152,26 +152,6 @@ def destination(cluster: Any, path: str, server: Any) -> Any:
     return ServiceTarget(server, cluster.topology.services[target_service(server.name)].vip)
 
 
-def start_missing_waypoint(cluster: Any) -> dict[str, int]:
-    """Start the variant's waypoint for a mode that does not run the topology's waypoints
-    itself (legacy and ebpf here: their ztunnels send to waypoints, but the modes start
-    none); returns its pid by label, empty when the mode runs it already."""
-    mode = cluster.mode
-    if any(label.startswith("waypoint-") for label in mode.proxy_pids()):
-        return {}
-    fleet = getattr(mode, "fleet", None)
-    if fleet is None:
-        raise RuntimeError(f"mode {mode.name} runs no waypoints and has no ztunnel fleet")
-    from testbed.cluster.waypoints import WaypointProcesses
-    from testbed.redirect.inpod import InPodMode
-
-    control = fleet.control
-    processes = WaypointProcesses(cluster, control.config_path, control.ca, fleet.folder)
-    config = control.write_config(cluster.topology, fleet.unenrolled)
-    processes.start_all(config, InPodMode.waypoint_ready)
-    return processes.proxy_pids()
-
-
 class ClusterPaths:
     """The runner's PathControl over a real Cluster."""
 
@@ -179,14 +159,9 @@ class ClusterPaths:
         """The spec's topology, or its waypoint variant for a mode with the waypoint path."""
         return waypoint_variant(load_topology(topology)) if "waypoint" in paths else topology
 
-    def prepare(self, cluster: Any, paths: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
-        facts = variant_facts(cluster.topology)
-        if "waypoint" not in paths:
-            return facts, {}
-        started = start_missing_waypoint(cluster)
-        if started:
-            facts["waypoint_started_by"] = "experiment (the mode starts no waypoints)"
-        return facts, started
+    def facts(self, cluster: Any) -> dict[str, str]:
+        """The variant's facts (the mode starts its waypoint and samples it as a proxy)."""
+        return variant_facts(cluster.topology)
 
     def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None:
         set_path(cluster, path, servers)

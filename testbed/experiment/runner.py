@@ -52,8 +52,8 @@ class PathControl(Protocol):
     def topology(self, topology: str, paths: Sequence[str]) -> Any:
         """What the cluster is built from for a mode running `paths`."""
 
-    def prepare(self, cluster: Any, paths: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
-        """After the build: (facts for the rows, pids of extra proxies to sample)."""
+    def facts(self, cluster: Any) -> dict[str, str]:
+        """After the build: what the rows say about the paths' set-up."""
 
     def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None: ...
 
@@ -68,8 +68,9 @@ def real_cluster_factory(
     topology: Any, *, mode: str, mode_options: Mapping[str, Any]
 ) -> AbstractContextManager[ClusterLike]:
     from testbed.cluster.cluster import Cluster
+    from testbed.redirect import create_mode
 
-    return Cluster(topology, mode, mode_options=dict(mode_options))
+    return Cluster(topology, create_mode(mode, mode_options))
 
 
 def real_sampler_factory(pids: dict[str, int], interval: float) -> AbstractContextManager[Any]:
@@ -94,11 +95,10 @@ class RunOutcome:
 
 @dataclass
 class Sitting:
-    """One mode's cluster while its cases run: which path it is on, its client/server
-    pairs by placement, and proxies the experiment started itself."""
+    """One mode's cluster while its cases run: which path it is on and its client/server
+    pairs by placement."""
 
     cluster: Any
-    extra_pids: dict[str, int]
     path: str | None = None
     pairs: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
@@ -156,11 +156,10 @@ class Runner:
                 facts = dict(cluster.facts())
                 # the cluster's own run name: what `testbed clean` and leak checks look for
                 self.outcome.cluster_runs[mode.label] = str(getattr(cluster, "run", ""))
-                path_facts, extra_pids = self.paths.prepare(cluster, paths)
-                facts.update(path_facts)
+                facts.update(self.paths.facts(cluster))
                 self.outcome.mode_facts[mode.label] = facts
                 progress.advance(CLUSTER_BUILD_SECONDS, cases=0)
-                sitting = Sitting(cluster, extra_pids)
+                sitting = Sitting(cluster)
                 for case in cases:
                     progress.describe(case.describe())
                     if case.path != sitting.path:
@@ -222,7 +221,7 @@ class Runner:
         workload = self.workloads[case.workload]
         if separate_warmup(case):
             workload(client, server, replace(case, duration=case.warmup), None)
-        pids = {**sitting.cluster.proxy_pids(), **sitting.extra_pids}
+        pids = sitting.cluster.proxy_pids()
         with self.sampler_factory(pids, self.spec.sample_interval) as sampler:
             measured = list(workload(client, server, case, raw_dir))
         return [*measured, *sampler.measurements()]

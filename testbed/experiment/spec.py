@@ -25,9 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-# Every mode the design knows (DESIGN.md section 4); which of them exist on this machine
-# is asked of testbed.redirect at run time.
-KNOWN_MODES = ("none", "sidecar", "inpod", "legacy", "ebpf")
+from testbed.cluster.mode import ModeError
+from testbed.netlab.errors import TestbedError
+from testbed.redirect import registry
+
 Workload = Literal["tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps", "http_crr"]
 # How far into the mesh a case's traffic goes (DESIGN.md section 7): `direct` is mode none;
 # `capture` redirects the client's traffic to its proxy with the server out of the mesh
@@ -37,15 +38,15 @@ DATA_PATHS: tuple[str, ...] = ("direct", "capture", "hbone", "waypoint")
 # Without `paths:`, a spec measures what it did before paths existed: none, and the rest
 # with both ends in the mesh.
 DEFAULT_PATHS: tuple[DataPath, ...] = ("direct", "hbone")
-# Modes that can send through a waypoint (L7); sidecar's proxies are L4 here.
-L7_MODES = ("inpod", "legacy", "ebpf")
+# Modes that can send through a waypoint (L7): those that start the topology's waypoints.
+L7_MODES = tuple(name for name, mode in registry.MODES.items() if mode.runs_waypoints)
 # Request/response sizes the workloads take (64 B .. 64 KiB in the shipped specs).
 MAX_MSG_SIZE = 65536
 Placement = Literal["same-node", "cross-node"]
 Pinning = Literal["none", "split"]
 
 
-class SpecError(Exception):
+class SpecError(TestbedError):
     """An experiment spec that cannot be used; the message names the file and the field."""
 
 
@@ -73,9 +74,18 @@ class ModeSpec(_Strict):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, value: str) -> str:
-        if value not in KNOWN_MODES:
-            raise ValueError(f"unknown mode {value!r}; expected one of {', '.join(KNOWN_MODES)}")
+        known = registry.available_modes()  # the registry is the one list of modes
+        if value not in known:
+            raise ValueError(f"unknown mode {value!r}; expected one of {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> ModeSpec:
+        try:
+            registry.create_mode(self.mode, self.options)
+        except ModeError as exc:
+            raise ValueError(f"options: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _default_label(self) -> ModeSpec:

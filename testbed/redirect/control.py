@@ -7,7 +7,9 @@ ztunnels, and per node a certificate folder holding one key pair per service acc
 a captured pod on that node (`<certs>/<namespace>/<service account>/`, Istio's file names).
 
 Pods labelled `istio.io/dataplane-mode: none` are out of the mesh (protocol TCP): ztunnel
-sends them plain TCP, and they are never enrolled.
+sends them plain TCP, and they are never enrolled. Each declared waypoint gets an L7 file
+next to the mesh config (`waypoint-<name>.yaml`: the routes and L7 policies of the services
+it serves, testbed.redirect.waypoint_config) and a key pair of its own identity.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from testbed.cluster.model import (
     Topology,
     service_endpoints,
 )
-from testbed.cluster.waypoints import attach_topology
+from testbed.cluster.waypoints import WaypointSpec
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN, CertificateAuthority, Identity
 from testbed.mesh.config import Authorization, LocalConfig, RbacMatch, Service, Workload
 from testbed.mesh.ztunnel.certs import identity_dir
+from testbed.redirect.waypoint_config import attach_topology, l7_config_for
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 CONFIG_FILE = "mesh-config.yaml"
@@ -179,11 +182,27 @@ class ControlPlane:
         self.ca = CertificateAuthority.create(trust_domain)
         self.config_path = directory / CONFIG_FILE
 
+    def waypoint_config_path(self, waypoint: str) -> Path:
+        return self.directory / f"waypoint-{waypoint}.yaml"
+
+    def files(self, topology: Topology) -> list[Path]:
+        """Every file `write_config` writes for `topology`."""
+        waypoints = [self.waypoint_config_path(s.name) for s in topology.l7.waypoints.values()]
+        return [self.config_path, *waypoints]
+
     def write_config(self, topology: Topology, unenrolled: Collection[str] = ()) -> LocalConfig:
+        """The mesh config, then each waypoint's L7 file; running proxies reload them."""
         config = mesh_config(topology, self.trust_domain, unenrolled)
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(self.config_path, config.dump_yaml())
+        for spec in topology.l7.waypoints.values():
+            l7 = l7_config_for(spec, config, topology.l7)
+            write_atomically(self.waypoint_config_path(spec.name), l7.dump_yaml())
         return config
+
+    def issue_waypoint_certs(self, spec: WaypointSpec, folder: Path) -> None:
+        """The waypoint's own key pair (its service account is its name)."""
+        self.ca.issue(Identity(self.trust_domain, spec.namespace, spec.name)).write(folder)
 
     def issue_node_certs(self, topology: Topology, node: str, certs_root: Path) -> list[Path]:
         """One key pair per identity of a captured pod on `node`; returns the folders."""

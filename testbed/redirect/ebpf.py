@@ -1,6 +1,6 @@
 """Mode `ebpf`: Istio ambient's experimental eBPF redirection (Istio 1.18-1.20, DESIGN.md 4.3).
 
-Per node, a ztunnel pod (istio-system/ztunnel, started by testbed.redirect.ztunnel_fleet)
+Per node, a ztunnel pod (istio-system/ztunnel, started by testbed.redirect.base)
 running one ztunnel in the "shared netns" shape (testbed.mesh.ztunnel.shared, as in legacy
 mode): IP_TRANSPARENT listeners on
 15001/15006/15008 in its own namespace, the original destination read from the local
@@ -13,7 +13,8 @@ Enrolling a pod puts it in its node's pod map and attaches two programs to its h
 veth; unenrolling removes both. Programs and maps are pinned in a bpffs the run mounts at
 <run dir>/bpf; teardown unpins and unmounts it.
 
-Options: `ebpf_hook` tc (default) | tcx | auto; `trust_domain` (default cluster.local).
+Options (EbpfOptions): `ebpf_hook` tc (default) | tcx | auto; `trust_domain` (default
+cluster.local).
 tc filters are what `tc filter show` and `bpftool net show` list; tcx links (kernel 6.6+)
 are invisible to this machine's iproute2 6.1 and bpftool 7.1, hence not the default. `auto`
 takes tcx where the kernel has it.
@@ -22,42 +23,31 @@ takes tcx where the kernel has it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
-from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
 from testbed.redirect import bpfload
+from testbed.redirect.base import MeshOptions, NodeZtunnelMode
 from testbed.redirect.ebpf_node import DIRECTIONS, Hook, NodeDatapath
-from testbed.redirect.ztunnel_fleet import NodeZtunnelMode
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
     from testbed.netlab import Netns
 
-OPTIONS = ("ebpf_hook", "trust_domain")
-HOOK_CHOICES = ("tc", "tcx", "auto")
+
+class EbpfOptions(MeshOptions):
+    ebpf_hook: Literal["tc", "tcx", "auto"] = "tc"
 
 
 class EbpfMode(NodeZtunnelMode):
     name = "ebpf"
+    Options = EbpfOptions
+    options: EbpfOptions
 
-    def __init__(self, hook: str = "tc", trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
-        super().__init__(trust_domain)
-        self.wanted_hook = hook
+    def __init__(self, options: EbpfOptions | None = None) -> None:
+        super().__init__(options)
         self.hook: Hook | None = None
         self.datapaths: dict[str, NodeDatapath] = {}
         self._bpffs: Path | None = None
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> EbpfMode:
-        from testbed.redirect import ModeError
-
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ModeError(f"mode ebpf: unknown option(s) {unknown}; expected some of {OPTIONS}")
-        hook = str(options.get("ebpf_hook", "tc"))
-        if hook not in HOOK_CHOICES:
-            raise ModeError(f"mode ebpf: ebpf_hook {hook!r}: expected one of {HOOK_CHOICES}")
-        return cls(hook, str(options.get("trust_domain", DEFAULT_TRUST_DOMAIN)))
 
     # -- install ------------------------------------------------------------------------
     def install(self, cluster: Cluster) -> None:
@@ -65,7 +55,7 @@ class EbpfMode(NodeZtunnelMode):
         super().install(cluster)
 
     def prepare(self, cluster: Cluster) -> None:
-        self._bpffs = bpfload.mount_bpffs(cluster._lab)
+        self._bpffs = bpfload.mount_bpffs(self.lab)
 
     def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
         assert self._bpffs is not None
@@ -73,7 +63,7 @@ class EbpfMode(NodeZtunnelMode):
         if self.hook is None:
             self.hook = self._choose_hook(target.netns, ztunnel.spec.host_ifname)
         self.datapaths[node] = NodeDatapath.install(
-            cluster._lab,
+            self.lab,
             self._bpffs,
             node,
             node=target.netns,
@@ -85,9 +75,9 @@ class EbpfMode(NodeZtunnelMode):
         )
 
     def _choose_hook(self, node: Netns, dev: str) -> Hook:
-        if self.wanted_hook == "auto":
+        if self.options.ebpf_hook == "auto":
             return "tcx" if bpfload.tcx_available(node, dev) else "tc"
-        return "tcx" if self.wanted_hook == "tcx" else "tc"
+        return "tcx" if self.options.ebpf_hook == "tcx" else "tc"
 
     # -- pods -----------------------------------------------------------------------------
     def capture(self, pod: Pod) -> None:
@@ -98,8 +88,8 @@ class EbpfMode(NodeZtunnelMode):
         self.datapaths[pod.node].unenroll(pod.ip, pod.spec.host_ifname)
 
     # -- facts --------------------------------------------------------------------------------
-    def facts(self) -> dict[str, str]:
-        return {"ebpf_hook": self.hook or self.wanted_hook, "trust_domain": self.trust_domain}
+    def found_facts(self) -> dict[str, str]:
+        return {"ebpf_hook": self.hook} if self.hook else {}
 
     def describe_capture(self, pod: Pod) -> str:
         datapath = self.datapaths[pod.node]

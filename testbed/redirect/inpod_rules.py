@@ -14,19 +14,28 @@ DNS capture (port 15053) is not modelled; the testbed has no DNS proxy.
 from __future__ import annotations
 
 import re
-import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
+
+from testbed.redirect.rules import (
+    ROUTE_TABLE,
+    RULE_PRIORITY,
+    TPROXY_MARK,
+    CommandRunner,
+    Rule,
+    RuleMap,
+    by_chain,
+    installed_iptables_rules,
+    policy_routes,
+    remove_iptables_chains,
+    restore_script,
+)
 
 Variant = Literal["redirect", "tproxy"]
 Backend = Literal["iptables", "nftables"]
 
 HOST_PROBE_IP = "169.254.7.127"
 INPOD_MARK = "0x539/0xfff"  # SO_MARK on every ztunnel socket inside the pod (1337)
-TPROXY_MARK = "0x111/0xfff"  # set on captured / ztunnel connections, routed via table 100
-ROUTE_TABLE = "100"
-RULE_PRIORITY = "32764"
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 INBOUND_HBONE_PORT = 15008
@@ -34,32 +43,7 @@ INBOUND_HBONE_PORT = 15008
 PRERT = "ISTIO_PRERT"
 OUTPUT = "ISTIO_OUTPUT"
 INPOD_CHAINS = (PRERT, OUTPUT)
-_BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 _NFT_TABLES = ("istio-ambient-nat", "istio-ambient-mangle")
-
-RuleMap = dict[tuple[str, str], list[str]]
-"""(table, chain) -> the chain's rule texts in order; the comparable form of a rule set."""
-
-
-class CommandRunner(Protocol):
-    """What install/uninstall need from a namespace (testbed.netlab.Netns fits)."""
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]: ...
-
-
-@dataclass(frozen=True)
-class Rule:
-    table: str
-    chain: str
-    spec: str
-
 
 # ---------------------------------------------------------------- iptables rule sets
 
@@ -148,19 +132,6 @@ def iptables_rules(variant: Variant, *, host_probe_ip: str = HOST_PROBE_IP) -> l
     raise ValueError(f"unknown inpod variant {variant!r}")
 
 
-def restore_script(rules: Sequence[Rule]) -> str:
-    """`iptables-restore --noflush` input adding the rules (and declaring their chains)."""
-    lines: list[str] = []
-    for table in dict.fromkeys(rule.table for rule in rules):
-        in_table = [rule for rule in rules if rule.table == table]
-        lines.append(f"*{table}")
-        own = dict.fromkeys(r.chain for r in in_table if r.chain not in _BUILTIN_CHAINS)
-        lines += [f":{chain} - [0:0]" for chain in own]
-        lines += [f"-A {rule.chain} {rule.spec}" for rule in in_table]
-        lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
 def render_iptables(variant: Variant, *, host_probe_ip: str = HOST_PROBE_IP) -> str:
     """The rule set as `iptables-restore --noflush` input."""
     return restore_script(iptables_rules(variant, host_probe_ip=host_probe_ip))
@@ -244,28 +215,6 @@ def render_nftables(*, host_probe_ip: str = HOST_PROBE_IP) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- policy routing
-
-
-@dataclass(frozen=True)
-class IpCommand:
-    """An `ip` command of the inpod policy routing, for adding or deleting."""
-
-    kind: Literal["rule", "route"]
-    args: tuple[str, ...]
-
-    def argv(self, action: Literal["add", "del"]) -> list[str]:
-        return ["ip", self.kind, action, *self.args]
-
-
-def policy_routes() -> list[IpCommand]:
-    """Packets marked 0x111 (TPROXY'd, or ztunnel's own connections) are delivered locally."""
-    return [
-        IpCommand("route", ("local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE)),
-        IpCommand("rule", ("fwmark", TPROXY_MARK, "pref", RULE_PRIORITY, "lookup", ROUTE_TABLE)),
-    ]
-
-
 # ---------------------------------------------------------------- reading rules back
 
 
@@ -283,27 +232,6 @@ def expected_rules(
 def _require_redirect(variant: Variant) -> None:
     if variant != "redirect":
         raise ValueError("Istio's nftables backend has only the REDIRECT variant")
-
-
-def by_chain(rules: Sequence[Rule]) -> RuleMap:
-    grouped: RuleMap = {}
-    for rule in rules:
-        grouped.setdefault((rule.table, rule.chain), []).append(rule.spec)
-    return grouped
-
-
-def parse_iptables_save(text: str, chains: Sequence[str] = INPOD_CHAINS) -> list[Rule]:
-    """The rules of `chains`, and the jumps into them, from `iptables-save` output."""
-    rules: list[Rule] = []
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith("-A "):
-            chain, _, spec = line[3:].partition(" ")
-            if chain in chains or (chain in _BUILTIN_CHAINS and spec.split()[-1] in chains):
-                rules.append(Rule(table, chain, spec))
-    return rules
 
 
 _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
@@ -333,10 +261,6 @@ def installed_rules(netns: CommandRunner, backend: Backend) -> RuleMap:
     if backend == "iptables":
         return installed_iptables_rules(netns, INPOD_CHAINS)
     return by_chain(parse_nft_ruleset(netns.run(["nft", "list", "ruleset"]).stdout))
-
-
-def installed_iptables_rules(netns: CommandRunner, chains: Sequence[str]) -> RuleMap:
-    return by_chain(parse_iptables_save(netns.run(["iptables-save"]).stdout, chains))
 
 
 def installed_policy_routes(netns: CommandRunner) -> list[str]:
@@ -374,38 +298,3 @@ def uninstall(netns: CommandRunner) -> None:
     for command in reversed(policy_routes()):
         while netns.run(command.argv("del"), check=False).returncode == 0:
             pass  # repeated in case something added a duplicate
-
-
-def remove_iptables_chains(netns: CommandRunner, chains: Sequence[str]) -> None:
-    """Delete `chains` (in every table) and the jumps into them, if there are any."""
-    script = removal_script(netns.run(["iptables-save"]).stdout, chains)
-    if script:
-        netns.run(["iptables-restore", "--noflush"], input=script)
-
-
-def removal_script(saved: str, chains: Sequence[str] = INPOD_CHAINS) -> str:
-    """iptables-restore input that removes `chains` (and the jumps into them) found in
-    `iptables-save` output; empty if there is nothing to remove."""
-    own = _declared_chains(saved, chains)
-    jumps = [r for r in parse_iptables_save(saved, chains) if r.chain in _BUILTIN_CHAINS]
-    lines: list[str] = []
-    for table in dict.fromkeys(t for t, _ in own):
-        in_table = [chain for t, chain in own if t == table]
-        lines.append(f"*{table}")
-        # declaring a chain under --noflush empties it, so it can then be deleted
-        lines += [f":{chain} - [0:0]" for chain in in_table]
-        lines += [f"-D {r.chain} {r.spec}" for r in jumps if r.table == table]
-        lines += [f"-X {chain}" for chain in in_table]
-        lines.append("COMMIT")
-    return "".join(line + "\n" for line in lines)
-
-
-def _declared_chains(saved: str, chains: Sequence[str]) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    table = ""
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith(":") and line[1:].split()[0] in chains:
-            found.append((table, line[1:].split()[0]))
-    return found

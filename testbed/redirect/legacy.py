@@ -11,33 +11,32 @@ connections to apps made from the client pod's address.
 Istio used geneve tunnels; where the kernel has no geneve (probed in the node's namespace,
 never assumed) the same tunnels are VXLAN, and `facts()` says `tunnel=vxlan`.
 
-Options: `tunnel` auto (default) | geneve | vxlan; `trust_domain` (default cluster.local).
+Options (LegacyOptions): `tunnel` auto (default) | geneve | vxlan; `trust_domain` (default
+cluster.local).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
-from pyroute2 import IPRoute
-
-from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
+from testbed.cluster.mode import ModeError
 from testbed.netlab import Netns, links
 from testbed.redirect import legacy_rules as lr
-from testbed.redirect.ztunnel_fleet import NodeZtunnelMode
+from testbed.redirect.base import MeshOptions, NodeZtunnelMode
 
 if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
     from testbed.cluster.cluster import Cluster, Pod
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("tunnel", "trust_domain")
-TUNNEL_CHOICES = ("auto", "geneve", "vxlan")
 _PROBE_LINK = "tbgeneveprobe"
 
 
-class LegacyError(RuntimeError):
+class LegacyError(ModeError):
     """The tunnel kind asked for is missing from the kernel."""
 
 
@@ -118,32 +117,25 @@ class NodeMesh:
     facts: lr.NodeFacts
 
 
+class LegacyOptions(MeshOptions):
+    tunnel: Literal["auto", "geneve", "vxlan"] = "auto"
+
+
 class LegacyMode(NodeZtunnelMode):
     name = "legacy"
+    Options = LegacyOptions
+    options: LegacyOptions
 
-    def __init__(self, tunnel: str = "auto", trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
-        super().__init__(trust_domain)
-        self.wanted_tunnel = tunnel
+    def __init__(self, options: LegacyOptions | None = None) -> None:
+        super().__init__(options)
         self.tunnel: lr.TunnelKind | None = None
         self.tunnel_reason = ""
         self.nodes: dict[str, NodeMesh] = {}
 
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> LegacyMode:
-        from testbed.redirect import ModeError
-
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ModeError(f"mode legacy: unknown option(s) {unknown}; expected some of {OPTIONS}")
-        tunnel = str(options.get("tunnel", "auto"))
-        if tunnel not in TUNNEL_CHOICES:
-            raise ModeError(f"mode legacy: tunnel {tunnel!r}: expected one of {TUNNEL_CHOICES}")
-        return cls(tunnel, str(options.get("trust_domain", DEFAULT_TRUST_DOMAIN)))
-
     # -- install ------------------------------------------------------------------------
     def prepare(self, cluster: Cluster) -> None:
         first = next(iter(cluster.nodes.values()))
-        self.tunnel, self.tunnel_reason = choose_tunnel(first.netns, self.wanted_tunnel)
+        self.tunnel, self.tunnel_reason = choose_tunnel(first.netns, self.options.tunnel)
 
     def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
         assert self.tunnel is not None
@@ -169,11 +161,10 @@ class LegacyMode(NodeZtunnelMode):
         lr.unenroll(mesh.netns, pod.ip, mesh.facts.host_ip)
 
     # -- facts --------------------------------------------------------------------------------
-    def facts(self) -> dict[str, str]:
-        found = {"tunnel": self.tunnel or self.wanted_tunnel, "trust_domain": self.trust_domain}
-        if self.tunnel_reason:
-            found["tunnel_reason"] = self.tunnel_reason
-        return found
+    def found_facts(self) -> dict[str, str]:
+        if self.tunnel is None:
+            return {}
+        return {"tunnel": self.tunnel, "tunnel_reason": self.tunnel_reason}
 
     def describe_capture(self, pod: Pod) -> str:
         mesh = self.nodes[pod.node]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from testbed.redirect.inpod_rules import (
+from testbed.redirect.rules import (
     CommandRunner,
     IpCommand,
     Rule,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from testbed.redirect.inpod_rules import (
+from testbed.redirect.rules import (
     CommandRunner,
     Rule,
     RuleMap,

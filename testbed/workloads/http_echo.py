@@ -36,6 +36,8 @@ import h2.exceptions
 import h11
 import uvloop
 
+from testbed.netlab.errors import TestbedError
+
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEADER_BYTES = 16 * 1024
 # Bounds both the response size a client may ask for and the request body kept for echoing.
@@ -47,7 +49,7 @@ _NOT_ECHOED = frozenset({b"content-length", b"transfer-encoding", b"connection"}
 Headers = list[tuple[bytes, bytes]]
 
 
-class BadControl(ValueError):
+class BadControl(TestbedError, ValueError):
     """A per-request control (size, delay, status) is malformed or out of range."""
 
 

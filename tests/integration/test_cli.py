@@ -38,6 +38,8 @@ def fresh_name() -> str:
         (["up", "nosuch"], "unknown topology 'nosuch'"),
         (["up", "multi_node,nodes"], "is not of the form key=value"),
         (["up", "two_nodes", "--mode", "warp"], "unknown mode 'warp'"),
+        (["up", "two_nodes", "--mode", "inpod", "-o", "colour=red"], "unknown option 'colour'"),
+        (["up", "two_nodes", "--mode", "inpod", "--inpod-variant", "x"], "inpod_variant 'x'"),
         (["up", f"{BROKEN}:broken"], "build() raised ZeroDivisionError"),
         (["up", f"{BROKEN}:duplicate"], "duplicate pod name 'web'"),
         (["up", f"{BROKEN}:orphan"], "unknown node 'node9'"),
@@ -111,7 +113,9 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 from testbed.cluster import Cluster, load_topology
-c = Cluster(load_topology("two_nodes"), name=sys.argv[1], root=Path(sys.argv[2]))
+from testbed.redirect import create_mode
+name, root = sys.argv[1], Path(sys.argv[2])
+c = Cluster(load_topology("two_nodes"), create_mode("none"), name=name, root=root)
 c.start()
 p = c.pod("server2").spawn(["sleep", "600"], label="sleeper")
 print(p.pid, flush=True)

@@ -6,12 +6,13 @@ import pytest
 from hoststate import netns_of_run, root_namespace_state
 
 from testbed.cluster import Cluster, load_topology
+from testbed.redirect import create_mode
 
 
 @pytest.mark.parametrize("spec", ["single_node", "two_nodes", "multi_node,nodes=3,pods=10"])
 def test_every_pod_reaches_every_pod(spec: str, runs_root: Path) -> None:
     before = root_namespace_state()
-    cluster = Cluster(load_topology(spec), mode="none", root=runs_root)
+    cluster = Cluster(load_topology(spec), create_mode("none"), root=runs_root)
     with cluster:
         assert netns_of_run(cluster.run), "the cluster's namespaces exist while it runs"
         assert cluster.ping_all() == []
@@ -22,7 +23,7 @@ def test_every_pod_reaches_every_pod(spec: str, runs_root: Path) -> None:
 
 
 def test_same_node_and_cross_node_pairs(runs_root: Path) -> None:
-    with Cluster(load_topology("two_nodes"), root=runs_root) as cluster:
+    with Cluster(load_topology("two_nodes"), create_mode("none"), root=runs_root) as cluster:
         client, local = cluster.pair("same-node")
         _, remote = cluster.pair("cross-node")
         assert (client.node, local.node, remote.node) == ("node1", "node1", "node2")
@@ -36,7 +37,7 @@ def test_service_vip_reaches_both_endpoints_without_mesh(runs_root: Path) -> Non
     """kube-proxy's DNAT in the node spreads a ClusterIP over its endpoints."""
     import socket
 
-    with Cluster(load_topology("two_nodes"), root=runs_root) as cluster:
+    with Cluster(load_topology("two_nodes"), create_mode("none"), root=runs_root) as cluster:
         vip = cluster.services["server"].vip
         servers = {}
         for name in ("server1", "server2"):
@@ -60,7 +61,7 @@ def test_service_vip_reaches_both_endpoints_without_mesh(runs_root: Path) -> Non
 
 
 def test_processes_are_recorded_and_stopped(runs_root: Path) -> None:
-    with Cluster(load_topology("single_node"), root=runs_root) as cluster:
+    with Cluster(load_topology("single_node"), create_mode("none"), root=runs_root) as cluster:
         proc = cluster.pod("client").spawn(["sleep", "300"], label="sleeper")
         entries = cluster.lab.manifest.entries() if cluster.lab else []
         assert any(e.kind == "process" and e["pid"] == proc.pid for e in entries)
@@ -69,7 +70,8 @@ def test_processes_are_recorded_and_stopped(runs_root: Path) -> None:
 
 def test_two_testbeds_at_once_do_not_interfere(runs_root: Path) -> None:
     topo_a, topo_b = load_topology("two_nodes"), load_topology("two_nodes")
-    with Cluster(topo_a, root=runs_root) as a, Cluster(topo_b, root=runs_root) as b:
+    none_a, none_b = create_mode("none"), create_mode("none")
+    with Cluster(topo_a, none_a, root=runs_root) as a, Cluster(topo_b, none_b, root=runs_root) as b:
         assert set(netns_of_run(a.run)).isdisjoint(netns_of_run(b.run))
         assert a.ping_all() == [] and b.ping_all() == []
         b.stop()

@@ -1,9 +1,16 @@
 """One conformance suite for every redirection mode (DESIGN.md section 4).
 
-Each mode gets one cluster for the whole module: on node1 a client and server1, on node2
-server2 and an `outsider` that stays out of the mesh (istio.io/dataplane-mode: none). Every
-pod runs a server that greets with "<pod> <peer ip>" and answers the sha256 of what it
-received. A new mode joins by adding one entry to MODES.
+Each mode (each variant of it) gets one cluster for the whole module: on node1 a client and
+server1, on node2 server2 and an `outsider` that stays out of the mesh
+(istio.io/dataplane-mode: none). Every pod runs a server that greets with "<pod> <peer ip>"
+and answers the sha256 of what it received.
+
+Every mode that runs waypoints (L7 in waypoints, as Istio's ambient modes) also gets a
+cluster of topologies/reviews_waypoint.py, with the HTTP echo server in the reviews pods:
+the waypoint splits, matches paths and denies at L7.
+
+The modes come from the registry (testbed.redirect.registry): a new mode is tested here
+without any change to this file.
 """
 
 from __future__ import annotations
@@ -13,32 +20,39 @@ import functools
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import podapps
 import pytest
-from podapps import GreetingServer, finish, read_line
+from podapps import GreetingServer, HttpReply, finish, http_requests, read_line, start_http_echo
 
-from testbed.cluster import Cluster, Pod, Topology
-from testbed.redirect import available_modes
+from testbed.cluster import Cluster, Pod, Topology, load_topology
+from testbed.redirect import MODES, create_mode
 
 BLOCK = os.urandom(1 << 20)
 TRANSFER_MB = 4
-
-# id -> (mode, options); modes not registered (yet) are left out
-MODES: dict[str, tuple[str, dict[str, Any]]] = {
-    "none": ("none", {}),
-    "sidecar": ("sidecar", {}),
-    "inpod-redirect": ("inpod", {"inpod_variant": "redirect"}),
-    "inpod-tproxy": ("inpod", {"inpod_variant": "tproxy"}),
-    "inpod-nftables": ("inpod", {"inpod_variant": "nftables"}),
-    "legacy": ("legacy", {}),
-    "ebpf": ("ebpf", {}),
-}
-PRESENT = [key for key, (mode, _) in MODES.items() if mode in available_modes()]
 PLACEMENTS = {"same-node": "server1", "cross-node": "server2"}
+REVIEWS_PORT = 9080  # the reviews services' port (target 8080, the echo server's)
+SPLIT_REQUESTS = 500
+
+Case = tuple[str, dict[str, Any]]  # (mode, options)
+
+
+def mode_cases() -> dict[str, Case]:
+    """Test id -> case: every registered mode, once per variant (inpod-redirect, ...)."""
+    return {
+        key: (name, options)
+        for name, cls in MODES.items()
+        for key, options in cls.variants().items()
+    }
+
+
+def waypoint_cases() -> dict[str, Case]:
+    """Test id -> case: every registered mode that runs waypoints, with its defaults."""
+    return {name: (name, {}) for name, cls in MODES.items() if cls.runs_waypoints}
 
 
 class ConformanceTopology(Topology):
@@ -66,10 +80,10 @@ class Mesh:
         return self.cluster.pods[name]
 
 
-@pytest.fixture(scope="module", params=PRESENT)
+@pytest.fixture(scope="module", params=list(mode_cases()))
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    mode, options = MODES[request.param]
-    cluster = Cluster(ConformanceTopology(), mode=mode, mode_options=options)
+    mode, options = mode_cases()[request.param]
+    cluster = Cluster(ConformanceTopology(), create_mode(mode, options))
     servers: list[GreetingServer] = []
     try:
         cluster.start()
@@ -78,6 +92,21 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     finally:
         for server in servers:
             server.close()
+        cluster.stop()
+
+
+@pytest.fixture(scope="module", params=list(waypoint_cases()))
+def reviews(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """topologies/reviews_waypoint.py: reviews split 90/10 over v1 and v2 by a waypoint,
+    `/v2...` pinned to v2, `/admin*` denied at L7; HTTP echo servers in the reviews pods."""
+    mode, options = waypoint_cases()[request.param]
+    cluster = Cluster(load_topology("reviews_waypoint"), create_mode(mode, options))
+    try:
+        cluster.start()
+        for name in ("reviews-v1", "reviews-v2"):
+            start_http_echo(cluster.pod(name))
+        yield cluster
+    finally:
         cluster.stop()
 
 
@@ -189,3 +218,30 @@ def test_facts_name_the_mode_and_its_fallbacks(mesh: Mesh) -> None:
         assert facts["tunnel"] == ("geneve" if geneve else "vxlan")
     if mesh.meshed:
         assert mesh.cluster.proxy_pids()
+
+
+# ---------------------------------------------------------------- L7 through waypoints
+
+
+def reviews_requests(cluster: Cluster, path: str, count: int) -> list[HttpReply]:
+    vip = cluster.services["reviews"].vip
+    return http_requests(cluster.pod("productpage"), vip, REVIEWS_PORT, path, count)
+
+
+def test_waypoint_splits_requests_by_weight(reviews: Cluster) -> None:
+    replies = reviews_requests(reviews, "/reviews", SPLIT_REQUESTS)
+    assert {r.status for r in replies} == {200}
+    served = Counter(r.served_by for r in replies)
+    assert set(served) == {"reviews-v1", "reviews-v2"}, served
+    assert 23 <= served["reviews-v2"] <= 77, served  # 10 % of 500 +- 4 sd; 50/50 is 250
+
+
+def test_waypoint_path_match_picks_v2(reviews: Cluster) -> None:
+    replies = reviews_requests(reviews, "/v2/reviews", 20)
+    assert [(r.status, r.served_by) for r in replies] == [(200, "reviews-v2")] * 20
+
+
+def test_waypoint_l7_deny_is_403(reviews: Cluster) -> None:
+    replies = reviews_requests(reviews, "/admin/users", 3)
+    assert [(r.status, r.body) for r in replies] == [(403, b"RBAC: access denied")] * 3
+    assert {r.status for r in reviews_requests(reviews, "/v2/ok", 3)} == {200}

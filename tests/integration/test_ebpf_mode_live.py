@@ -22,8 +22,8 @@ from podapps import APP_PORT, GreetingServer, connect, finish, greeting, read_li
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.redirect import bpfload
+from testbed.redirect.base import http_get
 from testbed.redirect.ebpf import EbpfMode
-from testbed.redirect.inpod import http_get
 
 TRANSFER = os.urandom(2 << 20)
 
@@ -55,7 +55,7 @@ def counter(mode: EbpfMode, node: str, name: str, at_least: float = 1, **labels:
     """A ztunnel metric summed over samples with `labels`, polled until `at_least`."""
     deadline = time.monotonic() + 5.0
     while True:
-        text = http_get(mode.fleet.ztunnels[node].pod, 15020, "/metrics")[1].decode()
+        text = http_get(mode.ztunnels[node].pod, 15020, "/metrics")[1].decode()
         total = sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -68,7 +68,7 @@ def counter(mode: EbpfMode, node: str, name: str, at_least: float = 1, **labels:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    cluster = Cluster(EbpfTopology(), mode=EbpfMode())
+    cluster = Cluster(EbpfTopology(), EbpfMode())
     try:
         cluster.start()
         for pod in cluster.pods.values():
@@ -133,7 +133,7 @@ def test_programs_sit_on_the_right_devices(cluster: Cluster) -> None:
     outsider = cluster.pods["outsider"]
     node2 = cluster.nodes["node2"].netns
     assert bpfload.attached_programs(node2, outsider.spec.host_ifname, "ingress") == []
-    for node, ztunnel in mode.fleet.ztunnels.items():
+    for node, ztunnel in mode.ztunnels.items():
         node_ns = cluster.nodes[node].netns
         dev = ztunnel.pod.spec.host_ifname
         assert bpfload.attached_programs(node_ns, dev, "ingress") == ["ztunnel_host_ingress"]
@@ -163,7 +163,7 @@ def test_unenrolled_pod_is_not_redirected_and_can_come_back(cluster: Cluster) ->
 
 
 def test_teardown_leaves_no_program_pin_or_mount(runs_root: Path) -> None:
-    cluster = Cluster(EbpfTopology(), mode=EbpfMode(), root=runs_root)
+    cluster = Cluster(EbpfTopology(), EbpfMode(), root=runs_root)
     cluster.start()
     mode = _mode(cluster)
     bpffs = cluster.workdir / "bpf"

@@ -26,6 +26,7 @@ from podapps import APP_PORT, EchoServer, read_line
 from testbed.cluster import Cluster, Pod
 from testbed.mesh.podsockets import IP_TRANSPARENT
 from testbed.netlab import Netns
+from testbed.redirect import create_mode
 from testbed.redirect import legacy_rules as lr
 from testbed.redirect.legacy import choose_tunnel, install_node_plumbing
 
@@ -118,7 +119,7 @@ class Plumbed:
 
 @pytest.fixture(scope="module")
 def plumbed() -> Iterator[Plumbed]:
-    cluster = Cluster("two_nodes", mode="none")
+    cluster = Cluster("two_nodes", create_mode("none"))
     relays: dict[str, StandInRelay] = {}
     servers: list[EchoServer] = []
     try:

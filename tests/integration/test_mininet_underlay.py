@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from testbed.cluster import Cluster, Topology, TopologyError, plan
+from testbed.redirect import create_mode
 
 mininet_topo = pytest.importorskip("mininet.topo")  # an optional dependency of users' scripts
 
@@ -33,7 +34,7 @@ class MininetUnderlay(Topology):
 
 
 def test_hosts_become_nodes_across_three_bridges(runs_root: Path) -> None:
-    with Cluster(MininetUnderlay(), root=runs_root) as cluster:
+    with Cluster(MininetUnderlay(), create_mode("none"), root=runs_root) as cluster:
         assert set(cluster.nodes) == {"h1", "h2"}
         assert cluster.ping_all() == [] and cluster.tcp_all() == []
         assert cluster.fabric is not None

@@ -4,6 +4,8 @@ who passes through it, and what fails when it stops.
 Namespace `default` uses the waypoint `waypoint` (for services). reviews has a v1 pod on
 node2 and a v2 pod on node1; flaky has reviews-v1 and a pod that always answers 503; ratings
 opts out of the waypoint. Clients: `client` (default) and `intruder` (namespace other).
+Namespace `guarded` binds its workloads (not services) to the waypoint `guard`: its pod
+`vault` takes HBONE only from `guard`; `outsider` (out of the mesh) dials it directly.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hbone_probe import H2Connect
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
-from testbed.redirect.inpod import InPodMode, http_get
+from testbed.mesh.ca import Identity
+from testbed.redirect import create_mode
+from testbed.redirect.base import MeshMode, http_get
 
 APP_PORT = 8080
 SERVICE_PORT = 9080
@@ -81,6 +86,10 @@ class WaypointTopology(Topology):
         self.add_pod("reviews-v2", "node1", service_account="reviews", labels=v2)
         self.add_pod("broken", "node2", labels={"flaky": "yes"})
         self.add_pod("ratings", "node2", labels={"app": "ratings"})
+        self.label_namespace("guarded", {USE_WAYPOINT: "guard"})
+        self.add_waypoint("guard", "node1", namespace="guarded", waypoint_for="workload")
+        self.add_pod("vault", "node2", namespace="guarded", labels={"app": "vault"})
+        self.add_pod("outsider", "node1", labels={"istio.io/dataplane-mode": "none"})
         ports = {SERVICE_PORT: APP_PORT}
         self.add_service("reviews", selector={"app": "reviews"}, ports=ports)
         self.add_service("reviews-v1", selector=v1, ports=ports)
@@ -144,15 +153,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = Path("/run/testbed-tests") / f"waypoint-{tmp_path_factory.getbasetemp().name}"
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with Cluster(WaypointTopology(), mode="inpod", root=root) as built:
-            for name in ("reviews-v1", "reviews-v2", "ratings"):
+        with Cluster(WaypointTopology(), create_mode("inpod"), root=root) as built:
+            for name in ("reviews-v1", "reviews-v2", "ratings", "vault"):
                 pod = built.pod(name)
                 argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", name]
                 pod.spawn([*argv, "--port", str(APP_PORT)], label="echo")
             built.pod("broken").spawn(
                 [sys.executable, "-c", ALWAYS_503, str(APP_PORT)], label="broken"
             )
-            for name in ("reviews-v1", "reviews-v2", "ratings", "broken"):
+            for name in ("reviews-v1", "reviews-v2", "ratings", "broken", "vault"):
                 _await_listening(built.pod(name), APP_PORT)
             yield built
     finally:
@@ -232,13 +241,41 @@ def test_services_without_a_waypoint_bypass_it(cluster: Cluster) -> None:
 
 def test_stopping_the_waypoint_fails_only_its_services(cluster: Cluster) -> None:
     mode = cluster.mode
-    assert isinstance(mode, InPodMode) and mode.waypoints is not None
-    mode.waypoints.stop("waypoint")
+    assert isinstance(mode, MeshMode)
+    mode.stop_waypoint("waypoint")
     try:
         broken = requests(cluster, "reviews", "/v2/x", 3)
         assert "200" not in broken["statuses"]
         assert requests(cluster, "ratings", "/", 3)["statuses"] == {"200": 3}
     finally:
-        mode.waypoints.start("waypoint")
-        mode.waypoints.await_ready("waypoint", mode.waypoint_ready)
+        mode.start_waypoint("waypoint")
     assert requests(cluster, "reviews", "/v2/x", 3)["statuses"] == {"200": 3}
+
+
+def test_a_waypoint_bound_pod_takes_hbone_only_from_its_waypoint(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Istio's ztunnel refuses HBONE to a waypoint-bound workload unless it comes from that
+    waypoint (its identity and address): skipping the waypoint skips its L7 policy."""
+    vault, ratings = cluster.pod("vault"), cluster.pod("ratings")
+    argv = [sys.executable, "-c", CLIENT, vault.ip, str(APP_PORT), "/", "5"]
+    report = json.loads(cluster.pod("client").run(argv, timeout=60).stdout.strip().splitlines()[-1])
+    assert report["statuses"] == {"200": 5} and report["served"] == {"vault": 5}
+    mode = cluster.mode
+    assert isinstance(mode, MeshMode) and mode.control is not None
+    td = mode.trust_domain
+    for name, identity in {
+        "tester": Identity(td, "default", "tester"),
+        "guard": Identity(td, "guarded", "guard"),  # the waypoint's name, not its address
+    }.items():
+        mode.control.ca.issue(identity).write(tmp_path / name)
+        probe = H2Connect(cluster.pod("outsider"), vault.ip, tmp_path / name)
+        try:
+            assert probe.status(f"{vault.ip}:{APP_PORT}") == 401, name
+        finally:
+            probe.close()
+    probe = H2Connect(cluster.pod("outsider"), ratings.ip, tmp_path / "tester")
+    try:  # a pod bound to no waypoint takes it
+        assert probe.status(f"{ratings.ip}:{APP_PORT}") == 200
+    finally:
+        probe.close()

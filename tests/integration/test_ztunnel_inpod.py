@@ -10,26 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
 import socket
-import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
+from hbone_probe import H2Connect
 from podapps import APP_PORT, GreetingServer, connect, finish, greeting, read_line
 
 from testbed.cluster import Cluster, Pod, Topology
 from testbed.mesh.ca import CertificateAuthority, Identity
-from testbed.redirect.inpod import InPodMode, http_get
+from testbed.redirect.base import http_get
+from testbed.redirect.inpod import InPodMode, InPodOptions
 
 OTHER_PORT = 9090
 BLOCK = os.urandom(1 << 20)
@@ -82,7 +82,7 @@ class Mesh:
         return self.cluster.pods[name]
 
     def metrics(self, node: str) -> str:
-        return http_get(self.mode.nodes[node].pod, 15020, "/metrics")[1].decode()
+        return http_get(self.mode.ztunnels[node].pod, 15020, "/metrics")[1].decode()
 
     def count(self, node: str, name: str, *, at_least: float = 1, **labels: str) -> float:
         """A metric's sum over samples with `labels`, polled until `at_least` or a timeout
@@ -115,8 +115,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """One cluster per variant, shared by the module's tests."""
-    mode = InPodMode(request.param)
-    cluster = Cluster(MeshTopology(), mode=mode)
+    mode = InPodMode(InPodOptions(inpod_variant=request.param))
+    cluster = Cluster(MeshTopology(), mode)
     servers: list[GreetingServer] = []
     try:
         cluster.start()
@@ -259,41 +259,6 @@ def test_openssl_handshake_needs_a_testbed_certificate(mesh: Mesh, tmp_path: Pat
         assert _tls_failed(_s_client(outsider, target, args)), name
 
 
-class H2Connect:
-    """An independent HBONE client (h2 + ssl) from a pod; one CONNECT per call."""
-
-    def __init__(self, pod: Pod, server_ip: str, cert_dir: Path) -> None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.load_verify_locations(cert_dir / "root-cert.pem")
-        context.load_cert_chain(cert_dir / "cert-chain.pem", cert_dir / "key.pem")
-        context.set_alpn_protocols(["h2"])
-        raw = connect(pod, server_ip, 15008)
-        self.sock = context.wrap_socket(raw)
-        # h2 insists on :scheme and :path even for CONNECT; HBONE's CONNECT has neither.
-        config = h2.config.H2Configuration(validate_outbound_headers=False)
-        self.conn = h2.connection.H2Connection(config)
-        self.conn.initiate_connection()
-        self.sock.sendall(self.conn.data_to_send())
-
-    def status(self, authority: str) -> int:
-        stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(
-            stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())]
-        )
-        self.sock.sendall(self.conn.data_to_send())
-        while True:
-            data = self.sock.recv(65536)
-            assert data, "connection closed before a response"
-            for event in self.conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
-                    return int(dict(event.headers)[b":status"])
-            self.sock.sendall(self.conn.data_to_send())
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_independent_h2_client_gets_200_400_401_503(mesh: Mesh, tmp_path: Path) -> None:
     assert mesh.mode.control is not None
     identity = Identity(mesh.mode.trust_domain, "default", "tester")
@@ -304,6 +269,7 @@ def test_independent_h2_client_gets_200_400_401_503(mesh: Mesh, tmp_path: Path) 
         assert client.status(f"{server1.ip}:{APP_PORT}") == 200
         assert client.status(f"{server2.ip}:{APP_PORT}") == 400
         assert client.status(f"{server1.ip}:1") == 503  # nothing listens there
+        assert client.status(f"{server1.ip}:15001") == 503  # ztunnel's own port, as Istio's
         with policy(
             mesh, "deny-tester", action="DENY", rules=[{"principals": [identity.principal]}]
         ):
@@ -431,8 +397,93 @@ def test_mode_reports_facts_pids_and_rules(mesh: Mesh) -> None:
     rules = mesh.mode.describe_pod(mesh.pod("client"))
     assert ("redirect to :15001" if mesh.variant == "nftables" else "--to-ports 15001") in rules
     assert "not captured" in mesh.mode.describe_pod(mesh.pod("outsider"))
-    ready = http_get(mesh.mode.nodes["node1"].pod, 15021, "/healthz/ready")
+    ready = http_get(mesh.mode.ztunnels["node1"].pod, 15021, "/healthz/ready")
     assert ready[0] == 200
     dump = mesh.mode.config_dump("node2")
     assert re.fullmatch("[0-9a-f]{64}", dump["configDigest"])
     assert dump["certificates"] == ["default/server"]
+
+
+@pytest.mark.parametrize("by", ["principal", "port"])
+def test_a_deny_closes_a_running_transfer_within_2s_and_blocks_new_ones(
+    mesh: Mesh, by: str
+) -> None:
+    """Istio's ztunnel re-checks open connections on a policy change."""
+    client, server2 = mesh.pod("client"), mesh.pod("server2")
+    ended: list[float] = []
+    sock = connect(client, server2.ip, APP_PORT, timeout=10)
+    assert read_line(sock) == f"server2 {client.ip}"
+
+    def send_until_closed() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                sock.sendall(BLOCK)
+        ended.append(time.monotonic())
+
+    sender = threading.Thread(target=send_until_closed, daemon=True)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        assert not ended, "the transfer ended before any policy"
+        pushed = time.monotonic()
+        with policy(mesh, f"deny-running-{by}", action="DENY", rules=DENY_RULES[by]):
+            sender.join(timeout=5)
+            assert ended, "the denied transfer kept running"
+            assert ended[0] - pushed < 2.0
+            assert greeting(client, server2.ip, timeout=3) is None
+    finally:
+        sock.close()
+    assert greeting(client, server2.ip) == f"server2 {client.ip}"
+
+
+def test_admin_port_is_localhost_only_and_metrics_ready_are_not(mesh: Mesh) -> None:
+    """Istio binds the admin port (its /config_dump names every workload) to localhost."""
+    ztunnel = mesh.mode.nodes["node2"].pod
+    outsider, client = mesh.pod("outsider"), mesh.pod("client")
+    with pytest.raises(ConnectionRefusedError):
+        connect(outsider, ztunnel.ip, 15000).close()
+    with connect(client, ztunnel.ip, 15000) as sock:  # captured: ztunnel passes it through
+        sock.sendall(b"GET /config_dump HTTP/1.1\r\n\r\n")
+        with contextlib.suppress(OSError):
+            assert sock.recv(100) == b""
+    with connect(outsider, ztunnel.ip, 15020) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    status, _ = http_get(ztunnel, 15000, "/config_dump")  # from inside its namespace
+    assert status == 200
+
+
+def test_connections_lists_what_both_ztunnels_did(mesh: Mesh) -> None:
+    client, server2 = mesh.pod("client"), mesh.pod("server2")
+    assert greeting(client, server2.ip) == f"server2 {client.ip}"
+    node1, node2 = mesh.mode.nodes["node1"].pod, mesh.mode.nodes["node2"].pod
+    target = f"{server2.ip}:{APP_PORT}"
+
+    def records(pod: Pod) -> list[dict[str, object]]:
+        deadline = time.monotonic() + 5
+        while True:
+            body = json.loads(http_get(pod, 15000, "/connections")[1])
+            found = [
+                r
+                for r in body["connections"]
+                if r["original_dst"] == target
+                and str(r["peer"]).startswith(f"{client.ip}:")
+                and r["closed"]
+            ]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
+    outbound = records(node1)[-1]
+    assert outbound["proxy"] == "ztunnel" and outbound["listener"] == 15001
+    assert outbound["direction"] == "outbound" and outbound["path"] == "hbone"
+    assert outbound["upstream"] == f"{server2.ip}:15008" and outbound["verdict"] == "allow"
+    assert outbound["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+    assert isinstance(outbound["bytes_received"], int) and outbound["bytes_received"] > 0
+    inbound = records(node2)[-1]
+    assert inbound["listener"] == 15008 and inbound["direction"] == "inbound"
+    assert inbound["src_identity"] == outbound["src_identity"]
+    assert inbound["dst_identity"] == "spiffe://cluster.local/ns/default/sa/server"
+    last = int(str(json.loads(http_get(node1, 15000, "/connections")[1])["connections"][-1]["id"]))
+    later = json.loads(http_get(node1, 15000, f"/connections?since={last}")[1])
+    assert later == {"connections": []}

@@ -157,8 +157,8 @@ class FakePaths:
     def topology(self, topology: str, paths: Sequence[str]) -> str:
         return f"{topology}+waypoint" if "waypoint" in paths else topology
 
-    def prepare(self, cluster: Any, paths: Sequence[str]) -> tuple[dict[str, str], dict[str, int]]:
-        return ({"topology_variant": "+waypoint"} if "waypoint" in paths else {}), {}
+    def facts(self, cluster: Any) -> dict[str, str]:
+        return {"topology_variant": "+waypoint"} if "waypoint" in cluster.topology else {}
 
     def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None:
         self.switches.append((path, [server.node for server in servers]))

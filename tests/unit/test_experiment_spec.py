@@ -6,7 +6,11 @@ import pytest
 from test_experiment_fakes import SMALL_SPEC, write_spec
 
 from testbed.experiment.cases import estimated_seconds, mode_cases
-from testbed.experiment.spec import DATA_PATHS, KNOWN_MODES, SpecError, load_spec
+from testbed.experiment.spec import DATA_PATHS, SpecError, load_spec
+from testbed.redirect import available_modes
+
+# Every mode the design knows (DESIGN.md section 4), whatever this machine has.
+ALL_MODES = ["none", "sidecar", "inpod", "legacy", "ebpf"]
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -82,11 +86,16 @@ def test_negative_sweep_value_names_its_index(tmp_path: Path) -> None:
 def test_repeated_mode_needs_a_label(tmp_path: Path) -> None:
     message = spec_error(tmp_path, SMALL_SPEC.replace("[none, inpod]", "[inpod, inpod]"))
     assert "labels must be unique" in message
-    relabelled = SMALL_SPEC.replace(
-        "[none, inpod]", "[inpod, {mode: inpod, label: inpod-nft, options: {backend: nftables}}]"
-    )
+    nft = "{mode: inpod, label: inpod-nft, options: {inpod_variant: nftables}}"
+    relabelled = SMALL_SPEC.replace("[none, inpod]", f"[inpod, {nft}]")
     spec = load_spec(write_spec(tmp_path, relabelled))
-    assert spec.modes[1].options == {"backend": "nftables"}
+    assert spec.modes[1].options == {"inpod_variant": "nftables"}
+
+
+def test_bad_mode_option_names_the_mode_and_the_option(tmp_path: Path) -> None:
+    bad = SMALL_SPEC.replace("[none, inpod]", "[none, {mode: inpod, options: {backend: nft}}]")
+    message = spec_error(tmp_path, bad)
+    assert "modes[1]: options: mode inpod: unknown option 'backend'" in message
 
 
 def test_unavailable_mode_is_a_spec_error(tmp_path: Path) -> None:
@@ -106,8 +115,8 @@ def test_yaml_that_is_not_a_mapping_is_reported(tmp_path: Path) -> None:
 
 
 def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
-    spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=lambda: KNOWN_MODES)
-    assert [mode.mode for mode in spec.modes] == list(KNOWN_MODES)
+    spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=available_modes)
+    assert [mode.mode for mode in spec.modes] == available_modes()
     assert set(spec.placements) == {"same-node", "cross-node"}
     assert {"tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"} <= set(spec.workloads)
     assert {p for mode in spec.modes for p in spec.mode_paths(mode)} == set(DATA_PATHS)
@@ -119,10 +128,10 @@ def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
 def test_breakdown_and_published_specs_load_and_state_their_budget() -> None:
     for name in ("breakdown", "istio_published"):
         path = EXPERIMENTS / f"{name}.yaml"
-        spec = load_spec(path, available_modes=lambda: KNOWN_MODES)
+        spec = load_spec(path, available_modes=lambda: ALL_MODES)
         assert "Budget:" in path.read_text()
         assert estimated_seconds(spec) > 0
-    published = load_spec(EXPERIMENTS / "istio_published.yaml", available_modes=lambda: KNOWN_MODES)
+    published = load_spec(EXPERIMENTS / "istio_published.yaml", available_modes=lambda: ALL_MODES)
     assert published.sweeps.connections == [1, 2, 4, 8, 16, 32, 64]
     assert published.http_payload == 1024 and published.sweeps.qps == [1000]
 
@@ -157,7 +166,7 @@ def test_a_mode_may_leave_the_waypoint_out_with_its_own_paths(tmp_path: Path) ->
 
 def test_modes_all_leaves_the_waypoint_to_the_modes_with_l7(tmp_path: Path) -> None:
     text = SMALL_SPEC.replace("[none, inpod]", "all") + "paths: [direct, capture, waypoint]\n"
-    spec = load_spec(write_spec(tmp_path, text), available_modes=lambda: KNOWN_MODES)
+    spec = load_spec(write_spec(tmp_path, text), available_modes=lambda: ALL_MODES)
     paths = {mode.mode: spec.mode_paths(mode) for mode in spec.modes}
     assert paths["inpod"] == ["capture", "waypoint"]
     assert paths["sidecar"] == ["capture"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from testbed.redirect import inpod_rules as ir
-from testbed.redirect import sidecar_rules
+from testbed.redirect import rules, sidecar_rules
 
 REDIRECT_RESTORE = """\
 *mangle
@@ -80,7 +80,7 @@ def test_nftables_script_declares_tables_chains_and_rules() -> None:
 
 
 def test_policy_routes() -> None:
-    argvs = [cmd.argv("add") for cmd in ir.policy_routes()]
+    argvs = [cmd.argv("add") for cmd in rules.policy_routes()]
     assert ["ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"] in argvs
     assert ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"] in argvs
 
@@ -107,7 +107,7 @@ COMMIT
 
 
 def test_parse_iptables_save_keeps_only_istio_rules() -> None:
-    assert ir.by_chain(ir.parse_iptables_save(SAVED)) == {
+    assert rules.by_chain(rules.parse_iptables_save(SAVED, ir.INPOD_CHAINS)) == {
         ("mangle", "PREROUTING"): ["-j ISTIO_PRERT"],
         ("mangle", "OUTPUT"): ["-j ISTIO_OUTPUT"],
         ("mangle", "ISTIO_OUTPUT"): ["-m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark"],
@@ -116,14 +116,14 @@ def test_parse_iptables_save_keeps_only_istio_rules() -> None:
 
 
 def test_removal_script_deletes_every_jump_and_chain() -> None:
-    assert ir.removal_script(SAVED) == (
+    assert rules.removal_script(SAVED, ir.INPOD_CHAINS) == (
         "*mangle\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_PRERT - [0:0]\n"
         "-D PREROUTING -j ISTIO_PRERT\n-D OUTPUT -j ISTIO_OUTPUT\n"
         "-X ISTIO_OUTPUT\n-X ISTIO_PRERT\nCOMMIT\n"
         "*nat\n:ISTIO_OUTPUT - [0:0]\n"
         "-D OUTPUT -j ISTIO_OUTPUT\n-D OUTPUT -j ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT\n"
     )
-    assert ir.removal_script("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n") == ""
+    assert rules.removal_script("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", ir.INPOD_CHAINS) == ""
 
 
 NFT_LISTING = """\
@@ -147,7 +147,7 @@ table inet istio-ambient-mangle {
 
 
 def test_parse_nft_ruleset_normalises_counters_and_skips_foreign_tables() -> None:
-    assert ir.by_chain(ir.parse_nft_ruleset(NFT_LISTING)) == {
+    assert rules.by_chain(ir.parse_nft_ruleset(NFT_LISTING)) == {
         ("istio-ambient-mangle", "output"): [
             "type route hook output priority mangle; policy accept;",
             "jump istio-output",

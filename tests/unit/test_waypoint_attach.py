@@ -8,14 +8,12 @@ from testbed.cluster.waypoints import (
     USE_WAYPOINT,
     USE_WAYPOINT_NAMESPACE,
     L7Declarations,
-    ObjectLabels,
     WaypointError,
     WaypointSpec,
-    attach,
-    l7_config_for,
 )
 from testbed.mesh.config import LocalConfig
 from testbed.mesh.waypoint.via import ViaWaypoint, waypoint_route
+from testbed.redirect.waypoint_config import ObjectLabels, attach, l7_config_for
 
 WAYPOINT_IP = "10.244.3.2"
 OTHER_WAYPOINT_IP = "10.244.3.3"

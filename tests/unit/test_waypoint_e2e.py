@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from waypoint_support import (
     CLIENT_ADDRESS,
     FLAKY_VIP,
     INTRUDER,
+    REVIEWS_VIP,
     WAYPOINT,
     WaypointLab,
     get,
@@ -29,7 +32,7 @@ from waypoint_support import (
 )
 
 from testbed.mesh.hbone import HboneError
-from testbed.mesh.waypoint.app import watch_l7
+from testbed.mesh.proxy.watch import watch
 
 REVIEWS = service_key("reviews")
 
@@ -287,9 +290,8 @@ def test_chunked_request_body_and_http10_close(tmp_path: Path) -> None:
 def test_a_changed_l7_file_is_picked_up(tmp_path: Path) -> None:
     async def scenario(lab: WaypointLab) -> tuple[int, int]:
         settings = lab.waypoint.settings
-        watcher = asyncio.create_task(
-            watch_l7(settings.l7_config, lambda config: lab.waypoint.reload(l7=config))
-        )
+        l7_file = next(w for w in lab.waypoint.watched() if w.path == settings.l7_config)
+        watcher = asyncio.create_task(watch(l7_file, interval=0.1))
         client = await lab.http()
         before = (await client.exchange(get("/v2/x"))).status
         deny_all = {"policies": [{"name": "deny", "action": "DENY", "rules": [{}]}]}
@@ -304,3 +306,31 @@ def test_a_changed_l7_file_is_picked_up(tmp_path: Path) -> None:
         return before, after
 
     assert in_lab(tmp_path, scenario) == (200, 403)
+
+
+def test_connection_records_name_the_tunnel_and_the_endpoint(tmp_path: Path) -> None:
+    lab_port: list[int] = []
+
+    async def scenario(lab: WaypointLab) -> tuple[list[Any], tuple[str, int]]:
+        lab_port.append(lab.waypoint.hbone.address[1])
+        client = await lab.http()
+        assert (await client.exchange(get("/v2/x"))).status == 200
+        with contextlib.suppress(HboneError):
+            await lab.connect(vip="10.9.9.9:80")  # not a service of the mesh: 400
+        admin = lab.waypoint.address("admin")
+        reader, writer = await asyncio.open_connection(*admin)
+        writer.write(b"GET /connections HTTP/1.1\r\n\r\n")
+        body = (await reader.read()).partition(b"\r\n\r\n")[2]
+        writer.close()
+        return json.loads(body)["connections"], admin
+
+    records, admin = in_lab(tmp_path, scenario)
+    assert admin[0] == "127.0.0.1"
+    tunnel, refused = records
+    assert tunnel["proxy"] == "waypoint" and tunnel["path"] == "l7"
+    assert tunnel["listener"] == lab_port[0] and tunnel["direction"] == "inbound"
+    assert (tunnel["src_identity"], tunnel["dst_identity"]) == (CLIENT.uri, WAYPOINT.uri)
+    assert tunnel["connect_target"] == REVIEWS_VIP and tunnel["upstream"] is not None
+    assert tunnel["upstream"].startswith("127.0.0.1:")  # the lab's endpoint HBONE server
+    assert (refused["verdict"], refused["connect_target"]) == ("deny", "10.9.9.9:80")
+    assert refused["closed"] is not None

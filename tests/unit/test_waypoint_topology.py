@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from testbed.cluster.model import Topology, TopologyError, plan
-from testbed.cluster.waypoints import USE_WAYPOINT, WAYPOINT_FOR, l7_config_for
+from testbed.cluster.waypoints import USE_WAYPOINT, WAYPOINT_FOR
 from testbed.redirect.control import mesh_config
+from testbed.redirect.waypoint_config import l7_config_for
 
 
 class Shop(Topology):

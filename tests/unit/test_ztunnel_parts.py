@@ -1,4 +1,5 @@
-"""ztunnel's socket-free parts: routing, identities, labels, tcp_info, the admin HTTP."""
+"""ztunnel's socket-free parts: round-robin, identities, labels, tcp_info, the admin HTTP.
+The outbound decision has its own tests (test_ztunnel_route.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import struct
 from pathlib import Path
 
 from testbed.cluster import Topology, plan
-from testbed.mesh.config import LocalConfig
-from testbed.mesh.ztunnel.admin import Response, respond
+from testbed.mesh.proxy.http import Response, respond
 from testbed.mesh.ztunnel.certs import CertStore
 from testbed.mesh.ztunnel.inbound import peer_identity
 from testbed.mesh.ztunnel.netio import parse_tcp_info_bytes
 from testbed.mesh.ztunnel.outbound import tracing_headers
+from testbed.mesh.ztunnel.route import Hbone, decide_outbound
 from testbed.mesh.ztunnel.state import MeshState, config_digest
 from testbed.mesh.ztunnel.telemetry import traffic_labels
 from testbed.redirect.control import mesh_config
@@ -36,20 +37,11 @@ def state() -> tuple[MeshState, Topology]:
 def test_vip_round_robins_over_endpoints_with_target_port() -> None:
     mesh, topology = state()
     vip = topology.services["web"].vip
-    routes = [mesh.route(vip, 80) for _ in range(4)]
-    assert all(r is not None and r.in_mesh and r.service is not None for r in routes)
-    addresses = [r.target for r in routes if r is not None]
+    decisions = [decide_outbound(mesh.config, (vip, 80), mesh.pick) for _ in range(4)]
+    assert all(isinstance(d, Hbone) and d.service is not None for d in decisions)
+    targets = [d.target for d in decisions if isinstance(d, Hbone)]
     web1, web2 = topology.pods["web1"].ip, topology.pods["web2"].ip
-    assert addresses == [(web1, 8080), (web2, 8080), (web1, 8080), (web2, 8080)]
-
-
-def test_pod_and_unknown_addresses_route_as_they_are() -> None:
-    mesh, topology = state()
-    old = mesh.route(topology.pods["old"].ip, 5000)
-    assert old is not None and old.workload is not None and not old.in_mesh
-    outside = mesh.route("192.0.2.1", 443)
-    assert outside is not None and outside.workload is None and not outside.in_mesh
-    assert outside.target == ("192.0.2.1", 443)
+    assert targets == [(web1, 8080), (web2, 8080), (web1, 8080), (web2, 8080)]
 
 
 def test_config_update_replaces_policies_and_digest() -> None:
@@ -74,8 +66,8 @@ def test_peer_identity_needs_spiffe_in_the_trust_domain() -> None:
 def test_labels_name_both_ends_and_security() -> None:
     mesh, topology = state()
     client = mesh.config.workload_by_uid("default-client")
-    route = mesh.route(topology.services["web"].vip, 80)
-    assert route is not None
+    route = decide_outbound(mesh.config, (topology.services["web"].vip, 80), mesh.pick)
+    assert isinstance(route, Hbone)
     labels = traffic_labels("source", source=client, source_principal=client.identity.uri,
                             destination=route.workload, service=route.service,
                             mutual_tls=True)  # fmt: skip
@@ -96,15 +88,15 @@ def test_tcp_info_byte_counters() -> None:
     assert parse_tcp_info_bytes(bytes(104)) == (0, 0)
 
 
-ROUTES = {"/ready": lambda: Response(200, b"ok\n")}
+ROUTES = {"/ready": lambda query: Response(200, f"ok{dict(query)}\n".encode())}
 
 
 def test_admin_http_routes() -> None:
     ok = respond(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n", ROUTES)
     assert ok.status == 200 and ok.encode().endswith(
-        b"Content-Length: 3\r\nConnection: close\r\n\r\nok\n"
+        b"Content-Length: 5\r\nConnection: close\r\n\r\nok{}\n"
     )
-    assert respond(b"GET /ready?x=1 HTTP/1.1\r\n\r\n", ROUTES).status == 200
+    assert respond(b"GET /ready?x=1 HTTP/1.1\r\n\r\n", ROUTES).body == b"ok{'x': '1'}\n"
     assert respond(b"HEAD /ready HTTP/1.1\r\n\r\n", ROUTES).body == b""
     assert respond(b"GET /nope HTTP/1.1\r\n\r\n", ROUTES).status == 404
     assert respond(b"POST /ready HTTP/1.1\r\n\r\n", ROUTES).status == 405
@@ -120,26 +112,3 @@ def test_tracing_headers_name_the_caller_and_start_a_trace() -> None:
     assert "k8s.pod.name=client" in headers["baggage"]
     assert re.fullmatch("00-[0-9a-f]{32}-[0-9a-f]{16}-00", headers["traceparent"])
     assert tracing_headers(client)["traceparent"] != headers["traceparent"]
-
-
-def test_waypoints_get_the_original_destination_as_target() -> None:
-    topology = plan(Pair())
-    data = mesh_config(topology).model_dump(by_alias=True)
-    waypoint_ip = topology.pods["old"].ip  # any pod can play the waypoint here
-    data["services"][0]["waypoint"] = {"destination": f"/{waypoint_ip}", "hboneMtlsPort": 15008}
-    web2 = next(w for w in data["workloads"] if w["name"] == "web2")
-    web2["waypoint"] = {"destination": f"/{waypoint_ip}", "hboneMtlsPort": 15008}
-    mesh = MeshState(LocalConfig.model_validate(data), CertStore(Path("/nonexistent")), "n1")
-    expected = frozenset({"spiffe://cluster.local/ns/default/sa/old"})
-    vip = topology.services["web"].vip
-    via_service = mesh.route(vip, 80)
-    assert via_service is not None and via_service.target == (vip, 80)
-    assert via_service.via is not None and via_service.via.address == (waypoint_ip, 15008)
-    assert via_service.via.identities == expected and via_service.workload is None
-    web2_ip = topology.pods["web2"].ip
-    via_workload = mesh.route(web2_ip, 8080)
-    assert via_workload is not None and via_workload.target == (web2_ip, 8080)
-    assert via_workload.via == via_service.via
-    direct = mesh.route(topology.pods["web1"].ip, 8080)
-    assert direct is not None and direct.via is not None
-    assert direct.via.address == (topology.pods["web1"].ip, 15008)

@@ -178,9 +178,9 @@ async def waypoint_lab(tmp: Path, l7: dict[str, Any]) -> AsyncIterator[WaypointL
     dest_server = HboneServer(certs[REVIEWS].ssl_server_context(), destination.on_connect)
     await dest_server.start(socket.create_server(("127.0.0.1", 0)))
     settings = Settings(tmp / "mesh.yaml", tmp / "l7.yaml", tmp / "waypoint-certs",
-                        "127.0.0.1", 0, 0, 0)  # fmt: skip
+                        "127.0.0.1", 0, 0, 0, 0)  # fmt: skip
     waypoint = Waypoint(settings, tunnel_address=lambda endpoint: dest_server.address)
-    await waypoint.start()
+    await waypoint.open()
     lab = WaypointLab(waypoint, destination, certs, HboneClient())
     try:
         yield lab

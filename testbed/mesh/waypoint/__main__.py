@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import signal
 import sys
 from pathlib import Path
 
-import uvloop
-
+from testbed.mesh.proxy import shell
 from testbed.mesh.waypoint.app import Settings, Waypoint
 
 
-def parse_args(argv: list[str]) -> Settings:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m testbed.mesh.waypoint", description=__doc__)
     parser.add_argument("--mesh-config", type=Path, required=True, help="mesh config (YAML)")
     parser.add_argument("--l7-config", type=Path, required=True, help="routes and L7 policies")
@@ -24,23 +20,14 @@ def parse_args(argv: list[str]) -> Settings:
         required=True,
         help="folder with cert-chain.pem, key.pem, root-cert.pem",
     )
-    parser.add_argument("--bind", default="0.0.0.0", help="address of all three listeners")
+    parser.add_argument("--bind", default="0.0.0.0", help="address of HBONE, metrics, ready")
     parser.add_argument("--name", default="waypoint", help="shown in log lines")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s",
-    )
-    return Settings(args.mesh_config, args.l7_config, args.certs, args.bind)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(Waypoint(settings).run())
+def make(args: argparse.Namespace) -> Waypoint:
+    return Waypoint(Settings(args.mesh_config, args.l7_config, args.certs, args.bind))
 
 
 if __name__ == "__main__":
-    main()
+    shell.main(parser(), sys.argv[1:], make, lambda args: str(args.name))

@@ -33,6 +33,7 @@ from testbed.mesh.waypoint.routing import (
     plan_fault,
 )
 from testbed.mesh.waypoint.telemetry import AccessLogEntry, RequestMetrics, request_labels
+from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("testbed.mesh.waypoint.access")
@@ -41,7 +42,7 @@ Address = tuple[str, int]
 Endpoint = tuple[Workload, int]  # a workload and the port its app listens on
 
 
-class UpstreamConnectError(ConnectionError):
+class UpstreamConnectError(TestbedError, ConnectionError):
     """The endpoint could not be reached (Envoy: connect failure, flag UF)."""
 
 
@@ -132,11 +133,19 @@ class L7Proxy:
         return self.policies(downstream.target.key).evaluate(subject).allowed
 
     # -- the pipeline ---------------------------------------------------------------------
-    async def handle(self, downstream: Downstream, request: HttpRequest) -> HttpResponse:
+    async def handle(
+        self,
+        downstream: Downstream,
+        request: HttpRequest,
+        on_endpoint: Callable[[Endpoint], None] | None = None,
+    ) -> HttpResponse:
+        """Serve one request; `on_endpoint` learns which endpoint answered it, if any."""
         started, wall = time.perf_counter(), datetime.datetime.now(datetime.UTC)
         outcome = await self._process(downstream, request)
         duration_ms = (time.perf_counter() - started) * 1000.0
         self._record(downstream, request, outcome, wall, duration_ms)
+        if on_endpoint is not None and outcome.endpoint is not None:
+            on_endpoint(outcome.endpoint)
         return outcome.response
 
     async def _process(self, downstream: Downstream, request: HttpRequest) -> _Outcome:

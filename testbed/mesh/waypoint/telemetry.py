@@ -20,27 +20,13 @@ from testbed.mesh.metrics import (
     Registry,
     TrafficLabels,
 )
+from testbed.mesh.proxy.telemetry import UNKNOWN, endpoint_labels, service_labels
 
 REQUEST_LABEL_NAMES = (*TRAFFIC_LABEL_NAMES, "response_code")
 DURATION_BUCKETS_MS = (
     0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
     600000, 1800000, 3600000,
 )  # fmt: skip
-UNKNOWN = "unknown"
-
-
-def _workload_labels(side: str, workload: Workload | None) -> dict[str, str]:
-    if workload is None:
-        return {}
-    return {
-        f"{side}_workload": workload.workload_name or workload.name or UNKNOWN,
-        f"{side}_workload_namespace": workload.namespace,
-        f"{side}_canonical_service": workload.canonical_name or UNKNOWN,
-        f"{side}_canonical_revision": workload.canonical_revision or UNKNOWN,
-        f"{side}_app": workload.canonical_name or UNKNOWN,
-        f"{side}_version": workload.canonical_revision or UNKNOWN,
-        f"{side}_cluster": workload.cluster_id or UNKNOWN,
-    }
 
 
 def request_labels(
@@ -50,13 +36,9 @@ def request_labels(
     service: Service | None,
     destination: Workload | None,
 ) -> TrafficLabels:
-    values = {**_workload_labels("source", source), **_workload_labels("destination", destination)}
+    values = {**endpoint_labels(source, destination), **service_labels(service)}
     if destination is not None:
         values["destination_principal"] = destination.identity.uri
-    if service is not None:
-        values["destination_service"] = service.hostname
-        values["destination_service_name"] = service.name
-        values["destination_service_namespace"] = service.namespace
     return TrafficLabels(
         reporter="waypoint",
         source_principal=source_principal or UNKNOWN,

@@ -1,10 +1,9 @@
 """Outbound (15001): a connection the pod's app made, captured by the pod's rules.
 
-Recover where it was going, resolve a service VIP to an endpoint, then either tunnel it over
-HBONE to the destination pod's 15008 (destination in the mesh) or to the waypoint that
-serves the destination, with the source pod's certificate, or pass it through as plain TCP.
-Upstream sockets are opened inside the source pod's namespace with mark 0x539, so its rules
-do not capture them again.
+Recover where it was going, decide (testbed.mesh.ztunnel.route), then tunnel it over HBONE
+to the destination pod's 15008 or to the waypoint that serves the destination, with the
+source pod's certificate, or pass it through as plain TCP. Upstream sockets are opened
+inside the source pod's namespace with mark 0x539, so its rules do not capture them again.
 """
 
 from __future__ import annotations
@@ -13,14 +12,22 @@ import logging
 import secrets
 import socket
 
-from testbed.mesh.config import Workload
+from testbed.mesh.config import Service, Workload
 from testbed.mesh.hbone import HboneError, connect_tcp, relay_tcp, reset_socket
 from testbed.mesh.hbone.connect import format_address
-from testbed.mesh.waypoint.via import ViaWaypoint, waypoint_route
-from testbed.mesh.ztunnel import OUTBOUND_PORT, ZTUNNEL_PORTS
+from testbed.mesh.proxy.connections import ConnectionRecord
+from testbed.mesh.proxy.connections import Path as RecordPath
+from testbed.mesh.ztunnel import OUTBOUND_PORT
 from testbed.mesh.ztunnel.netio import Address, ByteMeter, destination_of
 from testbed.mesh.ztunnel.pods import PodProxy
-from testbed.mesh.ztunnel.state import Route
+from testbed.mesh.ztunnel.route import (
+    Hbone,
+    Outbound,
+    Passthrough,
+    Refuse,
+    ToWaypoint,
+    decide_outbound,
+)
 from testbed.mesh.ztunnel.telemetry import record_close, traffic_labels
 
 log = logging.getLogger(__name__)
@@ -28,89 +35,135 @@ log = logging.getLogger(__name__)
 
 async def serve_outbound(pod: PodProxy, client: socket.socket, peer: Address) -> None:
     destination = destination_of(client, OUTBOUND_PORT)
-    via = waypoint_route(pod.mesh.config, *destination)
-    if via is not None and destination[1] not in ZTUNNEL_PORTS:
-        await _via_waypoint(pod, client, peer, via)
-        return
-    route = pod.mesh.route(*destination)
-    if destination[1] in ZTUNNEL_PORTS or route is None:
-        log.info("outbound %s -> %s refused", format_address(peer), format_address(destination))
+    decision = decide_outbound(pod.mesh.config, destination, pod.mesh.pick)
+    source = pod.workload
+    record = _record(pod, peer, destination, decision)
+    if isinstance(decision, Refuse):
+        log.info(
+            "outbound %s -> %s refused: %s",
+            format_address(peer),
+            format_address(destination),
+            decision.reason,
+        )
+        pod.mesh.connections.refuse(record, decision.reason)
         reset_socket(client)
         return
-    source = pod.workload
     labels = traffic_labels(
         "source",
         source=source,
         source_principal=source.identity.uri,
-        destination=route.workload,
-        service=route.service,
-        mutual_tls=route.in_mesh,
+        destination=decision.workload,
+        service=decision.service,
+        mutual_tls=not isinstance(decision, Passthrough),
     )
     connection = pod.mesh.metrics.connection(labels)
     with ByteMeter(client) as meter:
-        flags = "-"
+        flags, error = "-", None
         try:
-            if route.in_mesh:
-                await _tunnel(pod, client, peer, route)
+            if isinstance(decision, Passthrough):
+                await _passthrough(pod, client, decision.target)
+            elif isinstance(decision, Hbone):
+                await _tunnel(
+                    pod,
+                    client,
+                    peer,
+                    decision.hop,
+                    {decision.identity},
+                    format_address(decision.target),
+                    decision.service,
+                )
             else:
-                await _passthrough(pod, client, route.target)
+                via = decision.via
+                await _tunnel(
+                    pod, client, peer, via.address, via.identities, via.authority, decision.service
+                )
         except (HboneError, OSError) as exc:
-            log.info("outbound %s -> %s failed: %s", format_address(peer), route.target, exc)
-            flags = "CONNECT"
+            log.info("outbound %s -> %s failed: %s", format_address(peer), record.upstream, exc)
+            flags, error = "CONNECT", str(exc)
             reset_socket(client)
         record_close(connection, meter, flags)
+        sent, received = meter.counts()
+    pod.mesh.connections.close(
+        record, sent=sent, received=received, verdict="error" if error else None, reason=error
+    )
+
+
+def _record(
+    pod: PodProxy, peer: Address, destination: Address, decision: Outbound
+) -> ConnectionRecord:
+    """The connection record of an outbound decision."""
+    path: RecordPath = "passthrough"
+    dst_identity, connect_target, upstream = None, None, None
+    if isinstance(decision, Passthrough):
+        upstream = decision.target
+    elif isinstance(decision, Hbone):
+        path, dst_identity, upstream = "hbone", decision.identity, decision.hop
+        connect_target = format_address(decision.target)
+    elif isinstance(decision, ToWaypoint):
+        path, upstream, connect_target = "waypoint", decision.via.address, decision.via.authority
+        dst_identity = next(iter(sorted(decision.via.identities)), None)
+    return pod.mesh.connections.open(
+        listener=OUTBOUND_PORT,
+        direction="outbound",
+        peer=peer,
+        original_dst=destination,
+        path=path,
+        src_identity=pod.workload.identity.uri,
+        dst_identity=dst_identity,
+        connect_target=connect_target,
+        upstream=upstream,
+    )
+
+
+def baggage(source: Workload) -> str:
+    """Who is calling, as Istio's ztunnel writes it: fields it does not know are left out."""
+    fields = (
+        ("k8s.cluster.name", source.cluster_id or "Kubernetes"),
+        ("k8s.namespace.name", source.namespace),
+        (
+            f"k8s.{(source.workload_type or 'pod').lower()}.name",
+            source.workload_name or source.name,
+        ),
+        ("service.name", source.canonical_name),
+        ("service.version", source.canonical_revision),
+        ("cloud.region", source.locality.region),
+        ("cloud.availability_zone", source.locality.zone),
+    )
+    return ",".join(f"{key}={value}" for key, value in fields if value)
+
+
+def forwarded(peer: Address, service: Service | None) -> str:
+    """`forwarded: for="ip:port"`, with `;host=<service hostname>` for service traffic."""
+    value = f'for="{format_address(peer)}"'
+    return f"{value};host={service.hostname}" if service is not None else value
 
 
 def tracing_headers(source: Workload) -> dict[str, str]:
     """The `baggage` (who is calling) and a fresh W3C `traceparent`, as ztunnel sends them."""
-    baggage = (
-        f"k8s.cluster.name={source.cluster_id or 'Kubernetes'},"
-        f"k8s.namespace.name={source.namespace},k8s.pod.name={source.name},"
-        f"service.name={source.canonical_name or source.name},"
-        f"service.version={source.canonical_revision or 'latest'}"
-    )
     traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
-    return {"baggage": baggage, "traceparent": traceparent}
+    return {"baggage": baggage(source), "traceparent": traceparent}
 
 
-async def _tunnel(pod: PodProxy, client: socket.socket, peer: Address, route: Route) -> None:
-    """HBONE to the hop (`<pod ip>:15008`, or a waypoint), CONNECT to the target."""
-    assert route.via is not None
-    source_identity = pod.workload.identity
-    stream = await pod.hbone_client.open(
-        route.via.address,
-        format_address(route.target),
-        ssl_context=pod.mesh.certs.client_context(source_identity),
-        expected_identities=route.via.identities,
-        source_identity=source_identity.uri,
-        source=peer,
-        headers=tracing_headers(pod.workload),
-    )
-    await stream.relay(client)
-
-
-async def _via_waypoint(
-    pod: PodProxy, client: socket.socket, peer: Address, via: ViaWaypoint
+async def _tunnel(
+    pod: PodProxy,
+    client: socket.socket,
+    peer: Address,
+    hop: Address,
+    identities: frozenset[str] | set[str],
+    authority: str,
+    service: Service | None,
 ) -> None:
-    """HBONE to the destination's waypoint, CONNECT to the original VIP:port (or pod ip:port);
-    the waypoint picks the endpoint."""
+    """HBONE to `hop` (`<pod ip>:15008`, or a waypoint), CONNECT to `authority`."""
     source_identity = pod.workload.identity
-    try:
-        stream = await pod.hbone_client.open(
-            via.address,
-            via.authority,
-            ssl_context=pod.mesh.certs.client_context(source_identity),
-            expected_identities=via.identities,
-            source_identity=source_identity.uri,
-            source=peer,
-            headers=tracing_headers(pod.workload),
-        )
-    except (HboneError, OSError) as exc:
-        log.info(
-            "outbound %s -> %s via waypoint failed: %s", format_address(peer), via.authority, exc
-        )
-        reset_socket(client)
-        return
+    headers = {"forwarded": forwarded(peer, service), **tracing_headers(pod.workload)}
+    stream = await pod.hbone_client.open(
+        hop,
+        authority,
+        ssl_context=pod.mesh.certs.client_context(source_identity),
+        expected_identities=identities,
+        source_identity=source_identity.uri,
+        headers=headers,
+    )
     await stream.relay(client)
 
 

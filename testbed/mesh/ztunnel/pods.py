@@ -10,7 +10,8 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from testbed.mesh import podsockets
 from testbed.mesh.config import Workload
@@ -18,6 +19,7 @@ from testbed.mesh.hbone import HboneClient, HboneServer
 from testbed.mesh.ztunnel import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from testbed.mesh.ztunnel.netio import Address
 from testbed.mesh.ztunnel.state import MeshState
+from testbed.netlab.errors import TestbedError
 from testbed.netlab.nsutil import setns_fd
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,28 @@ def _marked_socket(family: int, *, transparent: bool) -> socket.socket:
 Handler = Callable[["PodProxy", socket.socket, Address], Awaitable[None]]
 
 
-class UnknownWorkloadError(LookupError):
+async def accept_forever(
+    listener: socket.socket,
+    handle: Callable[[socket.socket, Address], Coroutine[Any, Any, None]],
+    spawn: Callable[[Coroutine[Any, Any, None]], None],
+    what: str,
+) -> None:
+    """Accept on a non-blocking listener until cancelled; each connection (TCP_NODELAY: the
+    relays write what they read at once, Nagle would only add latency) is handled in a
+    task `spawn` keeps."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            conn, peer = await loop.sock_accept(listener)
+        except OSError as exc:
+            log.warning("%s: accept on %s failed: %s", what, listener, exc)
+            await asyncio.sleep(0.05)
+            continue
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        spawn(handle(conn, (str(peer[0]), int(peer[1]))))
+
+
+class UnknownWorkloadError(TestbedError, LookupError):
     """The pod the agent enrolled is not in the mesh config."""
 
 
@@ -133,19 +156,14 @@ class PodProxy:
             os.close(self.netns_fd)
 
     async def _accept_loop(self, listener: socket.socket, handler: Handler) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(listener)
-            except OSError as exc:
-                log.warning("pod %s: accept on %s failed: %s", self.uid, listener, exc)
-                await asyncio.sleep(0.05)
-                continue
-            # The relays write what they read at once; Nagle would only add latency.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.ensure_future(self._handle(handler, conn, (str(peer[0]), int(peer[1]))))
+        def spawn(work: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.ensure_future(work)
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+        await accept_forever(
+            listener, lambda conn, peer: self._handle(handler, conn, peer), spawn, f"pod {self.uid}"
+        )
 
     async def _handle(self, handler: Handler, conn: socket.socket, peer: Address) -> None:
         try:

@@ -19,6 +19,7 @@ for port 15008) is answered over loopback.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -38,8 +39,8 @@ from testbed.mesh.ztunnel import (
 from testbed.mesh.ztunnel.inbound import HboneInbound, serve_inbound_plaintext
 from testbed.mesh.ztunnel.netio import Address
 from testbed.mesh.ztunnel.outbound import serve_outbound
-from testbed.mesh.ztunnel.pods import PodProxy
-from testbed.mesh.ztunnel.standalone import Settings, StandaloneProxy, main
+from testbed.mesh.ztunnel.pods import PodProxy, accept_forever
+from testbed.mesh.ztunnel.process import ZtunnelProcess, main
 from testbed.mesh.ztunnel.state import MeshState
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,19 @@ def transparent_listener(port: int) -> socket.socket:
     return sock
 
 
-class SharedZtunnel(StandaloneProxy):
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.ztunnel_ip = settings.extra["ztunnel-ip"]
+class SharedZtunnel(ZtunnelProcess):
+    shape = "shared"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.config, args.certs, args.node)
+        self.ztunnel_ip: str = args.ztunnel_ip
         self.home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._listeners: list[socket.socket] = []
 
     def pod_for(self, ip: str) -> PodProxy | None:
         """The local mesh workload with this address (None for any other address)."""
         workload = self.mesh.config.workload_by_ip(ip)
-        if workload is None or workload.node != self.settings.node:
+        if workload is None or workload.node != self.node:
             return None
         if workload.protocol != "HBONE":
             return None
@@ -114,30 +118,27 @@ class SharedZtunnel(StandaloneProxy):
             if workload is None or workload.protocol != "HBONE":
                 self.spawn(self.pods.pop(uid).stop())
 
-    async def serve(self) -> None:
-        listeners = [
+    async def start(self) -> None:
+        self._listeners = [
             transparent_listener(port)
             for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT)
         ]
         self.ready = True
-        try:
-            await asyncio.gather(*(self._accept_loop(sock) for sock in listeners))
-        finally:
-            for sock in listeners:
-                sock.close()
+        log.info("ztunnel (shared) for %s serving", self.node)
+
+    async def serve(self) -> None:
+        await asyncio.gather(*(self._accept_loop(sock) for sock in self._listeners))
+
+    async def stop(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        await super().stop()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        port = listener.getsockname()[1]
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(listener)
-            except OSError as exc:
-                log.warning("accept on %d failed: %s", port, exc)
-                await asyncio.sleep(0.05)
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.spawn(self._dispatch(port, conn, (str(peer[0]), int(peer[1]))))
+        port = int(listener.getsockname()[1])
+        await accept_forever(
+            listener, lambda conn, peer: self._dispatch(port, conn, peer), self.spawn, f"{port}"
+        )
 
     async def _dispatch(self, port: int, conn: socket.socket, peer: Address) -> None:
         local_ip = str(conn.getsockname()[0])
@@ -169,4 +170,10 @@ async def _serve_hbone(pod: PodProxy, conn: socket.socket) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:], "shared", SharedZtunnel, {"ztunnel-ip": "this ztunnel pod's address"})
+    main(
+        sys.argv[1:],
+        "testbed.mesh.ztunnel.shared",
+        SharedZtunnel,
+        {"ztunnel-ip": "this ztunnel pod's address"},
+        __doc__,
+    )

@@ -9,7 +9,7 @@ arrives on 15008. Every socket the proxy opens carries mark 0x539, which the rul
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import os
 import sys
 
@@ -17,22 +17,32 @@ from testbed.mesh.hbone import HboneServer
 from testbed.mesh.ztunnel.inbound import HboneInbound, serve_inbound_plaintext
 from testbed.mesh.ztunnel.outbound import serve_outbound
 from testbed.mesh.ztunnel.pods import PodProxy
-from testbed.mesh.ztunnel.standalone import StandaloneProxy, main
+from testbed.mesh.ztunnel.process import ZtunnelProcess, main
 
 
-class Sidecar(StandaloneProxy):
-    async def serve(self) -> None:
-        uid = self.settings.extra["uid"]
+class Sidecar(ZtunnelProcess):
+    shape = "sidecar"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.config, args.certs, args.node, proxy="sidecar")
+        self.uid: str = args.uid
+
+    async def start(self) -> None:
         own_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        pod = PodProxy(self.mesh, uid, own_netns)
+        pod = PodProxy(self.mesh, self.uid, own_netns)
         context = self.mesh.certs.server_context(pod.workload.identity)
         await pod.start(
             serve_outbound, serve_inbound_plaintext, HboneServer(context, HboneInbound(pod))
         )
-        self.pods[uid] = pod
+        self.pods[self.uid] = pod
         self.ready = True
-        await asyncio.Event().wait()  # the listeners serve until the process is stopped
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:], "sidecar", Sidecar, {"uid": "the workload's uid in the mesh config"})
+    main(
+        sys.argv[1:],
+        "testbed.mesh.ztunnel.sidecar",
+        Sidecar,
+        {"uid": "the workload's uid in the mesh config"},
+        __doc__,
+    )

@@ -1,7 +1,8 @@
-"""ztunnel's small HTTP/1.1 endpoints (admin 15000, metrics 15020, readiness 15021).
+"""The proxies' small HTTP/1.1 endpoints (admin 15000, metrics 15020, readiness 15021).
 
 Each answers GET requests for a few paths and closes the connection after the response;
-that is all Prometheus scrapes, curl and readiness probes need.
+that is all Prometheus scrapes, curl and readiness probes need. A route gets the request's
+query parameters (`/connections?since=12` -> {"since": "12"}).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ class Response:
         return head.encode("ascii") + self.body
 
 
-Routes = dict[str, Callable[[], Response]]
+Query = Mapping[str, str]
+Route = Callable[[Query], Response]
+Routes = dict[str, Route]
 
 
 def respond(head: bytes, routes: Routes) -> Response:
@@ -53,10 +57,11 @@ def respond(head: bytes, routes: Routes) -> Response:
     method, target, _ = parts
     if method not in ("GET", "HEAD"):
         return Response(405, b"only GET\n")
-    route = routes.get(target.split("?", 1)[0])
+    path, _, query = target.partition("?")
+    route = routes.get(path)
     if route is None:
-        return Response(404, f"no {target}; try {', '.join(sorted(routes))}\n".encode())
-    response = route()
+        return Response(404, f"no {path}; try {', '.join(sorted(routes))}\n".encode())
+    response = route(dict(parse_qsl(query)))
     return Response(response.status, b"", response.content_type) if method == "HEAD" else response
 
 

@@ -1,0 +1,53 @@
+"""Config reload for the proxies: poll a file, load it again when it changed, keep the
+previous version when the new one is invalid (a proxy never runs half a config)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from testbed.mesh.config import ConfigError
+
+log = logging.getLogger(__name__)
+INTERVAL = 0.5
+T = TypeVar("T")
+
+
+def signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten (or replaced by a rename); None if missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+@dataclass(frozen=True)
+class Watched(Generic[T]):
+    """A config file, how to load it, and who takes each new valid version."""
+
+    path: Path
+    load: Callable[[Path], T]
+    on_change: Callable[[T], None]
+
+
+async def watch(watched: Watched[T], interval: float = INTERVAL) -> None:
+    """Poll until cancelled."""
+    last = signature(watched.path)
+    while True:
+        await asyncio.sleep(interval)
+        current = signature(watched.path)
+        if current == last or current is None:
+            continue
+        last = current
+        try:
+            config = watched.load(watched.path)
+        except ConfigError as exc:
+            log.error("keeping the previous config: %s", exc)
+            continue
+        watched.on_change(config)

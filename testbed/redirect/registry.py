@@ -1,0 +1,42 @@
+"""The registry of redirection modes: the one list of them.
+
+A mode is a module with a `Mode` subclass (testbed.redirect.base) and one entry here; the
+CLI's `--mode`, experiment specs and the conformance suite all read this dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from testbed.cluster.mode import ModeError
+from testbed.redirect.base import Mode
+from testbed.redirect.ebpf import EbpfMode
+from testbed.redirect.inpod import InPodMode
+from testbed.redirect.legacy import LegacyMode
+from testbed.redirect.none import NoMesh
+from testbed.redirect.sidecar import SidecarMode
+
+MODES: dict[str, type[Mode]] = {
+    "none": NoMesh,
+    "sidecar": SidecarMode,
+    "inpod": InPodMode,
+    "legacy": LegacyMode,
+    "ebpf": EbpfMode,
+}
+
+
+def available_modes() -> list[str]:
+    return list(MODES)
+
+
+def mode_class(name: str) -> type[Mode]:
+    found = MODES.get(name)
+    if found is None:
+        raise ModeError(f"unknown mode {name!r}; available: {', '.join(MODES)}")
+    return found
+
+
+def create_mode(name: str, options: Mapping[str, Any] | None = None) -> Mode:
+    """The mode `name` with its options validated (ModeError names a bad one)."""
+    return mode_class(name).from_options(options or {})
