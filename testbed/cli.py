@@ -348,6 +348,23 @@ def add_kube_commands(sub: Any) -> None:
         p.set_defaults(func=cmd_kube, kube_func=_kube_apply, delete=verb == "delete")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from testbed.bench import QUICK, BenchOptions, Durations, run_bench
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    options = BenchOptions(
+        modes=modes,
+        reps=args.reps if args.reps is not None else (2 if args.quick else 5),
+        durations=QUICK if args.quick else Durations(),
+        pinning=args.pinning,
+        native=not args.no_native,
+        out=args.out,
+        root=args.root,
+    )
+    run_bench(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from testbed.redirect import available_modes
@@ -437,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder to write (default: RUN/export/FORMAT)")
     p.set_defaults(func=cmd_export_results)
     add_kube_commands(sub)
+
+    p = sub.add_parser("bench", help="none vs modes vs a native mTLS proxy, in one sitting")
+    p.add_argument("--modes", default="inpod", help="comma-separated modes (default: inpod)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions (default 5; quick: 2)")
+    p.add_argument("--quick", action="store_true", help="1 s per figure: under 2 minutes")
+    p.add_argument("--pinning", choices=["none", "split"], default="none",
+                   help="split: client and server apps each on its own CPU")  # fmt: skip
+    p.add_argument("--no-native", action="store_true", help="skip the HAProxy native peer")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="rows.csv and summary")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -143,11 +143,24 @@ def declare_route(
             for b in rule.get("backends", [])
         ]
         keyed.append({**rule, "backends": backends} if backends else dict(rule))
+        if rule.get("filters"):  # a mirror names a service as backends do
+            keyed[-1]["filters"] = [_mirror_keyed(topology, f, what) for f in rule["filters"]]
     try:
         topology.l7.add_route(name, namespace, parents, keyed)
     except WaypointError as exc:
         raise topology.error(str(exc)) from None
     return name
+
+
+def _mirror_keyed(topology: Topology, rule_filter: Any, what: str) -> Any:
+    mirror = rule_filter.get("requestMirror") if isinstance(rule_filter, dict) else None
+    if not isinstance(mirror, dict):
+        return rule_filter
+    ref = mirror.get("backendRef")
+    if not isinstance(ref, dict) or "service" not in ref:
+        return rule_filter
+    keyed_ref = {**ref, "service": _service_key(topology, str(ref["service"]), what)}
+    return {**rule_filter, "requestMirror": {**mirror, "backendRef": keyed_ref}}
 
 
 def declare_l7_policy(

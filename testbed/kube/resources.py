@@ -134,7 +134,7 @@ class ParentReference(_Model):
 
 
 class HTTPPathMatch(_Model):
-    type: Literal["Exact", "PathPrefix"] = "PathPrefix"
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
     value: str = "/"
 
 

@@ -15,7 +15,7 @@ from podapps import GreetingServer, greeting
 from testbed.cli import main
 from testbed.cluster import Cluster, load_topology, plan
 from testbed.kube.istio import export_topology
-from testbed.redirect import available_modes
+from testbed.redirect import available_modes, create_mode
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "istio"
 ROUNDTRIP_TOPOLOGY = str(Path(__file__).with_name("topo_kube_roundtrip.py"))
@@ -53,7 +53,7 @@ def cli(root: Path, *args: str) -> int:
 def test_deny_applied_blocks_new_connections_and_delete_restores(
     runs_root: Path, mode: str
 ) -> None:
-    with Cluster("two_nodes", mode=mode, name="kubeapply", root=runs_root) as cluster:
+    with Cluster("two_nodes", create_mode(mode), name="kubeapply", root=runs_root) as cluster:
         GreetingServer(cluster.pod("server1"))
         client, server_ip = cluster.pod("client"), cluster.pod("server1").ip
         assert greeting(client, server_ip) == f"server1 {client.ip}"
@@ -74,7 +74,7 @@ def test_apply_refuses_unsupported_fields_and_changes_nothing(
         .read_text()
         .replace("  action: DENY", "  action: DENY\n  provider: {name: x}")
     )
-    with Cluster("two_nodes", mode="inpod", name="kubebad", root=runs_root) as cluster:
+    with Cluster("two_nodes", create_mode("inpod"), name="kubebad", root=runs_root) as cluster:
         GreetingServer(cluster.pod("server1"))
         assert cli(runs_root, "apply", cluster.run, str(bad)) == 2
         assert "spec.provider: not supported" in capsys.readouterr().err  # type: ignore[attr-defined]
@@ -98,7 +98,8 @@ def test_exported_routes_and_policies_applied_back_behave_as_declared(
     exported.write_text(
         yaml.safe_dump_all([r.dump() for r in [*declared.policies, *declared.routes]])
     )
-    with Cluster(ROUNDTRIP_TOPOLOGY, mode="inpod", name="kuberound", root=runs_root) as cluster:
+    mode = create_mode("inpod")
+    with Cluster(ROUNDTRIP_TOPOLOGY, mode, name="kuberound", root=runs_root) as cluster:
         for name in ("reviews-v1", "reviews-v2"):
             argv = [sys.executable, "-m", "testbed.workloads.http_echo", "--name", name]
             cluster.pod(name).spawn([*argv, "--port", str(ECHO_PORT)], label="echo")
@@ -129,10 +130,10 @@ def test_what_a_detached_testbed_cannot_take_is_refused(
         )
     )
     deny = str(EXAMPLES / "deny-server.yaml")
-    with Cluster("two_nodes", mode="none", name="kubenone", root=runs_root) as cluster:
+    with Cluster("two_nodes", create_mode("none"), name="kubenone", root=runs_root) as cluster:
         assert cli(runs_root, "apply", cluster.run, deny) == 2
         assert "runs mode none" in capsys.readouterr().err
-    with Cluster("two_nodes", mode="inpod", name="kubelabel", root=runs_root) as cluster:
+    with Cluster("two_nodes", create_mode("inpod"), name="kubelabel", root=runs_root) as cluster:
         assert cli(runs_root, "apply", cluster.run, str(unenroll)) == 2
         assert "metadata.labels.istio.io/dataplane-mode" in capsys.readouterr().err
         assert cli(runs_root, "delete", cluster.run, deny) == 2

@@ -17,6 +17,7 @@ from testbed.experiment import run_experiment
 from testbed.experiment.compare import compare_runs
 from testbed.kube.export import APPS
 from testbed.measure.servers import wait_listening
+from testbed.redirect import create_mode
 from testbed.results import load
 
 
@@ -46,7 +47,7 @@ def test_job_rows_from_a_pod_import_and_compare(runs_root: Path, tmp_path: Path)
               if d["kind"] == "Job"]  # fmt: skip
     command = local_python(job["spec"]["template"]["spec"]["containers"][0]["command"])
 
-    with Cluster("two_nodes", mode="none", name="kubejob", root=runs_root) as cluster:
+    with Cluster("two_nodes", create_mode("none"), name="kubejob", root=runs_root) as cluster:
         server = cluster.pod("server2")
         for port in (5201, 11111):
             name, argv = APPS[port]
