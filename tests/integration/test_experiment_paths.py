@@ -26,6 +26,7 @@ import pytest
 from testbed.cluster.cluster import Cluster
 from testbed.cluster.loader import load_topology
 from testbed.experiment.paths import destination, set_path, waypoint_variant
+from testbed.redirect import create_mode
 
 APP_PORT = 7777
 MARKER = b"TESTBED-PLAINTEXT-MARKER-0123456789"
@@ -118,7 +119,7 @@ def exchange(client: Any, server: Any, target_ip: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with Cluster(waypoint_variant(load_topology("two_nodes")), "inpod") as built:
+    with Cluster(waypoint_variant(load_topology("two_nodes")), create_mode("inpod")) as built:
         yield built
 
 
