@@ -242,6 +242,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_results(args: argparse.Namespace) -> int:
+    from testbed.experiment.export import export_run
+
+    written = export_run(args.run, args.format, args.out)
+    console.print(f"{len(written)} {args.format} file(s) under {written[0].parent}")
+    return 0
+
+
 # -- Kubernetes: export, export-experiment, import, apply, delete (testbed.kube) -------------
 def _kube_errors() -> tuple[type[Exception], ...]:
     from testbed.kube.documents import DocumentError
@@ -439,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", type=Path)
     p.add_argument("run_b", type=Path)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export-results", help="a run's HTTP cases as fortio JSON or SMP documents")
+    p.add_argument("run", type=Path, help="results directory")
+    p.add_argument("--format", choices=["fortio", "smp"], required=True)
+    p.add_argument("--out", type=Path, help="folder to write (default: RUN/export/FORMAT)")
+    p.set_defaults(func=cmd_export_results)
     add_kube_commands(sub)
 
     p = sub.add_parser("bench", help="none vs modes vs a native mTLS proxy, in one sitting")

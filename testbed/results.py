@@ -4,9 +4,10 @@ Columns (in this order, then one column per cluster fact and measurement label):
 
     experiment, run_id    the spec's name; the run directory's name
     mode                  the mode's label in the spec (the mode name unless relabelled)
+    path                  direct | capture | hbone | waypoint: how far into the mesh
     topology              as given to load_topology(), e.g. "two_nodes"
     placement             same-node | cross-node
-    workload              tcp_stream | tcp_rr | tcp_crr | http_fixed_qps
+    workload              tcp_stream | tcp_rr | tcp_crr | http_fixed_qps | http_crr
     msg_size, parallel, connections, qps, payload
                           the swept parameters (empty where a workload has no such axis)
     duration, warmup      seconds measured, seconds of warm-up before it
@@ -34,6 +35,7 @@ CASE_COLUMNS = (
     "experiment",
     "run_id",
     "mode",
+    "path",
     "topology",
     "placement",
     "workload",

@@ -7,12 +7,33 @@ minimum and maximum as the spread, robust with the 2-5 repetitions a run has.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 BASELINE_MODE = "none"
 PARAMETER_COLUMNS = ["msg_size", "parallel", "connections", "qps", "payload"]
 CASE_KEY = ["mode", "placement", "workload", *PARAMETER_COLUMNS]
 GROUP_KEY = [*CASE_KEY, "metric", "unit"]
+
+
+def with_paths(frame: pd.DataFrame) -> pd.DataFrame:
+    """Runs from before paths existed have none: mode none was direct, the rest hbone."""
+    if "path" in frame.columns and frame["path"].notna().all():
+        return frame
+    frame = frame.copy()
+    guessed = pd.Series(np.where(frame["mode"] == BASELINE_MODE, "direct", "hbone"), frame.index)
+    current = frame["path"] if "path" in frame.columns else pd.Series(pd.NA, index=frame.index)
+    frame["path"] = current.fillna(guessed).astype("string")
+    return frame
+
+
+def label_paths(frame: pd.DataFrame) -> pd.DataFrame:
+    """One series per mode and path for the sections that compare modes: a mode's hbone
+    path (none's direct) keeps the mode's name, its other paths become "<mode> <path>"."""
+    frame = with_paths(frame).copy()
+    default = (frame["path"] == "hbone") | (frame["mode"] == BASELINE_MODE)
+    frame["mode"] = frame["mode"].where(default, frame["mode"] + " " + frame["path"])
+    return frame
 
 
 def measured(frame: pd.DataFrame) -> pd.DataFrame:

@@ -12,10 +12,19 @@ from testbed.experiment.spec import ExperimentSpec, ModeSpec
 # tools on top of the seconds it measures (sockperf takes ~2.4 s more than asked), as
 # measured on a 2-vCPU VM: used only for the ETA and the budget check of a spec.
 CLUSTER_BUILD_SECONDS = 10.0
-RUN_OVERHEAD_SECONDS = {"tcp_stream": 0.6, "tcp_rr": 2.5, "tcp_crr": 1.5, "http_fixed_qps": 1.5}
+RUN_OVERHEAD_SECONDS = {
+    "tcp_stream": 0.6,
+    "tcp_rr": 2.5,
+    "tcp_crr": 1.5,
+    "http_fixed_qps": 1.5,
+    "http_crr": 1.5,
+}
+# Enrolling or unenrolling the servers, or attaching a waypoint: a config push that every
+# ztunnel loads (a sidecar start for mode sidecar).
+PATH_SWITCH_SECONDS = 1.5
 # Workloads that warm up inside their measured run (on the very connections they measure),
 # so the runner does not run them a separate time first.
-SELF_WARMING = frozenset({"http_fixed_qps"})
+SELF_WARMING = frozenset({"http_fixed_qps", "http_crr"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class Case:
     connections: int | None = None
     qps: int | None = None
     payload: int | None = None
+    path: str = "hbone"  # direct | capture | hbone | waypoint
 
     @property
     def case_id(self) -> str:
@@ -45,7 +55,8 @@ class Case:
             )
             if value is not None
         ]
-        return "-".join([self.mode, self.placement, self.workload, *swept, f"r{self.repetition}"])
+        parts = [self.mode, self.path, self.placement, self.workload, *swept]
+        return "-".join([*parts, f"r{self.repetition}"])
 
     def parameters(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +68,8 @@ class Case:
             if key in ("msg_size", "parallel", "connections", "qps") and value is not None
         }
         params = " ".join(f"{key}={value}" for key, value in swept.items())
-        return f"{self.mode} {self.placement} {self.workload} {params} rep {self.repetition}"
+        where = f"{self.mode} {self.path} {self.placement}"
+        return f"{where} {self.workload} {params} rep {self.repetition}"
 
 
 def _workload_variants(spec: ExperimentSpec, workload: str) -> list[dict[str, int]]:
@@ -67,17 +79,19 @@ def _workload_variants(spec: ExperimentSpec, workload: str) -> list[dict[str, in
         return [{"parallel": streams} for streams in sweeps.parallel]
     if workload in ("tcp_rr", "tcp_crr"):
         return [{"msg_size": size} for size in sweeps.msg_sizes]
-    return [
+    return [  # http_fixed_qps, http_crr
         {"connections": connections, "qps": rate, "payload": spec.http_payload}
         for connections, rate in itertools.product(sweeps.connections, sweeps.qps)
     ]
 
 
 def mode_cases(spec: ExperimentSpec, mode: ModeSpec) -> list[Case]:
-    """Every case of one mode; repetitions outermost so a slow drift spreads over all cases."""
+    """Every case of one mode; repetitions outermost so a slow drift spreads over all cases,
+    then paths, so that the cluster switches path once per path and repetition."""
     return [
         Case(
             mode=mode.label,
+            path=path,
             placement=placement,
             workload=workload,
             repetition=repetition,
@@ -86,6 +100,7 @@ def mode_cases(spec: ExperimentSpec, mode: ModeSpec) -> list[Case]:
             **variant,
         )
         for repetition in range(1, spec.repetitions + 1)
+        for path in spec.mode_paths(mode)
         for placement in spec.placements
         for workload in spec.workloads
         for variant in _workload_variants(spec, workload)
@@ -101,7 +116,19 @@ def case_seconds(case: Case) -> float:
     return case.duration + case.warmup + runs * RUN_OVERHEAD_SECONDS[case.workload]
 
 
+def path_switches(cases: list[Case]) -> int:
+    """How often the cluster changes path running `cases` in order (the first set-up too)."""
+    return sum(
+        1 for index, case in enumerate(cases) if index == 0 or cases[index - 1].path != case.path
+    )
+
+
+def mode_seconds(cases: list[Case]) -> float:
+    """One mode's cluster build, path switches and cases."""
+    switching = PATH_SWITCH_SECONDS * path_switches(cases)
+    return CLUSTER_BUILD_SECONDS + switching + sum(map(case_seconds, cases))
+
+
 def estimated_seconds(spec: ExperimentSpec) -> float:
-    """How long a run of the spec should take, cluster builds included."""
-    per_mode = sum(case_seconds(case) for case in mode_cases(spec, spec.modes[0]))
-    return len(spec.modes) * (CLUSTER_BUILD_SECONDS + per_mode)
+    """How long a run of the spec should take, cluster builds and path switches included."""
+    return sum(mode_seconds(mode_cases(spec, mode)) for mode in spec.modes)

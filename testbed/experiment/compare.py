@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from testbed.experiment.analysis import GROUP_KEY, per_repetition
+from testbed.experiment.analysis import GROUP_KEY, label_paths, per_repetition
 from testbed.experiment.report import variant_label
 from testbed.results import load
 
@@ -56,7 +56,7 @@ def ranges_separate(first: Sequence[float], second: Sequence[float]) -> bool:
 
 
 def _repetition_values(run: Path) -> pd.DataFrame:
-    frame = load(run)
+    frame = label_paths(load(run))
     metrics = sorted(set(frame.loc[frame["unit"] != "count", "metric"].dropna()))
     values = per_repetition(frame, metrics)
     grouped = values.groupby(GROUP_KEY, dropna=False, observed=True)["value"]

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -192,6 +193,82 @@ def _save(fig: plt.Figure, axes: object, title: str, path: Path) -> Path:
         fig.legend(handles, labels, loc="upper right", title="mode")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+LAYER_COLORS = {"direct": "#9e9e9e", "+capture": "#1f77b4", "+HBONE": "#ff7f0e",
+                "+waypoint": "#2ca02c"}  # fmt: skip
+
+
+def waterfall_figure(table: pd.DataFrame, *, unit: str, title: str, path: Path) -> Path:
+    """Per placement a panel, per mode a stacked bar: direct, then each layer's step on top
+    of the previous total (a negative step, noise or a cheaper path, hangs down from it)."""
+    placements = list(dict.fromkeys(table["placement"]))
+    fig, axes = plt.subplots(
+        1,
+        len(placements),
+        figsize=(max(6.0, 1.4 * table["mode"].nunique() + 3) * len(placements), 4.5),
+        squeeze=False,
+    )
+    for column, placement in enumerate(placements):
+        ax = axes[0][column]
+        rows = table[table["placement"] == placement].reset_index(drop=True)
+        for x, (_, row) in enumerate(rows.iterrows()):
+            bottom = 0.0
+            for layer, color in LAYER_COLORS.items():
+                step = float(row.get(layer, float("nan")))
+                if step != step:  # NaN: that path was not run
+                    continue
+                ax.bar(x, step, 0.6, bottom=bottom, color=color, label=layer if x == 0 else None)
+                bottom += step
+        ax.set_xticks(range(len(rows)), list(rows["mode"]))
+        ax.set_ylabel(unit)
+        ax.set_title(placement)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = _unique_legend(fig)
+    fig.legend(handles, labels, loc="upper right", title="layer")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.8, 0.92))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _unique_legend(fig: plt.Figure) -> tuple[list[Artist], list[str]]:
+    seen: dict[str, Artist] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
+def interval_figure(costs: pd.DataFrame, *, unit: str, title: str, path: Path) -> Path:
+    """Per placement a panel, per mode a bar of `cost` with its (low, high) interval."""
+    placements = list(dict.fromkeys(costs["placement"]))
+    modes = list(dict.fromkeys(costs["mode"]))
+    colors = mode_colors(modes)
+    fig, axes = plt.subplots(1, len(placements), figsize=(5 * len(placements), 4), squeeze=False)
+    for column, placement in enumerate(placements):
+        ax = axes[0][column]
+        rows = costs[costs["placement"] == placement]
+        middle = rows["cost"].to_numpy(dtype=float)
+        errors = np.clip(
+            np.vstack([middle - rows["low"].to_numpy(dtype=float),
+                       rows["high"].to_numpy(dtype=float) - middle]), 0, None
+        )  # fmt: skip
+        ax.bar(range(len(rows)), middle, 0.6, yerr=errors, capsize=4,
+               color=[colors[m] for m in rows["mode"]])  # fmt: skip
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), list(rows["mode"]))
+        ax.set_ylabel(unit)
+        ax.set_title(placement)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -8,16 +8,26 @@ from typing import Any
 
 import pandas as pd
 
+from testbed.experiment import breakdown
 from testbed.experiment.analysis import (
     BASELINE_MODE,
     PARAMETER_COLUMNS,
     add_ratio_to_baseline,
+    label_paths,
     mode_order,
     per_repetition,
     proxy_cpu_per_1000_rps,
     summarize,
 )
-from testbed.experiment.plots import Panel, Scale, bar_figure, line_figure
+from testbed.experiment.plots import (
+    Panel,
+    Scale,
+    bar_figure,
+    interval_figure,
+    line_figure,
+    waterfall_figure,
+)
+from testbed.experiment.published import published_section
 from testbed.experiment.store import RunStore
 from testbed.results import load
 
@@ -247,6 +257,105 @@ def _failures(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Figures with a waterfall each, and the two the per-mode sentences speak of.
+WATERFALLS = ("rr_p50", "cpu_per_gb", "cpu_per_1000_conn")
+SENTENCES = ("rr_p50", "cpu_per_gb")
+TABLE_ONLY = ("proxy_user_per_gb", "proxy_system_per_gb")
+CAPTURE_ALONE = ("rr_p50", "cpu_per_gb")
+STEP_COLUMNS = tuple(breakdown.STEP_NAMES.values())
+
+
+def breakdown_markdown(table: pd.DataFrame, figure: breakdown.Figure) -> str:
+    header = f"| mode | placement | {' | '.join(STEP_COLUMNS)} | total | largest step |\n"
+    lines = [header + "|---" * (len(STEP_COLUMNS) + 4) + "|"]
+    for _, row in table.iterrows():
+        cells = [_number(row[column]) for column in STEP_COLUMNS]
+        lines.append(
+            f"| {row['mode']} | {row['placement']} | {' | '.join(cells)} "
+            f"| {_number(row['total'])} | {row['dominant']} |"
+        )
+    return f"{figure.title}, {figure.unit}:\n\n" + "\n".join(lines) + "\n"
+
+
+def _where_the_time_goes(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
+    tables = {f.name: breakdown.breakdown_table(frame, f) for f in breakdown.FIGURES}
+    if all(table.empty for table in tables.values()):
+        return ""
+    text = (
+        "## Where the time goes\n\n"
+        "Each meshed mode's paths ran on one cluster: `capture` (the server out of the mesh, "
+        "the client's proxy passes TCP through without TLS), `hbone` (both ends enrolled), "
+        "`waypoint` (a waypoint on the destination service); `direct` is mode none. A step is "
+        "a path's median minus the previous path's (noise can make one negative). CPU is the "
+        "whole machine's busy time (user, system, softirq), so kernel work a redirection adds "
+        "counts; it includes the load tools and anything else running on the machine.\n\n"
+    )
+    for name in WATERFALLS:
+        figure, table = breakdown.FIGURE_BY_NAME[name], tables[name]
+        if table.empty:
+            continue
+        path = waterfall_figure(
+            table,
+            unit=figure.unit,
+            title=f"Where the time goes: {figure.title}",
+            path=run_dir / FIGURES_DIR / f"breakdown_{name}.png",
+        )
+        text += _image(run_dir, path, f"breakdown of {figure.title}") + "\n"
+        text += breakdown_markdown(table, figure) + "\n"
+    for name in TABLE_ONLY:
+        if not tables[name].empty:
+            text += breakdown_markdown(tables[name], breakdown.FIGURE_BY_NAME[name]) + "\n"
+    meshed = [mode for mode in modes if mode != BASELINE_MODE]
+    for mode in meshed:
+        said = [
+            breakdown.dominant_sentence(mode, tables[name], breakdown.FIGURE_BY_NAME[name])
+            for name in SENTENCES
+            if not tables[name].empty
+        ]
+        text += f"- {' '.join(said)}\n" if said else ""
+    return text + "\n" + _capture_alone(frame, run_dir)
+
+
+def _capture_alone(frame: pd.DataFrame, run_dir: Path) -> str:
+    text = ""
+    for name in CAPTURE_ALONE:
+        figure = breakdown.FIGURE_BY_NAME[name]
+        costs = breakdown.capture_costs(frame, figure)
+        if costs.empty:
+            continue
+        path = interval_figure(
+            costs,
+            unit=figure.unit,
+            title=f"Capture alone (capture - direct): {figure.title}, 95 % bootstrap interval",
+            path=run_dir / FIGURES_DIR / f"capture_alone_{name}.png",
+        )
+        text += _image(run_dir, path, f"modes compared on capture alone, {figure.title}")
+        for placement, part in costs.groupby("placement", sort=False):
+            ranked = part.sort_values("cost")
+            best = ranked.iloc[0]
+            overlapping = [
+                r["mode"] for _, r in ranked.iloc[1:].iterrows() if r["low"] <= best["high"]
+            ]
+            caveat = (
+                f"; its interval overlaps {', '.join(overlapping)}'s, so no clear winner"
+                if overlapping
+                else ""
+            )
+            text += (
+                f"\nCheapest redirection on this kernel by {figure.title}, {placement}: "
+                f"**{best['mode']}** ({best['cost']:+.3g} {figure.unit}, 95 % interval "
+                f"{best['low']:.3g} .. {best['high']:.3g}, {best['n']} repetitions{caveat}).\n"
+            )
+        text += "\n"
+    if not text:
+        return ""
+    note = (
+        "Intervals: percentile bootstrap over repetitions (each side resampled), so with 2-3 "
+        "repetitions they are rough; overlapping intervals mean no measured difference.\n\n"
+    )
+    return "### Modes compared on capture alone\n\n" + note + text
+
+
 SECTIONS = (_throughput, _latency, _http, _resources)
 
 
@@ -254,9 +363,12 @@ def write_report(run_dir: Path) -> Path:
     """Write run_dir/report.md and run_dir/figures/*.png; returns the report's path."""
     run_dir = Path(run_dir)
     frame = load(run_dir)
-    modes = mode_order(frame)
+    series = label_paths(frame)  # the per-mode sections: one series per mode and path
+    modes = mode_order(series)
     parts = [_header(RunStore(run_dir).read_metadata(), frame)]
-    parts += [section(frame, modes, run_dir) for section in SECTIONS]
+    parts.append(_where_the_time_goes(frame, mode_order(frame), run_dir))
+    parts.append(published_section(frame))
+    parts += [section(series, modes, run_dir) for section in SECTIONS]
     parts.append(_failures(frame))
     path = run_dir / REPORT_NAME
     path.write_text("\n".join(part for part in parts if part))

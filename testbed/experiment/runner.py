@@ -18,11 +18,14 @@ from typing import Any, Protocol
 
 from testbed.experiment.cases import (
     CLUSTER_BUILD_SECONDS,
+    PATH_SWITCH_SECONDS,
     Case,
     case_seconds,
     mode_cases,
+    mode_seconds,
     separate_warmup,
 )
+from testbed.experiment.paths import ClusterPaths
 from testbed.experiment.pinning import apply_pinning
 from testbed.experiment.progress import RunProgress
 from testbed.experiment.rows import case_row, failed_row, measurement_rows
@@ -43,12 +46,26 @@ class SamplerLike(Protocol):
     def measurements(self) -> Sequence[MeasurementLike]: ...
 
 
+class PathControl(Protocol):
+    """How the runner puts a cluster on a data path (testbed.experiment.paths)."""
+
+    def topology(self, topology: str, paths: Sequence[str]) -> Any:
+        """What the cluster is built from for a mode running `paths`."""
+
+    def facts(self, cluster: Any) -> dict[str, str]:
+        """After the build: what the rows say about the paths' set-up."""
+
+    def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None: ...
+
+    def destination(self, cluster: Any, path: str, server: Any) -> Any: ...
+
+
 ClusterFactory = Callable[..., AbstractContextManager[ClusterLike]]
 SamplerFactory = Callable[[dict[str, int], float], AbstractContextManager[SamplerLike]]
 
 
 def real_cluster_factory(
-    topology: str, *, mode: str, mode_options: Mapping[str, Any]
+    topology: Any, *, mode: str, mode_options: Mapping[str, Any]
 ) -> AbstractContextManager[ClusterLike]:
     from testbed.cluster.cluster import Cluster
     from testbed.redirect import create_mode
@@ -59,7 +76,7 @@ def real_cluster_factory(
 def real_sampler_factory(pids: dict[str, int], interval: float) -> AbstractContextManager[Any]:
     from testbed.measure.resources import ResourceSampler
 
-    return ResourceSampler(pids, interval)
+    return ResourceSampler(pids, interval, machine=True)
 
 
 def utc_now() -> str:
@@ -76,6 +93,16 @@ class RunOutcome:
     cluster_errors: dict[str, str] = field(default_factory=dict)  # failed build or teardown
 
 
+@dataclass
+class Sitting:
+    """One mode's cluster while its cases run: which path it is on and its client/server
+    pairs by placement."""
+
+    cluster: Any
+    path: str | None = None
+    pairs: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
 class Runner:
     def __init__(
         self,
@@ -85,6 +112,7 @@ class Runner:
         cluster_factory: ClusterFactory = real_cluster_factory,
         sampler_factory: SamplerFactory = real_sampler_factory,
         workloads: Mapping[str, WorkloadFunction] = WORKLOADS,
+        paths: PathControl | None = None,
         show_progress: bool = True,
     ) -> None:
         self.spec = spec
@@ -92,6 +120,7 @@ class Runner:
         self.cluster_factory = cluster_factory
         self.sampler_factory = sampler_factory
         self.workloads = workloads
+        self.paths: PathControl = paths or ClusterPaths()
         self.show_progress = show_progress
         self.outcome = RunOutcome()
         self.context = {
@@ -104,7 +133,7 @@ class Runner:
     def run(self) -> RunOutcome:
         """Run every mode's cases; returns (rather than raises) on Ctrl-C, marked interrupted."""
         plan = {mode.label: mode_cases(self.spec, mode) for mode in self.spec.modes}
-        total = sum(CLUSTER_BUILD_SECONDS + sum(map(case_seconds, c)) for c in plan.values())
+        total = sum(mode_seconds(c) for c in plan.values())
         cases = sum(len(c) for c in plan.values())
         with RunProgress(total, cases, enabled=self.show_progress) as progress:
             try:
@@ -118,43 +147,61 @@ class Runner:
         progress.describe(f"{mode.label}: building the cluster")
         done = 0
         facts: dict[str, str] = {}
+        paths = self.spec.mode_paths(mode)
+        topology = self.paths.topology(self.context["topology"], paths)
         try:
             with self.cluster_factory(
-                self.context["topology"], mode=mode.mode, mode_options=mode.options
+                topology, mode=mode.mode, mode_options=mode.options
             ) as cluster:
                 facts = dict(cluster.facts())
-                self.outcome.mode_facts[mode.label] = facts
                 # the cluster's own run name: what `testbed clean` and leak checks look for
                 self.outcome.cluster_runs[mode.label] = str(getattr(cluster, "run", ""))
+                facts.update(self.paths.facts(cluster))
+                self.outcome.mode_facts[mode.label] = facts
                 progress.advance(CLUSTER_BUILD_SECONDS, cases=0)
-                pairs: dict[str, tuple[Any, Any]] = {}
+                sitting = Sitting(cluster)
                 for case in cases:
                     progress.describe(case.describe())
-                    self._run_case(cluster, pairs, case, facts)
+                    if case.path != sitting.path:
+                        progress.advance(PATH_SWITCH_SECONDS, cases=0)
+                    status = self._run_case(sitting, case, facts)
                     done += 1
-                    progress.advance(case_seconds(case), cases=1)
+                    progress.advance(case_seconds(case), cases=1, status=status)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # the cluster failed to build or to tear down
             error = f"cluster ({mode.label}): {type(exc).__name__}: {exc}"
             self.outcome.cluster_errors[mode.label] = error
             self._record_failed(cases[done:], facts, error)
-            progress.advance(sum(map(case_seconds, cases[done:])), cases=len(cases) - done)
+            left = cases[done:]
+            progress.advance(sum(map(case_seconds, left)), cases=len(left), status=error)
 
-    def _run_case(
-        self,
-        cluster: ClusterLike,
-        pairs: dict[str, tuple[Any, Any]],
-        case: Case,
-        facts: dict[str, str],
-    ) -> None:
+    def _pairs(self, sitting: Sitting) -> dict[str, tuple[Any, Any]]:
+        """Client and server pods of every placement of the spec."""
+        if not sitting.pairs:
+            for placement in self.spec.placements:
+                client, server = sitting.cluster.pair(placement)
+                sitting.pairs[placement] = (client, server)
+        return sitting.pairs
+
+    def _switch_path(self, sitting: Sitting, path: str) -> None:
+        if sitting.path == path:
+            return
+        sitting.path = None  # a switch that fails is tried again by the next case
+        servers = list({id(s): s for _, s in self._pairs(sitting).values()}.values())
+        self.paths.switch(sitting.cluster, path, servers)
+        sitting.path = path
+
+    def _run_case(self, sitting: Sitting, case: Case, facts: dict[str, str]) -> str:
+        """Run and record one case; returns its status (ok, failed)."""
         base = case_row(case, self.context, facts, utc_now())
         raw_dir = self.store.case_dir(case.case_id)
         try:
-            if case.placement not in pairs:
-                client, server = cluster.pair(case.placement)
-                pairs[case.placement] = apply_pinning(self.spec.pinning, client, server)
-            measured = self._measure(cluster, *pairs[case.placement], case, raw_dir)
+            self._switch_path(sitting, case.path)
+            client, server = self._pairs(sitting)[case.placement]
+            server = self.paths.destination(sitting.cluster, case.path, server)
+            client, server = apply_pinning(self.spec.pinning, client, server)
+            measured = self._measure(sitting, client, server, case, raw_dir)
         except KeyboardInterrupt:
             self.store.append_rows([failed_row(base, "interrupted", "interrupted by the user")])
             raise
@@ -162,19 +209,19 @@ class Runner:
             (raw_dir / "error.txt").write_text(traceback.format_exc())
             self.store.append_rows([failed_row(base, "failed", f"{type(exc).__name__}: {exc}")])
             self.outcome.cases_failed += 1
-            return
+            return "failed"
         self.store.append_rows(measurement_rows(base, measured))
         self.outcome.cases_ok += 1
+        return "ok"
 
     def _measure(
-        self, cluster: ClusterLike, client: Any, server: Any, case: Case, raw_dir: Path
+        self, sitting: Sitting, client: Any, server: Any, case: Case, raw_dir: Path
     ) -> list[MeasurementLike]:
+        """The workload's rows plus CPU and memory of the proxies and of the machine."""
         workload = self.workloads[case.workload]
         if separate_warmup(case):
             workload(client, server, replace(case, duration=case.warmup), None)
-        pids = cluster.proxy_pids()
-        if not pids:
-            return list(workload(client, server, case, raw_dir))
+        pids = sitting.cluster.proxy_pids()
         with self.sampler_factory(pids, self.spec.sample_interval) as sampler:
             measured = list(workload(client, server, case, raw_dir))
         return [*measured, *sampler.measurements()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,7 +29,19 @@ from testbed.cluster.mode import ModeError
 from testbed.netlab.errors import TestbedError
 from testbed.redirect import registry
 
-Workload = Literal["tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"]
+Workload = Literal["tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps", "http_crr"]
+# How far into the mesh a case's traffic goes (DESIGN.md section 7): `direct` is mode none;
+# `capture` redirects the client's traffic to its proxy with the server out of the mesh
+# (plain TCP passthrough); `hbone` has both ends enrolled; `waypoint` adds a waypoint.
+DataPath = Literal["direct", "capture", "hbone", "waypoint"]
+DATA_PATHS: tuple[str, ...] = ("direct", "capture", "hbone", "waypoint")
+# Without `paths:`, a spec measures what it did before paths existed: none, and the rest
+# with both ends in the mesh.
+DEFAULT_PATHS: tuple[DataPath, ...] = ("direct", "hbone")
+# Modes that can send through a waypoint (L7): those that start the topology's waypoints.
+L7_MODES = tuple(name for name, mode in registry.MODES.items() if mode.runs_waypoints)
+# Request/response sizes the workloads take (64 B .. 64 KiB in the shipped specs).
+MAX_MSG_SIZE = 65536
 Placement = Literal["same-node", "cross-node"]
 Pinning = Literal["none", "split"]
 
@@ -56,6 +68,8 @@ class ModeSpec(_Strict):
     mode: str
     label: str = ""
     options: dict[str, Any] = Field(default_factory=dict)
+    # This mode's paths instead of the spec's `paths` (e.g. sidecar without `waypoint`).
+    paths: list[DataPath] | None = None
 
     @field_validator("mode")
     @classmethod
@@ -83,7 +97,9 @@ class ModeSpec(_Strict):
 class Sweeps(_Strict):
     """Parameter axes; each workload sweeps the ones that apply to it (see case_parameters)."""
 
-    msg_sizes: list[PositiveInt] = Field(default_factory=lambda: [64], min_length=1)
+    msg_sizes: list[Annotated[int, Field(ge=1, le=MAX_MSG_SIZE)]] = Field(
+        default_factory=lambda: [64], min_length=1
+    )
     parallel: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     connections: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     qps: list[PositiveInt] = Field(default_factory=lambda: [1000], min_length=1)
@@ -94,8 +110,10 @@ class ExperimentSpec(_Strict):
 
     topology: a name ("two_nodes") or {name, params}; modes: names, {mode, label, options}
     items, or "all"; sweeps apply per workload: tcp_stream -> parallel, tcp_rr and tcp_crr
-    -> msg_sizes, http_fixed_qps -> connections x qps. warmup and duration are whole
-    seconds per case; every case runs `repetitions` times on a fresh cluster per mode.
+    -> msg_sizes, http_fixed_qps and http_crr -> connections x qps. paths: direct (mode
+    none), capture, hbone, waypoint (L7 modes only); a mode runs the paths that apply to it,
+    all on one cluster. warmup and duration are whole seconds per case; every case runs
+    `repetitions` times, each mode on a fresh cluster.
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -105,6 +123,7 @@ class ExperimentSpec(_Strict):
     workloads: list[Workload] = Field(min_length=1)
     sweeps: Sweeps = Field(default_factory=Sweeps)
     placements: list[Placement] = Field(min_length=1)
+    paths: list[DataPath] = Field(default_factory=lambda: list(DEFAULT_PATHS), min_length=1)
     pinning: Pinning = "none"
     repetitions: PositiveInt = 3
     # Whole seconds: iperf3 and sockperf take nothing finer.
@@ -136,6 +155,31 @@ class ExperimentSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _paths_apply(self) -> ExperimentSpec:
+        for index, mode in enumerate(self.modes):
+            paths = mode.paths if mode.paths is not None else self.paths
+            field = f"modes[{index}].paths" if mode.paths is not None else "paths"
+            if "waypoint" in paths and mode.mode not in (*L7_MODES, "none"):
+                raise ValueError(
+                    f"{field}: path 'waypoint' needs a mode with L7 ({', '.join(L7_MODES)}); "
+                    f"mode {mode.mode!r} has none (give it its own paths: [capture, hbone])"
+                )
+            if mode.mode != "none" and not set(paths) - {"direct"}:
+                raise ValueError(
+                    f"{field}: mode {mode.mode!r} runs capture, hbone or waypoint, not only "
+                    "direct (direct is mode none)"
+                )
+        return self
+
+    def mode_paths(self, mode: ModeSpec) -> list[str]:
+        """The paths a mode runs: `direct` for none (always: it is the baseline), the
+        others for a meshed mode, in DATA_PATHS order."""
+        if mode.mode == "none":
+            return ["direct"]
+        wanted = set(mode.paths if mode.paths is not None else self.paths)
+        return [path for path in DATA_PATHS if path in wanted and path != "direct"]
+
 
 def _format_location(location: Sequence[int | str]) -> str:
     text = ""
@@ -145,13 +189,19 @@ def _format_location(location: Sequence[int | str]) -> str:
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: invalid experiment spec"]
+    """One line for one problem, a header and a line per problem for several."""
+    problems = []
     for item in error.errors():
         field = _format_location(item["loc"])
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error" and not item["loc"]:
+            problems.append(message)  # a whole-spec check names its field itself
+            continue
         got = "" if item["type"] == "missing" else f" (got {item['input']!r})"
-        lines.append(f"  {field}: {message}{got}")
-    return "\n".join(lines)
+        problems.append(f"{field}: {message}{got}")
+    if len(problems) == 1:
+        return f"{path}: invalid experiment spec: {problems[0]}"
+    return "\n".join([f"{path}: invalid experiment spec", *(f"  {p}" for p in problems)])
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -178,7 +228,7 @@ def load_spec(
     if data.get("modes") == "all":
         if available_modes is None:
             raise SpecError(f"{path}: modes: 'all' needs the list of available modes")
-        data["modes"] = list(available_modes())
+        data["modes"] = _all_modes(data, list(available_modes()))
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
@@ -186,6 +236,19 @@ def load_spec(
     if available_modes is not None:
         _check_available(path, spec, list(available_modes()))
     return spec
+
+
+def _all_modes(data: dict[str, Any], available: list[str]) -> list[str | dict[str, Any]]:
+    """`modes: all`: every available mode; those without L7 leave out a `waypoint` path
+    (naming such a mode yourself with a waypoint path is an error instead)."""
+    paths = data.get("paths")
+    if not isinstance(paths, list) or "waypoint" not in paths:
+        return list(available)
+    without = [path for path in paths if path != "waypoint"]
+    return [
+        mode if mode in (*L7_MODES, "none") else {"mode": mode, "paths": without}
+        for mode in available
+    ]
 
 
 def _check_available(path: Path, spec: ExperimentSpec, available: list[str]) -> None:

@@ -79,6 +79,24 @@ def http_fixed_qps(client: Any, server: Any, case: Case, raw_dir: Path | None) -
     )
 
 
+def http_crr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
+    """HTTP/1.1 at a fixed rate with a new connection per request (fortio -keepalive=false)."""
+    from testbed.measure.http import run_http_fixed_qps
+
+    return run_http_fixed_qps(
+        client,
+        server,
+        server.ip,
+        qps=_swept(case.qps, "qps"),
+        connections=_swept(case.connections, "connections"),
+        duration=case.duration,
+        payload=case.payload or 1024,
+        warmup=case.warmup,
+        new_connection=True,
+        raw_dir=raw_dir,
+    )
+
+
 def _swept(value: int | None, name: str) -> int:
     if value is None:
         raise ValueError(f"case has no {name}")
@@ -90,4 +108,5 @@ WORKLOADS: dict[str, WorkloadFunction] = {
     "tcp_rr": tcp_rr,
     "tcp_crr": tcp_crr,
     "http_fixed_qps": http_fixed_qps,
+    "http_crr": http_crr,
 }

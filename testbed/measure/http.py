@@ -29,7 +29,8 @@ LATENCY_METRICS = {
 def parse_http_load_json(text: str) -> list[Measurement]:
     """Rows from http_load's JSON report (labels tool=http_load, protocol=http/1.1|h2):
     http_p50/_p90/_p99/_p999/_mean/_max (ms; absent when no response came back),
-    achieved_qps (req/s), errors and requests (count)."""
+    achieved_qps (req/s), errors and requests (count); with a new connection per request
+    also connect_p50/_p90/_p99/_p999/_mean/_max (ms)."""
     report = last_json_line(text, "http_load")
     try:
         labels = {"tool": "http_load", "protocol": str(report["protocol"])}
@@ -38,6 +39,14 @@ def parse_http_load_json(text: str) -> list[Measurement]:
             Measurement(metric, float(latency[key]) / 1000.0, "ms", labels)
             for key, metric in LATENCY_METRICS.items()
             if latency["count"]
+        ]
+        connect = report.get("connect_latency_us") or {"count": 0}
+        rows += [
+            Measurement(
+                metric.replace("http_", "connect_"), float(connect[key]) / 1000, "ms", labels
+            )
+            for key, metric in LATENCY_METRICS.items()
+            if connect["count"]
         ]
         rows += [
             Measurement("achieved_qps", float(report["achieved_qps"]), "req/s", labels),
@@ -58,10 +67,13 @@ def http_load_argv(
     payload: int,
     http2: bool,
     warmup: float,
+    new_connection: bool = False,
 ) -> list[str]:
     """The http_load command line, run with the testbed's own interpreter."""
     argv = [*LOAD, "--url", url, "--qps", str(qps), "--connections", str(connections)]
     argv += ["--duration", f"{duration:g}", "--payload", str(payload), "--warmup", f"{warmup:g}"]
+    if new_connection:
+        argv.append("--new-connection")
     return [*argv, "--http2"] if http2 else argv
 
 
@@ -77,10 +89,12 @@ def run_http_fixed_qps(
     port: int = 8080,
     http2: bool = False,
     warmup: float = 1.0,
+    new_connection: bool = False,
     raw_dir: Path | None = None,
 ) -> list[Measurement]:
-    """`qps` requests/s of `payload`-byte POSTs over `connections` keep-alive connections for
-    `warmup` + `duration` seconds; only the last `duration` seconds are recorded."""
+    """`qps` requests/s of `payload`-byte POSTs over `connections` keep-alive connections (or,
+    with `new_connection`, as many concurrent one-request connections) for `warmup` +
+    `duration` seconds; only the last `duration` seconds are recorded."""
     server_argv = [*ECHO, "--port", str(port)]
     name = getattr(server, "name", None)  # a Pod has one: it shows up in x-served-by
     if isinstance(name, str):
@@ -94,6 +108,7 @@ def run_http_fixed_qps(
         payload=payload,
         http2=http2,
         warmup=warmup,
+        new_connection=new_connection,
     )
     with serving(server, server_argv, label="http-echo", port=port):
         result = run_client(client, argv, timeout=warmup + duration + CLIENT_GRACE)

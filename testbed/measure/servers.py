@@ -21,6 +21,13 @@ def is_listening(host: Host, port: int, *, tcp: bool = True) -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
+def _port_holders(host: Host, port: int, *, tcp: bool) -> str:
+    """Every socket on `port` in the host (any state, with its process): why a bind failed."""
+    flags = "-tanp" if tcp else "-uanp"
+    result = host.run(["ss", "-H", flags, "sport", "=", f":{port}"], timeout=5.0, check=False)
+    return " | ".join(line.strip() for line in result.stdout.splitlines() if line.strip())
+
+
 def wait_listening(
     host: Host, server: Process, port: int, *, tcp: bool = True, timeout: float = LISTEN_TIMEOUT
 ) -> None:
@@ -29,7 +36,11 @@ def wait_listening(
     while True:
         code = server.poll()
         if code is not None:
-            raise MeasureError(f"server exited with {code} before listening: {server.output()}")
+            holders = _port_holders(host, port, tcp=tcp)
+            raise MeasureError(
+                f"server exited with {code} before listening: {server.output()}"
+                + (f"; sockets on port {port}: {holders}" if holders else "")
+            )
         if is_listening(host, port, tcp=tcp):
             return
         if time.monotonic() > deadline:

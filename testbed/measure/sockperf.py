@@ -19,6 +19,8 @@ from testbed.measure.servers import run_client, serving
 
 CLIENT_GRACE = 30.0
 LABELS = {"tool": "sockperf"}
+# The largest message a sockperf 3.7 server takes unless told (its -m): UDP's maximum.
+SERVER_DEFAULT_MAX_MESSAGE = 65507
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR = re.compile(r"sockperf: ERROR: (.*)")
@@ -73,7 +75,12 @@ def run_pingpong(
     and a 0.4 s warm-up before it). The client's report goes to
     `raw_dir`/sockperf-client.txt when given."""
     protocol = ["--tcp"] if tcp else []
+    # SO_REUSEADDR: a proxy in front of the server may leave the previous case's connection
+    # in TIME-WAIT on the server's port, which would fail the next server's bind for 60 s.
     server_argv = ["sockperf", "server", *protocol, "-i", "0.0.0.0", "-p", str(port)]
+    server_argv.append("--uc-reuseaddr")
+    if msg_size > SERVER_DEFAULT_MAX_MESSAGE:  # it drops larger ones and resets the client
+        server_argv += ["-m", str(msg_size)]
     argv = ["sockperf", "ping-pong", *protocol, "-i", server_ip, "-p", str(port)]
     argv += ["-t", str(duration), "-m", str(msg_size), "--full-rtt"]
     with serving(server, server_argv, label=f"sockperf-server-{port}", port=port, tcp=tcp):

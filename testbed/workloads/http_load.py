@@ -9,8 +9,13 @@ should have been sent during it. When a connection was free and only the client'
 woke up late, latency is counted from the actual send (the slop is the client's, not the
 server's). A request is never sent before its due time.
 
+With --new-connection (HTTP/1.1 only, fortio's -keepalive=false), every request opens its
+own connection, says `connection: close`, and the connection closes after the response;
+a request's latency then includes its TCP connect, which is also reported on its own.
+
 Run: python -m testbed.workloads.http_load --url http://IP:PORT/path --qps 1000
-         --connections 4 --duration 10 --payload 1024 [--http2] [--warmup 1]
+         --connections 4 --duration 10 --payload 1024 [--http2 | --new-connection]
+         [--warmup 1]
 """
 
 from __future__ import annotations
@@ -79,9 +84,13 @@ class ResponseError(TestbedError):
     """The server's bytes are not a well-formed HTTP/1.1 response."""
 
 
-def build_request(method: str, path: str, authority: str, payload: bytes) -> bytes:
+def build_request(
+    method: str, path: str, authority: str, payload: bytes, *, close: bool = False
+) -> bytes:
     """The request bytes, built once and written as is for every request."""
     head = f"{method} {path} HTTP/1.1\r\nhost: {authority}\r\nuser-agent: testbed-http-load\r\n"
+    if close:
+        head += "connection: close\r\n"
     if payload:
         head += f"content-length: {len(payload)}\r\ncontent-type: application/octet-stream\r\n"
     return (head + "\r\n").encode("latin-1") + payload
@@ -387,14 +396,15 @@ class Target:
     path: str
     payload: bytes
     http2: bool
+    close: bool = False  # one request per connection
 
     @classmethod
-    def from_url(cls, url: str, payload_size: int, http2: bool) -> Target:
+    def from_url(cls, url: str, payload_size: int, http2: bool, close: bool = False) -> Target:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"need an http://host[:port]/path URL, got {url!r}")
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(parts.hostname, parts.port or 80, path, b"x" * payload_size, http2)
+        return cls(parts.hostname, parts.port or 80, path, b"x" * payload_size, http2, close)
 
     @property
     def authority(self) -> str:
@@ -405,7 +415,8 @@ class Target:
         method = "POST" if self.payload else "GET"
         if self.http2:
             return Http2Connection(method, self.path, self.authority, self.payload)
-        return Http1Connection(build_request(method, self.path, self.authority, self.payload))
+        request = build_request(method, self.path, self.authority, self.payload, close=self.close)
+        return Http1Connection(request)
 
 
 class Channel:
@@ -416,6 +427,14 @@ class Channel:
         self.connect_timeout = connect_timeout
         self.connection: Http1Connection | Http2Connection | None = None
         self.lock = asyncio.Lock()
+
+    async def fresh(self) -> tuple[Connection, float]:
+        """A new connection (the previous one closed) and how long connecting took (s)."""
+        self.close()
+        async with self.lock:
+            start = time.perf_counter()
+            self.connection = await self._connect()
+            return self.connection, time.perf_counter() - start
 
     async def get(self) -> Connection:
         if self.connection is not None and not self.connection.broken:
@@ -480,6 +499,7 @@ class Recorder:
     """Latencies (us, raw) and errors of the recorded requests."""
 
     latencies_us: array[int] = field(default_factory=lambda: array("q"))
+    connect_us: array[int] = field(default_factory=lambda: array("q"))
     errors: Counter[str] = field(default_factory=Counter)
     last_completion: float = 0.0
 
@@ -499,7 +519,9 @@ async def _wait_until(due: float) -> None:
         await asyncio.sleep(math.ceil((due - now) * 1000.0) / 1000.0)
 
 
-async def _worker(channel: Channel, schedule: Schedule, recorder: Recorder, timeout: float) -> None:
+async def _worker(
+    channel: Channel, schedule: Schedule, recorder: Recorder, timeout: float, fresh: bool
+) -> None:
     while (claimed := schedule.claim()) is not None:
         due, counted = claimed
         if time.perf_counter() < due:
@@ -508,7 +530,12 @@ async def _worker(channel: Channel, schedule: Schedule, recorder: Recorder, time
         else:
             start = due  # behind schedule: the wait is charged (coordinated omission)
         try:
-            connection = await channel.get()
+            if fresh:
+                connection, connect_s = await channel.fresh()
+                if counted:
+                    recorder.connect_us.append(int(connect_s * 1e6))
+            else:
+                connection = await channel.get()
         except OSError:
             if counted:
                 recorder.error("connect")
@@ -517,6 +544,8 @@ async def _worker(channel: Channel, schedule: Schedule, recorder: Recorder, time
         kind = await _exchange(connection, recorder if counted else None, start, timeout)
         if kind is not None and counted:
             recorder.error(kind)
+        if fresh:
+            channel.close()
 
 
 async def _exchange(
@@ -555,20 +584,22 @@ class LoadConfig:
     timeout: float
     h2_streams: int
     raw: bool
+    new_connection: bool = False
 
 
 async def run_load(config: LoadConfig) -> dict[str, Any]:
     """Run the load and return the report (the JSON object the CLI prints)."""
-    target = Target.from_url(config.url, config.payload, config.http2)
+    target = Target.from_url(config.url, config.payload, config.http2, config.new_connection)
     channels = [Channel(target, config.timeout) for _ in range(config.connections)]
-    await _connect_all(channels)
+    if not config.new_connection:
+        await _connect_all(channels)
     schedule = Schedule(config.qps, config.warmup, config.duration)
     recorder = Recorder()
     per_connection = config.h2_streams if config.http2 else 1
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     schedule.t0 = time.perf_counter() + 0.01
     workers = [
-        _worker(channel, schedule, recorder, config.timeout)
+        _worker(channel, schedule, recorder, config.timeout, config.new_connection)
         for channel in channels
         for _ in range(per_connection)
     ]
@@ -598,6 +629,7 @@ def _report(
     report: dict[str, Any] = {
         "url": config.url,
         "protocol": "h2" if config.http2 else "http/1.1",
+        "new_connection": config.new_connection,
         "target_qps": config.qps,
         "connections": config.connections,
         "duration_s": config.duration,
@@ -610,6 +642,7 @@ def _report(
         "errors": dict(recorder.errors),
         "error_count": error_count,
         "latency_us": summarize(latencies),
+        "connect_latency_us": summarize(recorder.connect_us),
         "histogram_us": histogram(latencies),
         "client_cpu_s": cpu_s,
         "scheduled_total": schedule.next_index,
@@ -631,7 +664,14 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
     parser.add_argument("--h2-streams", type=int, default=8, help="streams per h2 connection")
     parser.add_argument("--raw", action="store_true", help="include raw latencies in the JSON")
+    parser.add_argument(
+        "--new-connection",
+        action="store_true",
+        help="HTTP/1.1: a new connection per request (connect time counted in its latency)",
+    )
     args = parser.parse_args(argv)
+    if args.http2 and args.new_connection:
+        parser.error("--new-connection is HTTP/1.1 only (h2 multiplexes one connection)")
     if min(args.qps, args.duration, args.timeout) <= 0 or min(args.payload, args.warmup) < 0:
         parser.error("--qps, --duration, --timeout must be > 0; --payload, --warmup >= 0")
     if min(args.connections, args.h2_streams) < 1:

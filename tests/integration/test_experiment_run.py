@@ -93,9 +93,9 @@ def test_failing_case_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, ["none"], repetitions=1, extra="sweeps: {parallel: [200, 1]}\n")
     run_dir = run_experiment(spec, results_dir=tmp_path / "results", show_progress=False)
     cases = load(run_dir).drop_duplicates("case_id").set_index("case_id")
-    failed = cases.loc["none-cross-node-tcp_stream-p200-r1"]
+    failed = cases.loc["none-direct-cross-node-tcp_stream-p200-r1"]
     assert failed["status"] == "failed" and "iperf3" in failed["error"]
-    assert cases.loc["none-cross-node-tcp_stream-p1-r1", "status"] == "ok"
+    assert cases.loc["none-direct-cross-node-tcp_stream-p1-r1", "status"] == "ok"
     assert not leaked_namespaces(run_dir)
 
 
@@ -142,3 +142,41 @@ def test_interrupt_is_reported_with_the_run_directory(tmp_path: Path) -> None:
     assert issubclass(ExperimentInterrupted, KeyboardInterrupt)
     error = ExperimentInterrupted(tmp_path)
     assert error.run_dir == tmp_path and str(tmp_path) in str(error)
+
+
+def test_paths_of_two_modes_give_path_rows_and_the_breakdown(tmp_path: Path) -> None:
+    spec = tmp_path / "paths.yaml"
+    spec.write_text(
+        textwrap.dedent("""
+        name: paths
+        topology: two_nodes
+        modes: [none, inpod]
+        paths: [direct, capture, hbone, waypoint]
+        workloads: [tcp_rr, tcp_stream]
+        placements: [cross-node]
+        repetitions: 1
+        warmup: 0
+        duration: 1
+        """)
+    )
+    started = time.monotonic()
+    run_dir = run_experiment(
+        spec, results_dir=tmp_path / "results", report=True, show_progress=False
+    )
+    assert time.monotonic() - started < 120
+    frame = load(run_dir)
+    assert "path" in frame.columns and frame["path"].notna().all()
+    ok = frame[frame["status"] == "ok"]
+    paths = {(mode, path) for mode, path in ok[["mode", "path"]].drop_duplicates().to_numpy()}
+    assert paths == {("none", "direct"), ("inpod", "capture"), ("inpod", "hbone"),
+                     ("inpod", "waypoint")}  # fmt: skip
+    rtt = ok[ok["metric"] == "rtt_p50"].set_index("path")["value"]
+    assert rtt["hbone"] > rtt["direct"]  # two proxies and mTLS cost something
+    assert (ok["metric"] == "machine_softirq_seconds").any()
+    assert (ok["metric"] == "cpu_system_seconds").any()
+    report = (run_dir / "report.md").read_text()
+    assert "## Where the time goes" in report
+    assert "figures/breakdown_rr_p50.png" in report
+    assert (run_dir / "figures" / "breakdown_rr_p50.png").stat().st_size > 10_000
+    assert "Modes compared on capture alone" in report
+    assert not leaked_namespaces(run_dir)

@@ -2,13 +2,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from test_experiment_fakes import SMALL_SPEC, load_fake_spec
 
 from testbed.experiment.cases import (
     CLUSTER_BUILD_SECONDS,
+    PATH_SWITCH_SECONDS,
     RUN_OVERHEAD_SECONDS,
     estimated_seconds,
     mode_cases,
+    path_switches,
     separate_warmup,
 )
 
@@ -37,7 +40,7 @@ def test_case_ids_are_unique_and_name_the_case(tmp_path: Path) -> None:
     spec = load_fake_spec(tmp_path, SWEPT)[1]
     cases = [case for mode in spec.modes for case in mode_cases(spec, mode)]
     assert len({case.case_id for case in cases}) == len(cases)
-    assert "inpod-same-node-http_fixed_qps-c8-q1000-r2" in {case.case_id for case in cases}
+    assert "inpod-hbone-same-node-http_fixed_qps-c8-q1000-r2" in {case.case_id for case in cases}
 
 
 def test_repetitions_are_the_outermost_loop(tmp_path: Path) -> None:
@@ -49,7 +52,49 @@ def test_repetitions_are_the_outermost_loop(tmp_path: Path) -> None:
 def test_estimate_counts_every_case_cluster_and_warmup_run(tmp_path: Path) -> None:
     spec = load_fake_spec(tmp_path)[1]
     per_case = spec.duration + spec.warmup + 2 * RUN_OVERHEAD_SECONDS["tcp_stream"]
-    assert estimated_seconds(spec) == 2 * CLUSTER_BUILD_SECONDS + 4 * per_case
+    # one path per mode: one path set-up each
+    overhead = CLUSTER_BUILD_SECONDS + PATH_SWITCH_SECONDS
+    assert estimated_seconds(spec) == pytest.approx(2 * overhead + 4 * per_case)
+
+
+PATHS_SPEC = """
+name: paths
+topology: two_nodes
+modes: [none, inpod, {mode: sidecar, paths: [capture, hbone]}]
+workloads: [tcp_rr]
+paths: [direct, capture, hbone, waypoint]
+placements: [same-node, cross-node]
+repetitions: 2
+warmup: 0
+duration: 1
+"""
+
+
+def test_each_mode_runs_the_paths_that_apply_to_it(tmp_path: Path) -> None:
+    spec = load_fake_spec(tmp_path, PATHS_SPEC)[1]
+    runs = {mode.label: sorted({c.path for c in mode_cases(spec, mode)}) for mode in spec.modes}
+    assert runs == {
+        "none": ["direct"],
+        "inpod": ["capture", "hbone", "waypoint"],
+        "sidecar": ["capture", "hbone"],
+    }
+
+
+def test_a_mode_switches_path_once_per_path_and_repetition(tmp_path: Path) -> None:
+    spec = load_fake_spec(tmp_path, PATHS_SPEC)[1]
+    cases = mode_cases(spec, spec.modes[1])
+    assert path_switches(cases) == 2 * 3
+    order = [c.path for c in cases if c.repetition == 1]
+    assert order == ["capture"] * 2 + ["hbone"] * 2 + ["waypoint"] * 2
+
+
+def test_estimate_knows_paths(tmp_path: Path) -> None:
+    spec = load_fake_spec(tmp_path, PATHS_SPEC)[1]
+    case_time = spec.duration + RUN_OVERHEAD_SECONDS["tcp_rr"]  # no warm-up run
+    cases = 2 * 2 * (1 + 3 + 2)  # repetitions x placements x paths of the three modes
+    switches = 2 * (1 + 3 + 2) - 1  # none stays on direct: one set-up only
+    expected = 3 * CLUSTER_BUILD_SECONDS + switches * PATH_SWITCH_SECONDS + cases * case_time
+    assert estimated_seconds(spec) == pytest.approx(expected)
 
 
 def test_http_warms_up_inside_its_measured_run(tmp_path: Path) -> None:

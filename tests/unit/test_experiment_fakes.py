@@ -148,17 +148,40 @@ def load_fake_spec(folder: Path, text: str = SMALL_SPEC) -> tuple[Path, Experime
     return path, load_spec(path)
 
 
+class FakePaths:
+    """Records path switches; the waypoint path addresses a made-up service VIP."""
+
+    def __init__(self) -> None:
+        self.switches: list[tuple[str, list[str]]] = []
+
+    def topology(self, topology: str, paths: Sequence[str]) -> str:
+        return f"{topology}+waypoint" if "waypoint" in paths else topology
+
+    def facts(self, cluster: Any) -> dict[str, str]:
+        return {"topology_variant": "+waypoint"} if "waypoint" in cluster.topology else {}
+
+    def switch(self, cluster: Any, path: str, servers: Sequence[Any]) -> None:
+        self.switches.append((path, [server.node for server in servers]))
+
+    def destination(self, cluster: Any, path: str, server: Any) -> Any:
+        if path != "waypoint":
+            return server
+        return FakePod(server.name, "10.96.0.99", server.node, server.commands)
+
+
 def fake_runner(
     spec: ExperimentSpec,
     store: RunStore,
     factory: FakeClusterFactory,
     workloads: dict[str, Any] | None = None,
+    paths: FakePaths | None = None,
 ) -> Runner:
     return Runner(
         spec,
         store,
         cluster_factory=factory,
-        sampler_factory=ResourceSampler,
+        sampler_factory=lambda pids, interval: ResourceSampler(pids, interval, machine=True),
         workloads=workloads or FAKE_WORKLOADS,
+        paths=paths or FakePaths(),
         show_progress=False,
     )

@@ -71,10 +71,10 @@ def test_raw_outputs_are_kept_per_case(tmp_path: Path) -> None:
     run_dir = run_fake(tmp_path)[0]
     raw = sorted(p.parent.name for p in (run_dir / "raw").glob("*/iperf3-client.json"))
     assert raw == [
-        "inpod-same-node-tcp_stream-p1-r1",
-        "inpod-same-node-tcp_stream-p1-r2",
-        "none-same-node-tcp_stream-p1-r1",
-        "none-same-node-tcp_stream-p1-r2",
+        "inpod-hbone-same-node-tcp_stream-p1-r1",
+        "inpod-hbone-same-node-tcp_stream-p1-r2",
+        "none-direct-same-node-tcp_stream-p1-r1",
+        "none-direct-same-node-tcp_stream-p1-r2",
     ]
 
 
@@ -112,7 +112,7 @@ def test_failing_case_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
     run_dir = run_fake(tmp_path, workloads={"tcp_stream": flaky})[0]
     frame = load(run_dir)
     failed = frame[frame["status"] == "failed"]
-    assert list(failed["case_id"]) == ["none-same-node-tcp_stream-p1-r1"]
+    assert list(failed["case_id"]) == ["none-direct-same-node-tcp_stream-p1-r1"]
     assert failed["error"].iloc[0] == "RuntimeError: iperf3: unable to connect"
     assert failed["metric"].isna().all()
     assert len(frame[frame["metric"] == "throughput"]) == 3
@@ -144,7 +144,7 @@ def test_ctrl_c_keeps_what_was_measured_and_tears_down(tmp_path: Path) -> None:
     frame = load(run_dir)
     assert len(frame[frame["metric"] == "throughput"]) == 2  # mode none, both repetitions
     assert list(frame[frame["status"] == "interrupted"]["case_id"]) == [
-        "inpod-same-node-tcp_stream-p1-r1"
+        "inpod-hbone-same-node-tcp_stream-p1-r1"
     ]
     metadata = json.loads((run_dir / "metadata.json").read_text())
     assert metadata["status"] == "interrupted" and metadata["cases_ok"] == 2

@@ -6,8 +6,11 @@ import pytest
 from test_experiment_fakes import SMALL_SPEC, write_spec
 
 from testbed.experiment.cases import estimated_seconds, mode_cases
-from testbed.experiment.spec import SpecError, load_spec
+from testbed.experiment.spec import DATA_PATHS, SpecError, load_spec
 from testbed.redirect import available_modes
+
+# Every mode the design knows (DESIGN.md section 4), whatever this machine has.
+ALL_MODES = ["none", "sidecar", "inpod", "legacy", "ebpf"]
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -115,9 +118,22 @@ def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
     spec = load_spec(EXPERIMENTS / "default.yaml", available_modes=available_modes)
     assert [mode.mode for mode in spec.modes] == available_modes()
     assert set(spec.placements) == {"same-node", "cross-node"}
-    assert {"tcp_stream", "tcp_rr", "http_fixed_qps"} <= set(spec.workloads)
-    assert spec.repetitions == 3
+    assert {"tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"} <= set(spec.workloads)
+    assert {p for mode in spec.modes for p in spec.mode_paths(mode)} == set(DATA_PATHS)
+    assert spec.repetitions >= 2
     assert estimated_seconds(spec) < 15 * 60
+    assert "15 minutes" in (EXPERIMENTS / "default.yaml").read_text()
+
+
+def test_breakdown_and_published_specs_load_and_state_their_budget() -> None:
+    for name in ("breakdown", "istio_published"):
+        path = EXPERIMENTS / f"{name}.yaml"
+        spec = load_spec(path, available_modes=lambda: ALL_MODES)
+        assert "Budget:" in path.read_text()
+        assert estimated_seconds(spec) > 0
+    published = load_spec(EXPERIMENTS / "istio_published.yaml", available_modes=lambda: ALL_MODES)
+    assert published.sweeps.connections == [1, 2, 4, 8, 16, 32, 64]
+    assert published.http_payload == 1024 and published.sweeps.qps == [1000]
 
 
 def test_baseline_spec_is_mode_none_throughput_and_latency() -> None:
@@ -126,3 +142,42 @@ def test_baseline_spec_is_mode_none_throughput_and_latency() -> None:
     assert set(spec.placements) == {"same-node", "cross-node"}
     assert set(spec.workloads) == {"tcp_stream", "tcp_rr"}
     assert len(mode_cases(spec, spec.modes[0])) == 2 * 2 * 3
+
+
+def test_unknown_path_is_one_line_naming_the_field_and_the_choices(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC + "paths: [direct, tunnel]\n")
+    assert "\n" not in message
+    assert "paths[1]" in message and "'tunnel'" in message
+    assert "'capture'" in message and "'waypoint'" in message
+
+
+def test_waypoint_path_for_a_mode_without_l7_is_one_line(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace("[none, inpod]", "[none, sidecar]") + "paths: [hbone, waypoint]\n"
+    message = spec_error(tmp_path, text)
+    assert "\n" not in message
+    assert "waypoint" in message and "'sidecar'" in message and "inpod" in message
+
+
+def test_a_mode_may_leave_the_waypoint_out_with_its_own_paths(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace("[none, inpod]", "[none, {mode: sidecar, paths: [capture]}]")
+    spec = load_spec(write_spec(tmp_path, text + "paths: [direct, hbone, waypoint]\n"))
+    assert [spec.mode_paths(mode) for mode in spec.modes] == [["direct"], ["capture"]]
+
+
+def test_modes_all_leaves_the_waypoint_to_the_modes_with_l7(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace("[none, inpod]", "all") + "paths: [direct, capture, waypoint]\n"
+    spec = load_spec(write_spec(tmp_path, text), available_modes=lambda: ALL_MODES)
+    paths = {mode.mode: spec.mode_paths(mode) for mode in spec.modes}
+    assert paths["inpod"] == ["capture", "waypoint"]
+    assert paths["sidecar"] == ["capture"]
+    assert paths["none"] == ["direct"]
+
+
+def test_a_meshed_mode_needs_more_than_direct(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC + "paths: [direct]\n")
+    assert "modes[1]" not in message and "'inpod'" in message and "\n" not in message
+
+
+def test_message_sizes_stay_within_64_kib(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC + "sweeps: {msg_sizes: [64, 65537]}\n")
+    assert "sweeps.msg_sizes[1]" in message and "65536" in message

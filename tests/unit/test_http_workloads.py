@@ -413,3 +413,20 @@ def test_schedule_counts_requests_exactly() -> None:
     assert [recorded for _, recorded in claims].count(True) == 100
     assert claims[30] == (pytest.approx(1000.3), True) and claims[29][1] is False
     assert claims[1][0] - claims[0][0] == pytest.approx(0.01)
+
+
+def test_load_with_a_new_connection_per_request(echo: EchoServer) -> None:
+    report = _load("--url", echo.url(), "--qps", "100", "--connections", "2", "--duration", "1",
+                   "--new-connection")  # fmt: skip
+    assert report["new_connection"] is True
+    assert report["responses"] == 100 and report["error_count"] == 0
+    connect = report["connect_latency_us"]
+    assert connect["count"] == 100  # one connect per request
+    assert 0 < connect["p50"] <= report["latency_us"]["p50"]  # the latency includes it
+
+
+def test_new_connection_is_http1_only() -> None:
+    argv = [sys.executable, "-m", "testbed.workloads.http_load", "--url", "http://127.0.0.1:1/",
+            "--http2", "--new-connection"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "HTTP/1.1 only" in done.stderr

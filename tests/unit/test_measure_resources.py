@@ -10,10 +10,12 @@ import pytest
 
 from testbed.measure.resources import (
     CLOCK_TICKS,
+    MachineCpu,
     Reading,
     ResourceSampler,
     Series,
     descendants,
+    read_proc_stat,
     read_process,
     read_tree,
 )
@@ -43,8 +45,10 @@ def fake_process(
 
 def test_read_process_survives_odd_command_names(tmp_path: Path) -> None:
     fake_process(tmp_path, 10, ppid=1, ticks=(300, 100, 50, 50), rss_kb=2048)
-    assert read_process(10, tmp_path) == Reading(400 / CLOCK_TICKS, 2048 * 1024)
-    assert read_process(10, tmp_path, reaped=True) == Reading(500 / CLOCK_TICKS, 2048 * 1024)
+    assert read_process(10, tmp_path) == Reading(300 / CLOCK_TICKS, 100 / CLOCK_TICKS, 2048 * 1024)
+    reaped = Reading(350 / CLOCK_TICKS, 150 / CLOCK_TICKS, 2048 * 1024)
+    assert read_process(10, tmp_path, reaped=True) == reaped
+    assert reaped.cpu_seconds == pytest.approx(500 / CLOCK_TICKS)
 
 
 def test_kernel_thread_has_no_rss(tmp_path: Path) -> None:
@@ -74,14 +78,18 @@ def test_tree_adds_live_descendants(tmp_path: Path) -> None:
 
 def test_series_rows() -> None:
     series = Series()
-    series.add(10.0, Reading(1.0, 100))
-    series.add(11.0, Reading(1.25, 300))
-    series.add(12.0, Reading(2.0, 200))
+    series.add(10.0, Reading(0.75, 0.25, 100))
+    series.add(11.0, Reading(1.0, 0.25, 300))
+    series.add(12.0, Reading(1.5, 0.5, 200))
     rows = {row.metric: (row.value, row.unit, row.labels) for row in series.measurements("zt")}
     label = {"process": "zt"}
     assert rows == {
         "cpu_seconds": (1.0, "s", label),
+        "cpu_user_seconds": (0.75, "s", label),
+        "cpu_system_seconds": (0.25, "s", label),
         "cpu_percent": (50.0, "percent", label),
+        "cpu_user_percent": (37.5, "percent", label),
+        "cpu_system_percent": (12.5, "percent", label),
         "rss_max_bytes": (300.0, "bytes", label),
         "rss_mean_bytes": (200.0, "bytes", label),
     }
@@ -112,3 +120,38 @@ def test_sampler_skips_a_pid_that_never_existed() -> None:
     with ResourceSampler({"ghost": 2**22 + 12345}, interval=0.01) as sampler:
         time.sleep(0.03)
     assert sampler.measurements() == []
+
+
+def test_proc_stat_line_in_seconds() -> None:
+    text = "cpu  100 5 40 900 10 2 30 1 0 0\ncpu0 50 2 20 450 5 1 15 0 0 0\nintr 1\n"
+    seconds = read_proc_stat(text)
+    assert seconds["user"] == pytest.approx(100 / CLOCK_TICKS)
+    assert seconds["softirq"] == pytest.approx(30 / CLOCK_TICKS)
+    assert seconds["steal"] == pytest.approx(1 / CLOCK_TICKS)
+    with pytest.raises(ValueError):
+        read_proc_stat("intr 1\n")
+
+
+def test_machine_cpu_is_the_delta_by_kind(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 40 900 0 0 30 0\n")
+    machine = MachineCpu(tmp_path)
+    machine.start()
+    stat.write_text(
+        f"cpu  {100 + CLOCK_TICKS} 0 {40 + CLOCK_TICKS} 950 0 0 {30 + 2 * CLOCK_TICKS} 0\n"
+    )
+    machine.stop()
+    rows = {row.metric: row.value for row in machine.measurements()}
+    assert rows["machine_user_seconds"] == pytest.approx(1.0)
+    assert rows["machine_system_seconds"] == pytest.approx(1.0)
+    assert rows["machine_softirq_seconds"] == pytest.approx(2.0)
+    assert rows["machine_busy_seconds"] == pytest.approx(4.0)
+    assert all(row.labels["process"] == "machine" for row in machine.measurements())
+
+
+def test_sampler_with_machine_reads_proc_stat_for_real() -> None:
+    with ResourceSampler({}, interval=0.05, machine=True) as sampler:
+        time.sleep(0.1)
+    rows = {row.metric: row.value for row in sampler.measurements()}
+    assert rows["machine_idle_seconds"] + rows["machine_busy_seconds"] > 0.0
+    assert "machine_softirq_seconds" in rows

@@ -149,7 +149,7 @@ def test_pingpong_asks_sockperf_for_full_round_trips(tmp_path: Path) -> None:
     rows = run_pingpong(host, host, "10.1.0.2", duration=2, msg_size=100, raw_dir=tmp_path)
     assert {"rtt_p50", "rtt_p99.9", "rtt_samples", "request_rate"} <= metrics(rows)
     assert host.spawned[0].argv == [
-        "sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", "11111",
+        "sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", "11111", "--uc-reuseaddr",
     ]  # fmt: skip
     assert host.clients() == [
         ["sockperf", "ping-pong", "--tcp", "-i", "10.1.0.2", "-p", "11111",
@@ -157,6 +157,13 @@ def test_pingpong_asks_sockperf_for_full_round_trips(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert host.spawned[0].terminated
     assert (tmp_path / "sockperf-client.txt").exists()
+
+
+def test_pingpong_of_64_kib_tells_the_server_its_size() -> None:
+    host = FakeHost((FIXTURES / "sockperf_pp_tcp_fullrtt.txt").read_text())
+    run_pingpong(host, host, "10.1.0.2", duration=1, msg_size=65536)
+    assert host.spawned[0].argv[-2:] == ["-m", "65536"]
+    assert host.clients()[0][-3:] == ["-m", "65536", "--full-rtt"]
 
 
 def test_udp_pingpong_waits_for_a_udp_socket() -> None:

@@ -73,7 +73,9 @@ def test_report_lists_cases_that_were_not_measured(tmp_path: Path) -> None:
     execute(spec_path, spec, store, fake_runner(spec, store, factory))
     text = write_report(store.path).read_text()
     assert "## Cases not measured" in text
-    assert "| inpod-same-node-tcp_stream-p1-r2 | failed | cluster (inpod): RuntimeError" in text
+    assert (
+        "| inpod-hbone-same-node-tcp_stream-p1-r2 | failed | cluster (inpod): RuntimeError" in text
+    )
 
 
 def test_report_gives_proxy_cpu_per_1000_requests(report_path: Path) -> None:

@@ -146,7 +146,7 @@ class Waypoint(ProxyProcess):
     ) -> None:
         sock.setblocking(False)
         protocol, initial = await _sniff(sock)
-        if protocol == "tcp" and initial:
+        if protocol == "tcp":  # also a client silent past SNIFF_TIMEOUT (server speaks first)
             if record is not None:
                 record.path = "hbone"
             await self._pass_tcp(sock, downstream, initial, record)
