@@ -22,7 +22,7 @@ import contextlib
 import json
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -35,6 +35,9 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+
+from testbed.mesh.config import LocalConfig
+from testbed.mesh.podsockets import INPOD_MARK, call_in_netns
 
 PORT = 53
 PROXY_PORT = 15053  # ztunnel's DNS proxy port inside a pod's netns
@@ -98,6 +101,12 @@ def lookup(zone: Zone, name: str) -> str | None:
     return None
 
 
+def proxy_zone(config: LocalConfig, namespace: str) -> Zone:
+    """What ztunnel's DNS proxy answers for a pod of `namespace`: the config's services."""
+    records = {s.hostname.lower(): str(s.vips[0].address) for s in config.services if s.vips}
+    return Zone(records, search_list(namespace), ndots=5)
+
+
 def answer(query: bytes, zone: Zone) -> bytes | None:
     """The response to one DNS message; None if it is too short to carry an id."""
     try:
@@ -143,8 +152,12 @@ def _error_reply(query: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
 # ---------------------------------------------------------------- I/O driver
 
 
+ZoneSource = Callable[[], Zone]
+"""Read per query, so a config reload applies to a running server."""
+
+
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, zone: Zone) -> None:
+    def __init__(self, zone: ZoneSource) -> None:
         self.zone = zone
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -152,19 +165,19 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        reply = answer(data, self.zone)
+        reply = answer(data, self.zone())
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
 
 async def _tcp_client(
-    zone: Zone, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    zone: ZoneSource, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """RFC 7766: each message has a 2-byte length; garbage closes this connection only."""
     try:
         while True:
             length = struct.unpack("!H", await reader.readexactly(2))[0]
-            reply = answer(await reader.readexactly(length), zone)
+            reply = answer(await reader.readexactly(length), zone())
             if reply is None:
                 break
             writer.write(struct.pack("!H", len(reply)) + reply)
@@ -177,7 +190,7 @@ async def _tcp_client(
             await writer.wait_closed()
 
 
-async def serve(zone: Zone, udp: socket.socket, tcp: socket.socket) -> None:
+async def serve(zone: ZoneSource, udp: socket.socket, tcp: socket.socket) -> None:
     """Answer on a bound UDP socket and a listening TCP socket until cancelled."""
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(zone), sock=udp)
@@ -187,6 +200,15 @@ async def serve(zone: Zone, udp: socket.socket, tcp: socket.socket) -> None:
             await server.serve_forever()
     finally:
         transport.close()
+
+
+async def serve_in_netns(netns_fd: int, zone: ZoneSource) -> None:
+    """ztunnel's DNS proxy for one pod: 127.0.0.1:15053 in its netns, sockets marked 0x539
+    (the pod's DNS capture rules redirect port 53 there and let the marked ones pass)."""
+    udp, tcp = await asyncio.to_thread(
+        call_in_netns, netns_fd, lambda: bind_sockets("127.0.0.1", PROXY_PORT, INPOD_MARK)
+    )
+    await serve(zone, udp, tcp)
 
 
 def bind_sockets(
@@ -215,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     udp, tcp = bind_sockets(host, int(port))
     print(f"dns: {len(zone.records)} names on {args.listen} (udp, tcp)", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(zone, udp, tcp))
+        asyncio.run(serve(lambda: zone, udp, tcp))
     return 0
 
 
