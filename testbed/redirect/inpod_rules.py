@@ -8,9 +8,10 @@ All share the policy routing that lets TPROXY'd / connmarked packets reach local
 
 The rules are written in the canonical form that `iptables-save` and `nft list ruleset`
 print, so that a rule set read back from a namespace compares equal to the reference.
-All three capture the pod's DNS as istio-cni does by default (DESIGN.md 4.5): UDP and TCP
-port 53 to ztunnel's DNS proxy on 15053, with raw-table rules that put ztunnel's own DNS
-packets in conntrack zone 1 so they never collide with the app's.
+All three capture the pod's DNS to ztunnel's DNS proxy on 15053 (DESIGN.md 4.5) as
+istio-cni does by default: REDIRECT and nftables as Istio 1.24+ (UDP and TCP 53, ztunnel's
+own marked queries exempt and put in conntrack zone 1 by raw-table rules so they never
+collide with the app's), TPROXY as Istio 1.21-1.23 (UDP 53 only).
 """
 
 from __future__ import annotations
@@ -57,25 +58,14 @@ def _jumps() -> list[Rule]:
         Rule("mangle", "PREROUTING", f"-j {PRERT}"),
         Rule("mangle", "OUTPUT", f"-j {OUTPUT}"),
         Rule("nat", "OUTPUT", f"-j {OUTPUT}"),
-        Rule("raw", "PREROUTING", f"-j {PRERT}"),
-        Rule("raw", "OUTPUT", f"-j {OUTPUT}"),
     ]
 
 
-def _raw_dns_zones() -> list[Rule]:
-    # ztunnel -> upstream DNS and the replies back to it get conntrack zone 1
-    return [
-        Rule("raw", OUTPUT, f"-p udp -m mark --mark {INPOD_MARK} -m udp --dport 53 -j CT --zone 1"),
-        Rule(
-            "raw", PRERT, f"-p udp -m mark ! --mark {INPOD_MARK} -m udp --sport 53 -j CT --zone 1"
-        ),
-    ]
-
-
-def _nat_output(probe: str) -> list[Rule]:
+def _dns_capture() -> list[Rule]:
+    """Istio 1.24+: UDP and TCP 53 to 15053 except ztunnel's own (marked) queries, whose
+    packets and the replies to them get conntrack zone 1."""
     not_inpod = f"-m mark ! --mark {INPOD_MARK}"
     return [
-        Rule("nat", OUTPUT, f"-d {probe}/32 -p tcp -m tcp -j ACCEPT"),
         Rule(
             "nat",
             OUTPUT,
@@ -88,6 +78,31 @@ def _nat_output(probe: str) -> list[Rule]:
             f"! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 {not_inpod}"
             f" -j REDIRECT --to-ports {DNS_CAPTURE_PORT}",
         ),
+        Rule("raw", "PREROUTING", f"-j {PRERT}"),
+        Rule("raw", "OUTPUT", f"-j {OUTPUT}"),
+        Rule("raw", OUTPUT, f"-p udp -m mark --mark {INPOD_MARK} -m udp --dport 53 -j CT --zone 1"),
+        Rule(
+            "raw", PRERT, f"-p udp -m mark ! --mark {INPOD_MARK} -m udp --sport 53 -j CT --zone 1"
+        ),
+    ]
+
+
+def _dns_capture_udp_only() -> list[Rule]:
+    """Istio 1.21-1.23 (the TPROXY era): UDP 53 only, no exemption, no conntrack zones."""
+    return [
+        Rule(
+            "nat",
+            OUTPUT,
+            f"! -o lo -p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_CAPTURE_PORT}",
+        )
+    ]
+
+
+def _nat_output(probe: str, dns: list[Rule]) -> list[Rule]:
+    not_inpod = f"-m mark ! --mark {INPOD_MARK}"
+    return [
+        Rule("nat", OUTPUT, f"-d {probe}/32 -p tcp -m tcp -j ACCEPT"),
+        *dns,
         Rule("nat", OUTPUT, f"-p tcp -m mark --mark {TPROXY_MARK} -j ACCEPT"),
         # app -> own pod IP over lo must not loop through ztunnel
         Rule("nat", OUTPUT, "! -d 127.0.0.1/32 -o lo -j ACCEPT"),
@@ -120,8 +135,7 @@ def _redirect_variant(probe: str) -> list[Rule]:
             f" -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}",
         ),
         Rule("mangle", OUTPUT, _RESTORE_MARK),
-        *_nat_output(probe),
-        *_raw_dns_zones(),
+        *_nat_output(probe, _dns_capture()),
     ]
 
 
@@ -148,8 +162,7 @@ def _tproxy_variant(probe: str) -> list[Rule]:
             f" -j TPROXY --on-port {INBOUND_PLAINTEXT_PORT} {tproxy}",
         ),
         Rule("mangle", OUTPUT, _RESTORE_MARK),
-        *_nat_output(probe),
-        *_raw_dns_zones(),
+        *_nat_output(probe, _dns_capture_udp_only()),
     ]
 
 

@@ -61,6 +61,9 @@ def test_tproxy_variant_captures_inbound_in_mangle() -> None:
     assert mangle.index("--on-port 15008") < established < mangle.index("--on-port 15006")
     assert "-A PREROUTING -j ISTIO_PRERT" not in text.split("*nat")[1].split("*raw")[0]
     assert "REDIRECT --to-ports 15001" in text
+    # Istio 1.21-1.23's DNS capture: UDP only, no mark exemption, no raw table
+    assert "-A ISTIO_OUTPUT ! -o lo -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in text
+    assert "--dport 53 -m mark" not in text and "*raw" not in text
 
 
 def test_host_probe_ip_is_configurable() -> None:
