@@ -45,6 +45,7 @@ class InPodOptions(MeshOptions):
 
 class InPodMode(NodeZtunnelMode):
     name = "inpod"
+    captures_dns = True
     Options = InPodOptions
     options: InPodOptions
     variant_option = "inpod_variant"

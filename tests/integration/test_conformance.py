@@ -168,10 +168,10 @@ def test_connection_by_short_service_name(mesh: Mesh) -> None:
     assert done.stdout.strip() in {"server1", "server2"}
 
 
-def test_inpod_dns_is_answered_by_ztunnel(mesh: Mesh) -> None:
-    """Only ztunnel's proxy expands an absolute short name through the pod's search list;
-    the cluster DNS service answers fully qualified names only."""
-    captured = mesh.cluster.mode.name == "inpod"
+def test_captured_dns_is_answered_by_the_proxy(mesh: Mesh) -> None:
+    """Only the proxy's DNS (ztunnel's, in-pod or sidecar) expands an absolute short name
+    through the pod's search list; the cluster DNS service answers fully qualified names."""
+    captured = mesh.cluster.mode.captures_dns
     status, address = resolve(mesh.pod("client"), "greeter.")
     assert (status == 0) == captured
     if captured:

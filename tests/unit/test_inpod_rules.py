@@ -199,6 +199,35 @@ def test_expected_nft_rules_include_base_chain_hooks() -> None:
 
 # ---------------------------------------------------------------- sidecar (istio-iptables)
 
+
+def test_sidecar_dns_capture_is_istio_iptables_redirect_dns() -> None:
+    """istio-iptables --redirect-dns (its dns-uid-gid golden), with the uid exemption."""
+    text = sidecar_rules.render_sidecar("uid", dns_servers=["10.96.0.2"])
+    nat, raw = text.split("*raw")
+    assert "-A OUTPUT -j ISTIO_OUTPUT\n" in nat  # all protocols, not only TCP
+    assert nat.index("-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS") < nat.index(
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN"
+    )
+    dns_nat = [line for line in nat.splitlines() if line.startswith("-A ISTIO_OUTPUT_DNS")]
+    assert dns_nat == [
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.2/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.2/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+    ]
+    assert [line for line in raw.splitlines() if line.startswith("-A ")] == [
+        "-A OUTPUT -j ISTIO_OUTPUT_DNS",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --uid-owner 1337 -j CT --zone 2",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j CT --zone 1",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --gid-owner 1337 -j CT --zone 2",
+        "-A PREROUTING -j ISTIO_INBOUND",
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.2/32 -p udp -m udp --dport 53 -j CT --zone 2",
+        "-A ISTIO_INBOUND -s 10.96.0.2/32 -p udp -m udp --sport 53 -j CT --zone 1",
+    ]
+    assert "ISTIO_OUTPUT_DNS" not in sidecar_rules.render_sidecar("uid")  # off without servers
+
+
 SIDECAR_UID_OUTPUT = """\
 -A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
 -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
