@@ -142,7 +142,7 @@ def _inventory(
 
 
 def cmd_exec(args: argparse.Namespace) -> NoReturn:
-    from testbed.cluster.cluster import load_inventory
+    from testbed.cluster.cluster import in_pod, load_inventory
     from testbed.netlab.nsutil import netns_path
     from testbed.netlab.process import nsenter_argv
 
@@ -154,7 +154,9 @@ def cmd_exec(args: argparse.Namespace) -> NoReturn:
     if not command:
         raise UsageError("exec needs a command after the pod name (testbed exec NAME POD -- CMD)")
     resolved = [pods[w]["ip"] if w in pods else w for w in command]
-    argv = nsenter_argv(netns_path(pods[args.pod]["netns"]), resolved)
+    argv = nsenter_argv(
+        netns_path(pods[args.pod]["netns"]), in_pod(pods[args.pod]["netns"], resolved)
+    )
     os.execvp(argv[0], argv)
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 from rich.console import Console
 
-from testbed.cluster.cluster import Cluster
+from testbed.cluster.cluster import Cluster, in_pod
 from testbed.cluster.model import TopologyError
 from testbed.inventory import inventory_tables
 from testbed.netlab.process import NetlabError, nsenter_argv
@@ -127,7 +127,7 @@ class ClusterShell(cmd.Cmd):
             self.console.print(f"[red]{exc}[/red]")
             return
         resolved = [self.cluster.resolve(word) for word in argv]
-        subprocess.run(nsenter_argv(pod.netns.path, resolved), check=False)
+        subprocess.run(nsenter_argv(pod.netns.path, in_pod(pod.netns.name, resolved)), check=False)
 
     def do_exit(self, _: str) -> bool:
         """exit: leave the shell and tear the testbed down"""

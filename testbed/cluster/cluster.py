@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from testbed.cluster import build
+from testbed.cluster import build, clusterdns
 from testbed.cluster.kubeproxy import render_service_rules
 from testbed.cluster.loader import load_topology
 from testbed.cluster.mode import RedirectMode
@@ -75,7 +75,9 @@ class Pod:
         check: bool = True,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return self.netns.run(argv, timeout=timeout, check=check, input=input)
+        return self.netns.run(
+            in_pod(self.netns.name, argv), timeout=timeout, check=check, input=input
+        )
 
     def spawn(
         self,
@@ -85,7 +87,14 @@ class Pod:
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
     ) -> ManagedProcess:
-        return self.netns.spawn(argv, label=f"{self.name}-{label}", env=env, pass_fds=pass_fds)
+        return self.netns.spawn(
+            in_pod(self.netns.name, argv), label=f"{self.name}-{label}", env=env, pass_fds=pass_fds
+        )
+
+
+def in_pod(netns: str, argv: Sequence[str]) -> list[str]:
+    """`argv` as run in the pod: `ip netns exec` gives it the pod's own /etc/resolv.conf."""
+    return ["ip", "netns", "exec", netns, *argv]
 
 
 class Cluster:
@@ -161,18 +170,20 @@ class Cluster:
             self.nodes[spec.name] = Node(spec, ns)
         for pod_spec in self.topology.pods.values():
             self.pods[pod_spec.name] = self._build_pod(pod_spec)
-        if self.services:
-            self._install_kube_proxy()
+        first_node = specs[0].name
+        clusterdns.start_cluster_dns(self, first_node)
+        self._install_kube_proxy()
 
     def _build_pod(self, spec: PodSpec) -> Pod:
         node = self.nodes[spec.node]
         node.pod_count += 1
-        netns = build.build_pod(self._lab, node.spec, node.netns, spec)
+        netns = build.build_pod(self._lab, node.spec, node.netns, spec, clusterdns.DNS_SERVICE_VIP)
         return Pod(spec, netns)
 
     def _install_kube_proxy(self) -> None:
         rules = render_service_rules(
-            (svc, service_endpoints(self.topology, svc)) for svc in self.services.values()
+            ((svc, service_endpoints(self.topology, svc)) for svc in self.services.values()),
+            dns=(clusterdns.DNS_SERVICE_VIP, self.pod(clusterdns.DNS_POD).ip),
         )
         for node in self.nodes.values():
             node.netns.run(["iptables-restore", "--noflush"], input=rules)
