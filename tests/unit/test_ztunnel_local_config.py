@@ -6,7 +6,7 @@ from testbed.mesh.config, to read the file as serde_yaml does: tags become `Tagg
 string match in any other form (a map, a plain string) is an error, as it is for serde_yaml.
 
 The golden file pins the exact text for one topology; after an intended change regenerate it:
-    python -c "from tests.unit.test_ztunnel_local_config import golden_text as g; \
+    PYTHONPATH=tests python -c "from unit.test_ztunnel_local_config import golden_text as g; \
 print(g(), end='')" > tests/unit/fixtures/two_nodes_mesh_config.yaml
 """
 
@@ -17,48 +17,15 @@ from typing import Any, NamedTuple
 
 import pytest
 import yaml
+from ztunnel_configs import with_policies
 
-from testbed.cluster import Topology, plan
-from testbed.cluster.loader import available, load_topology
+from testbed.cluster import Topology
+from testbed.cluster.loader import available
 from testbed.mesh.config import LocalConfig
 from testbed.redirect.control import mesh_config
 
 GOLDEN = Path(__file__).parent / "fixtures" / "two_nodes_mesh_config.yaml"
 STRING_MATCH_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces")
-
-# Every kind of L4 match a topology can express, in Istio's AuthorizationPolicy forms.
-POLICIES: list[dict[str, Any]] = [
-    {
-        "name": "allow-kinds",
-        "action": "ALLOW",
-        "rules": [
-            {
-                "principals": ["cluster.local/ns/default/sa/client", "cluster.local/ns/*"],
-                "not_principals": ["*/sa/evil", "*"],
-                "namespaces": ["default", "team-*"],
-                "not_namespaces": ["*-test", "*"],
-                "ip_blocks": ["10.244.0.0/16", "10.245.1.7"],
-                "not_ip_blocks": ["10.244.9.0/24"],
-                "ports": [8080, 5201],
-                "not_ports": [9999],
-            },
-            {"namespaces": ["*"]},
-            {},
-        ],
-    },
-    {
-        "name": "deny-selected",
-        "action": "DENY",
-        "selector": {"role": "server"},
-        "rules": [{"principals": ["*/ns/jobs/sa/*"], "not_ports": [22]}],
-    },
-    {
-        "name": "mesh-deny",
-        "action": "DENY",
-        "namespace": "istio-system",
-        "rules": [{"ports": [6666], "not_namespaces": ["istio-system"]}],
-    },
-]
 
 
 class Tagged(NamedTuple):
@@ -96,13 +63,6 @@ def expected_match(pattern: str) -> Tagged:
     if pattern.endswith("*"):
         return Tagged("Prefix", pattern[:-1])
     return Tagged("Exact", pattern)
-
-
-def with_policies(name: str) -> Topology:
-    topology = load_topology(name)
-    for policy in POLICIES:
-        topology.add_policy(**policy)
-    return plan(topology)
 
 
 def golden_text() -> str:
