@@ -1,0 +1,164 @@
+"""Istio's own ztunnel (the Rust binary from istio/ztunnel) against the testbed's files and CA.
+
+Runs only with a binary: TESTBED_ZTUNNEL=/path/to/ztunnel (build it with upstream's own
+instructions). Each test starts, in a namespace of its own with only loopback, the testbed's
+CA service and Istio's ztunnel with the environment it needs for local config
+(LOCAL_XDS_PATH, NODE_NAME, XDS_ADDRESS empty) and for certificates (CA_ADDRESS, CA_ROOT_CA,
+AUTH_TOKEN), then reads ztunnel's admin /config_dump on 15000.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+from ztunnel_configs import with_policies
+
+from testbed.cluster.loader import available
+from testbed.mesh.ca import CertificateAuthority
+from testbed.mesh.ca_service import CaServicePlan
+from testbed.netlab import Lab, ManagedProcess, Netns
+from testbed.redirect.control import mesh_config
+
+BINARY = os.environ.get("TESTBED_ZTUNNEL", "")
+pytestmark = pytest.mark.skipif(
+    not (BINARY and os.access(BINARY, os.X_OK)),
+    reason="no Istio ztunnel binary: set TESTBED_ZTUNNEL to an executable built from istio/ztunnel",
+)
+ADMIN_PORT = 15000
+NODE = "node1"
+START_TIMEOUT = 60.0  # a debug build on a loaded machine starts slowly
+
+
+def ztunnel_version() -> str:
+    done = subprocess.run([BINARY, "version"], capture_output=True, text=True, timeout=30)
+    return done.stdout.strip()
+
+
+def admin_get(netns: Netns, path: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", ADMIN_PORT, timeout=5)
+    with netns.entered():
+        connection.connect()
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@dataclass
+class Running:
+    netns: Netns
+    ztunnel: ManagedProcess
+    ca_process: ManagedProcess
+    plan: CaServicePlan
+    ca: CertificateAuthority
+
+    def config_dump(self, until: Any = None, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """The admin config dump, polled until `until(dump)` holds (or just until it answers)."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert self.ztunnel.poll() is None, f"ztunnel exited: {self.ztunnel.output()[-3000:]}"
+            try:
+                status, body = admin_get(self.netns, "/config_dump")
+                if status == 200:
+                    last = json.loads(body)
+                    if until is None or until(last):
+                        return last
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"no such config dump in {timeout} s; last: {str(last)[:2000]}")
+
+
+@pytest.fixture
+def lab(runs_root: Path) -> Iterator[Lab]:
+    lab = Lab.create(f"istioca-{uuid.uuid4().hex[:6]}", runs_root)
+    try:
+        yield lab
+    finally:
+        lab.teardown()
+
+
+def start(lab: Lab, config_text: str) -> Running:
+    netns = lab.add_netns("zt")
+    netns.run(["ip", "link", "set", "lo", "up"])
+    mesh = lab.add_file(lab.workdir / "mesh-config.yaml")
+    mesh.write_text(config_text)
+    ca = CertificateAuthority.create()
+    folder = lab.add_dir(lab.workdir / "ca")
+    plan = CaServicePlan.prepare(folder, ca, mesh, [NODE, "node2"], "127.0.0.1")
+    ca_process = netns.spawn(plan.argv(), label="ca")
+    plan.await_ready(netns, ca_process)
+    env = {
+        "LOCAL_XDS_PATH": str(mesh),
+        "XDS_ADDRESS": "",  # no istiod: the local file is the whole config
+        "NODE_NAME": NODE,
+        "INPOD_UDS": str(lab.add_socket(lab.workdir / "ztunnel.sock")),
+        "RUST_LOG": "info",
+        **plan.ztunnel_env(NODE),
+    }
+    ztunnel = netns.spawn([BINARY], label="istio-ztunnel", env=env)
+    return Running(netns, ztunnel, ca_process, plan, ca)
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_istios_ztunnel_loads_the_generated_config(lab: Lab, name: str) -> None:
+    topology = with_policies(name)
+    config = mesh_config(topology)
+    running = start(lab, config.dump_yaml())
+    dump = running.config_dump()
+    assert {w["uid"] for w in dump["workloads"]} == {w.uid for w in config.workloads}
+    assert {s["hostname"] for s in dump["services"]} == {s.hostname for s in config.services}
+    assert {p["name"] for p in dump["policies"]} == {p.name for p in config.policies}
+    allow = next(p for p in dump["policies"] if p["name"] == "allow-kinds")
+    # serde_json writes what it read from our tags in its map form.
+    (((first,),), *_) = allow["rules"]
+    assert first["notPrincipals"] == [{"Suffix": "/sa/evil"}, {"Presence": []}]
+    assert first["namespaces"] == [{"Exact": "default"}, {"Prefix": "team-"}]
+    print(f"{name}: loaded by {ztunnel_version()}")
+
+
+def test_istios_ztunnel_gets_its_workload_certificates_from_our_ca(lab: Lab) -> None:
+    topology = with_policies("two_nodes")
+    running = start(lab, mesh_config(topology).dump_yaml())
+    local = sorted(
+        {f"spiffe://cluster.local/ns/{p.namespace}/sa/{p.service_account}"
+         for p in topology.pods.values() if p.node == NODE}
+    )  # fmt: skip
+
+    def all_available(dump: dict[str, Any]) -> bool:
+        states = {c["identity"]: c["state"] for c in dump.get("certificates", [])}
+        return all(states.get(identity) == "Available" for identity in local)
+
+    dump = running.config_dump(until=all_available)
+    store = Store([x509.load_pem_x509_certificate(running.ca.root_pem)])
+    for certs in dump["certificates"]:
+        if certs["identity"] not in local:
+            continue
+        leaf, *rest = [
+            x509.load_pem_x509_certificate(c["pem"].encode()) for c in certs["certChain"]
+        ]
+        verified = PolicyBuilder().store(store).build_client_verifier().verify(leaf, rest)
+        uris = [
+            s.value
+            for s in verified.subjects or []
+            if isinstance(s, x509.UniformResourceIdentifier)
+        ]
+        assert uris == [certs["identity"]]
+    log = running.ca_process.output()
+    assert all(f"issued {identity} for node {NODE}" in log for identity in local)
+    print(f"certificates {local} issued to {ztunnel_version()}")
