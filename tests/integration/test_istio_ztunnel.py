@@ -9,6 +9,7 @@ AUTH_TOKEN), then reads ztunnel's admin /config_dump on 15000.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -86,7 +87,7 @@ class Running:
 
 @pytest.fixture
 def lab(runs_root: Path) -> Iterator[Lab]:
-    lab = Lab.create(f"istioca-{uuid.uuid4().hex[:6]}", runs_root)
+    lab = Lab.create(f"ica-{uuid.uuid4().hex[:6]}", runs_root)
     try:
         yield lab
     finally:
@@ -149,16 +150,12 @@ def test_istios_ztunnel_gets_its_workload_certificates_from_our_ca(lab: Lab) -> 
     for certs in dump["certificates"]:
         if certs["identity"] not in local:
             continue
-        leaf, *rest = [
-            x509.load_pem_x509_certificate(c["pem"].encode()) for c in certs["certChain"]
-        ]
-        verified = PolicyBuilder().store(store).build_client_verifier().verify(leaf, rest)
-        uris = [
-            s.value
-            for s in verified.subjects or []
-            if isinstance(s, x509.UniformResourceIdentifier)
-        ]
-        assert uris == [certs["identity"]]
+        # The dump's "pem" is base64 of the PEM text.
+        pems = [base64.b64decode(c["pem"]) for c in certs["certChain"]]
+        chain = [x509.load_pem_x509_certificate(pem) for pem in pems]
+        verified = PolicyBuilder().store(store).build_client_verifier().verify(chain[0], chain[1:])
+        uris = [s for s in verified.subjects or [] if isinstance(s, x509.UniformResourceIdentifier)]
+        assert [u.value for u in uris] == [certs["identity"]]
     log = running.ca_process.output()
     assert all(f"issued {identity} for node {NODE}" in log for identity in local)
     print(f"certificates {local} issued to {ztunnel_version()}")
