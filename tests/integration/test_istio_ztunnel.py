@@ -4,7 +4,9 @@ Runs only with a binary: TESTBED_ZTUNNEL=/path/to/ztunnel (build it with upstrea
 instructions). Each test starts, in a namespace of its own with only loopback, the testbed's
 CA service and Istio's ztunnel with the environment it needs for local config
 (LOCAL_XDS_PATH, NODE_NAME, XDS_ADDRESS empty) and for certificates (CA_ADDRESS, CA_ROOT_CA,
-AUTH_TOKEN), then reads ztunnel's admin /config_dump on 15000.
+AUTH_TOKEN), then reads ztunnel's admin /config_dump on 15000. Also checked: the map form of
+string matches the testbed wrote before makes it refuse the file, and a node's token gets no
+certificate for pods of another node.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def lab(runs_root: Path) -> Iterator[Lab]:
         lab.teardown()
 
 
-def start(lab: Lab, config_text: str) -> Running:
+def start(
+    lab: Lab, config_text: str, token_of: str = NODE, ztunnel_text: str | None = None
+) -> Running:
+    """The CA service reading `config_text`, Istio's ztunnel reading it or `ztunnel_text`."""
     netns = lab.add_netns("zt")
     netns.run(["ip", "link", "set", "lo", "up"])
     mesh = lab.add_file(lab.workdir / "mesh-config.yaml")
@@ -104,13 +109,18 @@ def start(lab: Lab, config_text: str) -> Running:
     plan = CaServicePlan.prepare(folder, ca, mesh, [NODE, "node2"], "127.0.0.1")
     ca_process = netns.spawn(plan.argv(), label="ca")
     plan.await_ready(netns, ca_process)
+    local = mesh
+    if ztunnel_text is not None:
+        local = lab.add_file(lab.workdir / "ztunnel-config.yaml")
+        local.write_text(ztunnel_text)
     env = {
-        "LOCAL_XDS_PATH": str(mesh),
+        "LOCAL_XDS_PATH": str(local),
         "XDS_ADDRESS": "",  # no istiod: the local file is the whole config
         "NODE_NAME": NODE,
         "INPOD_UDS": str(lab.add_socket(lab.workdir / "ztunnel.sock")),
         "RUST_LOG": "info",
         **plan.ztunnel_env(NODE),
+        "AUTH_TOKEN": str(plan.token_files[token_of]),
     }
     ztunnel = netns.spawn([BINARY], label="istio-ztunnel", env=env)
     return Running(netns, ztunnel, ca_process, plan, ca)
@@ -159,3 +169,29 @@ def test_istios_ztunnel_gets_its_workload_certificates_from_our_ca(lab: Lab) -> 
     log = running.ca_process.output()
     assert all(f"issued {identity} for node {NODE}" in log for identity in local)
     print(f"certificates {local} issued to {ztunnel_version()}")
+
+
+def test_istios_ztunnel_rejects_string_matches_written_as_maps(lab: Lab) -> None:
+    # What the testbed wrote before: the whole file is refused, so this is what the tags fix.
+    text = mesh_config(with_policies("two_nodes")).dump_yaml()
+    old = text.replace("- !Exact default\n", "- {Exact: default}\n")
+    assert old != text
+    running = start(lab, text, ztunnel_text=old)
+    assert running.ztunnel.wait(START_TIMEOUT) != 0
+    assert "namespaces[0]: invalid type: map, expected a YAML tag" in running.ztunnel.output()
+
+
+def test_a_token_gets_no_certificate_for_another_nodes_pods(lab: Lab) -> None:
+    # ztunnel of node1 holding node2's token: the CA refuses node1's identities.
+    topology = with_policies("two_nodes")
+    running = start(lab, mesh_config(topology).dump_yaml(), token_of="node2")
+    client = "spiffe://cluster.local/ns/default/sa/client"  # only on node1
+
+    def refused(dump: dict[str, Any]) -> bool:
+        states = {c["identity"]: c["state"] for c in dump.get("certificates", [])}
+        return states.get(client, "").startswith("Unavailable")
+
+    dump = running.config_dump(until=refused)
+    (state,) = [c["state"] for c in dump["certificates"] if c["identity"] == client]
+    assert "PermissionDenied" in state or "may not act for" in state
+    assert f"node node2's ztunnel may not act for {client}" in running.ca_process.output()
