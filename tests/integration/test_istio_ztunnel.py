@@ -31,6 +31,7 @@ from ztunnel_configs import with_policies
 from testbed.cluster.loader import available
 from testbed.mesh.ca import CertificateAuthority
 from testbed.mesh.ca_service import CaServicePlan
+from testbed.mesh.config import LocalConfig
 from testbed.netlab import Lab, ManagedProcess, Netns
 from testbed.redirect.control import mesh_config
 
@@ -195,3 +196,23 @@ def test_a_token_gets_no_certificate_for_another_nodes_pods(lab: Lab) -> None:
     (state,) = [c["state"] for c in dump["certificates"] if c["identity"] == client]
     assert "PermissionDenied" in state or "may not act for" in state
     assert f"node node2's ztunnel may not act for {client}" in running.ca_process.output()
+
+
+def test_istios_ztunnel_loads_the_service_and_workload_fields_we_accept(lab: Lab) -> None:
+    data = mesh_config(with_policies("two_nodes")).model_dump(by_alias=True, exclude_defaults=True)
+    (service,) = data["services"]
+    service["cidrVips"] = [{"network": "", "cidr": "10.96.128.0/24"}]
+    waypoint = {"destination": "/10.244.1.9", "hboneMtlsPort": 15008}
+    service["weightedWaypoints"] = [{"destination": waypoint, "weight": 100}]
+    service["loadBalancer"] = {
+        "routingPreferences": ["Zone", "Node"], "mode": "Failover", "healthPolicy": "AllowAll",
+    }  # fmt: skip
+    data["workloads"][0]["locality"] = {"zone": "z1"}  # written whole: region, zone, subzone
+    config = LocalConfig.model_validate(data)
+    dump = start(lab, config.dump_yaml()).config_dump()
+    (dumped,) = [s for s in dump["services"] if s["hostname"] == service["hostname"]]
+    assert dumped["loadBalancer"]["mode"] == "Failover"
+    assert [w["weight"] for w in dumped["weightedWaypoints"]] == [100]
+    assert dumped["cidrVips"] == [{"network": "", "cidr": "10.96.128.0/24"}]
+    client = next(w for w in dump["workloads"] if w["uid"] == data["workloads"][0]["uid"])
+    assert client["locality"]["zone"] == "z1"
