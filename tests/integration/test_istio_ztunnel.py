@@ -118,7 +118,8 @@ def start(
         "LOCAL_XDS_PATH": str(local),
         "XDS_ADDRESS": "",  # no istiod: the local file is the whole config
         "NODE_NAME": NODE,
-        "INPOD_UDS": str(lab.add_socket(lab.workdir / "ztunnel.sock")),
+        # No CNI agent listens there: ztunnel keeps retrying, which does not stop it serving.
+        "INPOD_UDS": str(lab.workdir / "no-agent.sock"),
         "RUST_LOG": "info",
         **plan.ztunnel_env(NODE),
         "AUTH_TOKEN": str(plan.token_files[token_of]),
