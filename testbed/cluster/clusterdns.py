@@ -25,6 +25,7 @@ import dns.rcode
 from testbed.cluster.model import ServiceSpec
 from testbed.mesh.dns import PORT, Zone
 from testbed.netlab import ManagedProcess
+from testbed.netlab.errors import TestbedError
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
@@ -35,7 +36,7 @@ DNS_NAMESPACE = "kube-system"
 READY_TIMEOUT = 10.0
 
 
-class ClusterDnsError(RuntimeError):
+class ClusterDnsError(TestbedError, RuntimeError):
     """The cluster DNS server did not come up."""
 
 
