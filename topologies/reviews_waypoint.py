@@ -1,8 +1,11 @@
 """A waypoint in front of a two-version `reviews` service (in the spirit of Istio's
 Bookinfo): 90/10 split between v1 and v2, `/v2/...` pinned to v2, `/admin` denied at L7.
+Each reviews pod runs the HTTP echo app on 8080 (its `x-served-by` header names the pod).
 
     testbed up reviews_waypoint --mode inpod
-    testbed:...> productpage curl -s http://REVIEWS_VIP:9080/   (VIP from `services`)
+    testbed:...> curl productpage http://reviews:9080/        (mostly reviews-v1)
+    testbed:...> curl productpage http://reviews:9080/v2/x    (always reviews-v2)
+    testbed:...> curl productpage http://reviews:9080/admin   (403 from the waypoint)
 """
 
 from testbed.cluster import Topology
@@ -21,7 +24,14 @@ class ReviewsWaypoint(Topology):
         self.add_pod("productpage", "node1", labels={"app": "productpage", "role": "client"})
         for version, node in (("v1", "node1"), ("v2", "node2")):
             labels = {"app": "reviews", "version": version, "role": "server"}
-            self.add_pod(f"reviews-{version}", node, service_account="reviews", labels=labels)
+            self.add_pod(
+                f"reviews-{version}",
+                node,
+                service_account="reviews",
+                labels=labels,
+                app="http-echo",
+                port=8080,
+            )
             self.add_service(f"reviews-{version}", selector=labels, ports={9080: 8080})
         self.add_service("reviews", selector={"app": "reviews"}, ports={9080: 8080})
         self.add_http_route(

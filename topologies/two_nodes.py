@@ -1,9 +1,18 @@
 """Two nodes: a client pod on node1, a server pod on each node, so that the same-node path
-(client -> server1) and the cross-node path (client -> server2) both exist."""
+(client -> server1) and the cross-node path (client -> server2) both exist. Each server runs
+the HTTP echo app on port 80 (the ports 5201, 8080 and 11111 stay free for the tools that
+experiments and the shell's `iperf` start):
+
+    testbed up two_nodes
+    testbed:...> curl client http://server2/        (the reply names the pod that answered)
+    testbed:...> curl client http://server/         (the service: either server)
+"""
 
 from typing import Any
 
 from testbed.cluster import Topology
+
+HTTP_PORT = 80  # the servers' HTTP echo app
 
 
 class TwoNodes(Topology):
@@ -22,14 +31,18 @@ class TwoNodes(Topology):
             "node1",
             service_account="server",
             labels={"app": "server", "role": "server", "version": "v1"},
+            app="http-echo",
+            port=HTTP_PORT,
         )
         self.add_pod(
             "server2",
             "node2",
             service_account="server",
             labels={"app": "server", "role": "server", "version": "v2"},
+            app="http-echo",
+            port=HTTP_PORT,
         )
-        self.add_service("server", selector={"app": "server"}, ports=[5201, 8080, 11111])
+        self.add_service("server", selector={"app": "server"}, ports=[5201, 8080, 11111, HTTP_PORT])
 
 
 topos = {"two_nodes": TwoNodes}
