@@ -67,6 +67,8 @@ def test_example_topologies_declare_their_apps() -> None:
         "reviews-v1": AppSpec("http-echo", 8080),
         "reviews-v2": AppSpec("http-echo", 8080),
     }
+    bare = plan(load_topology("reviews_waypoint,apps=false"))
+    assert not [p for p in bare.pods.values() if p.app]
     two = plan(load_topology("two_nodes"))
     assert {n: p.app for n, p in two.pods.items() if p.app} == {
         "server1": AppSpec("http-echo", 80),
