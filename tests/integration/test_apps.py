@@ -49,6 +49,10 @@ def test_declared_apps_run_from_up_to_down_and_a_crash_is_reported(runs_root: Pa
         for pod, kind in RUNNING.items():
             assert apps[pod]["app"] == kind and apps[pod]["state"] == "running", apps[pod]
             assert is_same_process(apps[pod]["pid"], apps[pod]["start_time"])
+        deadline = time.monotonic() + 10.0  # the crasher may still be ending as `up` returns
+        while apps["crasher"]["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            apps = inspect_apps(runs_root, name)
         crashed = apps["crasher"]
         assert crashed["state"] == "exited" and crashed["exit_code"] == 3, crashed
         assert crashed["output"].splitlines() == ["about to fail", "second line"]
