@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup python-env test unit integration experiment report lint typecheck clean
+.PHONY: setup python-env test unit integration experiment bench report lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,10 @@ integration: setup
 
 experiment: setup
 	$(TESTBED) run $(EXPERIMENT) --report
+
+# make bench [QUICK=1] [BENCH_ARGS="--modes inpod,sidecar --pinning split"]
+bench: setup
+	$(TESTBED) bench $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 report: setup
 	$(TESTBED) report $(RUN)

@@ -26,7 +26,7 @@ fi
 
 APT_PACKAGES=(
   iproute2 iptables nftables ipset iperf3 sockperf iputils-ping tcpdump
-  ethtool procps openssl make python3-venv
+  ethtool procps openssl make python3-venv nghttp2-client haproxy
   clang bpftool libbpf-dev
   conntrack graphviz curl
 )

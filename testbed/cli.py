@@ -15,23 +15,16 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.cluster.loader import parse_value
-from testbed.cluster.mode import ModeError
-from testbed.cluster.model import TopologyError
-from testbed.netlab import ManifestError, NetlabError, interrupt
+from testbed.netlab import NetlabError, interrupt
+from testbed.netlab.errors import TestbedError
 from testbed.netlab.manifest import RUNS_ROOT, list_runs
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-class UsageError(Exception):
+class UsageError(TestbedError):
     """A mistake on the command line."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from testbed.experiment.spec import SpecError
-
-    return (TopologyError, ModeError, ManifestError, SpecError, UsageError)
 
 
 # -- doctor ---------------------------------------------------------------------------------
@@ -265,6 +258,121 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- Kubernetes: export, export-experiment, import, apply, delete (testbed.kube) -------------
+def _kube_errors() -> tuple[type[Exception], ...]:
+    from testbed.kube.documents import DocumentError
+    from testbed.kube.export import ExportError
+    from testbed.kube.importer import RowsError
+    from testbed.kube.istio import ApplyError
+
+    return (DocumentError, ExportError, RowsError, ApplyError)
+
+
+def cmd_kube(args: argparse.Namespace) -> int:
+    try:
+        code: int = args.kube_func(args)
+        return code
+    except _kube_errors() as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _kube_export(args: argparse.Namespace) -> int:
+    from testbed.cluster.loader import load_topology
+    from testbed.cluster.model import plan
+    from testbed.kube.export import parse_node_map, write_export
+
+    topology = plan(load_topology(args.topology))
+    node_map = parse_node_map(args.node_map, topology)
+    files = write_export(topology, args.out, mode=args.mode, node_map=node_map, image=args.image)
+    console.print(f"wrote {len(files)} files to {args.out} (kubectl apply -k {args.out})")
+    return 0
+
+
+def _kube_export_experiment(args: argparse.Namespace) -> int:
+    from testbed.cluster.loader import load_topology
+    from testbed.cluster.model import plan
+    from testbed.experiment.spec import load_spec
+    from testbed.kube.export import parse_node_map
+    from testbed.kube.jobs import write_experiment
+    from testbed.redirect import available_modes
+
+    spec = load_spec(args.spec, available_modes=available_modes)
+    node_map = parse_node_map(args.node_map, plan(load_topology(spec.topology.as_argument())))
+    files = write_experiment(
+        args.spec, args.out, mode=args.mode, node_map=node_map, image=args.image
+    )
+    console.print(f"wrote {len(files)} files to {args.out}; see {args.out / 'README.md'}")
+    return 0
+
+
+def _kube_import(args: argparse.Namespace) -> int:
+    from testbed.kube.importer import import_rows
+
+    console.print(f"results: {import_rows(args.rows, args.name, args.results)}")
+    return 0
+
+
+def _kube_apply(args: argparse.Namespace) -> int:
+    from testbed.kube.live import apply_to_run, delete_from_run
+
+    change = delete_from_run if args.delete else apply_to_run
+    for res in change(args.name, args.file, args.root):
+        verb = "deleted" if args.delete else "applied"
+        console.print(
+            f"{res.kind} {res.metadata.namespace or 'default'}/{res.metadata.name} {verb}"
+        )
+    return 0
+
+
+def add_kube_commands(sub: Any) -> None:
+    from testbed.kube.export import DEFAULT_IMAGE, EXPORT_MODES
+
+    p = sub.add_parser("export", help="Kubernetes + Istio manifests for a topology")
+    p.add_argument("topology", help="name, spec string or file.py, as for up")
+    p.add_argument("--out", type=Path, required=True, help="folder for the manifests")
+    p.add_argument("--node-map", help="node1=worker-a,node2=worker-b (default: same names)")
+    p.add_argument("--mode", choices=EXPORT_MODES, default="ambient")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the apps (the project's)")
+    p.set_defaults(func=cmd_kube, kube_func=_kube_export)
+
+    p = sub.add_parser("export-experiment", help="an experiment spec as Kubernetes Jobs")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--node-map", help="node1=worker-a,node2=worker-b (default: same names)")
+    p.add_argument("--mode", choices=["ambient", "sidecar", "none"], default="ambient")
+    p.add_argument("--image", default=DEFAULT_IMAGE)
+    p.set_defaults(func=cmd_kube, kube_func=_kube_export_experiment)
+
+    p = sub.add_parser("import", help="a Job's JSON rows as a results directory")
+    p.add_argument("rows", type=Path)
+    p.add_argument("--name", required=True, help="name of the results directory")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.set_defaults(func=cmd_kube, kube_func=_kube_import)
+
+    for verb in ("apply", "delete"):
+        p = sub.add_parser(verb, help=f"{verb} Istio YAML (policies, waypoints, routes, labels)")
+        p.add_argument("name", help="a running testbed")
+        p.add_argument("file", type=Path)
+        p.set_defaults(func=cmd_kube, kube_func=_kube_apply, delete=verb == "delete")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from testbed.bench import QUICK, BenchOptions, Durations, run_bench
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    options = BenchOptions(
+        modes=modes,
+        reps=args.reps if args.reps is not None else (2 if args.quick else 5),
+        durations=QUICK if args.quick else Durations(),
+        pinning=args.pinning,
+        native=not args.no_native,
+        out=args.out,
+        root=args.root,
+    )
+    run_bench(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from testbed.redirect import available_modes
@@ -349,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", type=Path)
     p.add_argument("run_b", type=Path)
     p.set_defaults(func=cmd_compare)
+    add_kube_commands(sub)
+
+    p = sub.add_parser("bench", help="none vs modes vs a native mTLS proxy, in one sitting")
+    p.add_argument("--modes", default="inpod", help="comma-separated modes (default: inpod)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions (default 5; quick: 2)")
+    p.add_argument("--quick", action="store_true", help="1 s per figure: under 2 minutes")
+    p.add_argument("--pinning", choices=["none", "split"], default="none",
+                   help="split: client and server apps each on its own CPU")  # fmt: skip
+    p.add_argument("--no-native", action="store_true", help="skip the HAProxy native peer")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="rows.csv and summary")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -358,12 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except _user_errors() as exc:
+    except TestbedError as exc:  # every error of ours: one line, never a traceback
         err_console.print(f"testbed: error: {exc}", highlight=False, soft_wrap=True)
         return 2
-    except NetlabError as exc:
-        err_console.print(f"testbed: failed: {exc}", highlight=False, soft_wrap=True)
-        return 1
     except KeyboardInterrupt as exc:
         err_console.print("testbed: interrupted; everything it created was removed")
         partial = getattr(exc, "run_dir", None)  # an experiment keeps what it measured

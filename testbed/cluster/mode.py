@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from testbed.netlab.errors import TestbedError
+
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
     from testbed.cluster.model import Topology
 
 
-class ModeError(Exception):
+class ModeError(TestbedError):
     """An unknown mode or a bad mode option; the message names it and what was expected."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from testbed.cluster import waypoints
+from testbed.netlab.errors import TestbedError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 UNDERLAY = ipaddress.IPv4Network("172.18.0.0/16")
@@ -25,7 +26,7 @@ MAX_PODS_PER_NODE = 250
 ROOT_NAMESPACE = "istio-system"  # policies here apply mesh-wide, as in Istio
 
 
-class TopologyError(Exception):
+class TopologyError(TestbedError):
     """A mistake in a topology: the message names the topology, the item and the problem."""
 
 
@@ -281,6 +282,14 @@ class Topology:
         return waypoints.declare_l7_policy(
             self, name, namespace, action, services or [], rules or []
         )
+
+    def apply_yaml(self, path: str) -> None:
+        """Declare the Istio resources of a YAML file (AuthorizationPolicies, waypoint
+        Gateways, HTTPRoutes, istio.io label patches), as `testbed apply` reads them; call it
+        in build() after the services it names. Implemented in testbed.kube.istio."""
+        from testbed.kube.istio import declare_file  # the translation lives with the exporter
+
+        declare_file(self, path)
 
     def remove_policy(self, name: str) -> None:
         if self.policies.pop(name, None) is None:

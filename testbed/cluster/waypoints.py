@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from testbed.mesh.waypoint.l7authz import L7Policy
 from testbed.mesh.waypoint.routing import HttpRoute
+from testbed.netlab.errors import TestbedError
 
 if TYPE_CHECKING:
     from testbed.cluster.model import Topology
@@ -39,7 +40,7 @@ WaypointFor = Literal["service", "workload", "all", "none"]
 Kind = Literal["service", "workload"]
 
 
-class WaypointError(ValueError):
+class WaypointError(TestbedError, ValueError):
     """A waypoint declaration, route or L7 policy is wrong (the caller names the topology)."""
 
 
@@ -142,11 +143,24 @@ def declare_route(
             for b in rule.get("backends", [])
         ]
         keyed.append({**rule, "backends": backends} if backends else dict(rule))
+        if rule.get("filters"):  # a mirror names a service as backends do
+            keyed[-1]["filters"] = [_mirror_keyed(topology, f, what) for f in rule["filters"]]
     try:
         topology.l7.add_route(name, namespace, parents, keyed)
     except WaypointError as exc:
         raise topology.error(str(exc)) from None
     return name
+
+
+def _mirror_keyed(topology: Topology, rule_filter: Any, what: str) -> Any:
+    mirror = rule_filter.get("requestMirror") if isinstance(rule_filter, dict) else None
+    if not isinstance(mirror, dict):
+        return rule_filter
+    ref = mirror.get("backendRef")
+    if not isinstance(ref, dict) or "service" not in ref:
+        return rule_filter
+    keyed_ref = {**ref, "service": _service_key(topology, str(ref["service"]), what)}
+    return {**rule_filter, "requestMirror": {**mirror, "backendRef": keyed_ref}}
 
 
 def declare_l7_policy(

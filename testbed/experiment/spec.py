@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from testbed.cluster.mode import ModeError
+from testbed.netlab.errors import TestbedError
 from testbed.redirect import registry
 
 Workload = Literal["tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"]
@@ -33,7 +34,7 @@ Placement = Literal["same-node", "cross-node"]
 Pinning = Literal["none", "split"]
 
 
-class SpecError(Exception):
+class SpecError(TestbedError):
     """An experiment spec that cannot be used; the message names the file and the field."""
 
 

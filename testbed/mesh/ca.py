@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from testbed.netlab.errors import TestbedError
+
 SPIFFE_SCHEME = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 CA_CERT_FILE = "ca-cert.pem"
@@ -63,7 +65,7 @@ class Identity:
         return self.uri
 
 
-class PeerIdentityError(Exception):
+class PeerIdentityError(TestbedError):
     """The peer's certificate does not carry an acceptable SPIFFE identity."""
 
 

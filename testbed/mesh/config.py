@@ -43,6 +43,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN, Identity
+from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ WATCH_INTERVAL_S = 0.5
 V = TypeVar("V")
 
 
-class ConfigError(Exception):
+class ConfigError(TestbedError):
     """The mesh config is unreadable or invalid; the message names the file and field."""
 
 

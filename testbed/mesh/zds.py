@@ -25,13 +25,15 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from testbed.netlab.errors import TestbedError
+
 ZDS_VERSION_V1 = 1
 MAX_MESSAGE = 4096  # Istio reads into 1 KiB buffers; our messages are far smaller
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 
-class ZdsDecodeError(ValueError):
+class ZdsDecodeError(TestbedError, ValueError):
     pass
 
 

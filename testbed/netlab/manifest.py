@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.netlab.errors import TestbedError
+
 RUNS_ROOT = Path(os.environ.get("TESTBED_RUN_ROOT", "/run/testbed"))
 RUN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
 
 KINDS = ("netns", "process", "file", "dir", "socket", "bpf_pin", "mount")
 
 
-class ManifestError(Exception):
+class ManifestError(TestbedError):
     """A run name or manifest problem the user can act on."""
 
 

@@ -14,8 +14,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from testbed.netlab.errors import TestbedError
 
-class NetlabError(Exception):
+
+class NetlabError(TestbedError):
     """A netlab operation failed; the message says which and why."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.mesh import zds
+from testbed.netlab.errors import TestbedError
 from testbed.redirect.cni_agent import CniAgent, ZdsError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ MAX_REQUEST = 64 * 1024
 CONNECT_TIMEOUT = 10.0
 
 
-class AgentError(RuntimeError):
+class AgentError(TestbedError, RuntimeError):
     """The agent refused or failed a request, or cannot be reached."""
 
 

@@ -33,6 +33,7 @@ from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
 from testbed.mesh.ztunnel import ADMIN_PORT, READY_PORT
 from testbed.mesh.ztunnel.state import config_digest
 from testbed.netlab import Lab, ManagedProcess
+from testbed.netlab.errors import TestbedError
 from testbed.redirect.control import ControlPlane, is_captured
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ ZTUNNEL_NAMESPACE = "istio-system"
 ZTUNNEL_ACCOUNT = "ztunnel"
 
 
-class ProxyError(RuntimeError):
+class ProxyError(TestbedError, RuntimeError):
     """A proxy exited, did not come up, or did not take a config in time."""
 
 

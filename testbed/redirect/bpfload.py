@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.netlab import Lab, NetlabError, Netns, links
+from testbed.netlab.errors import TestbedError
 from testbed.redirect import tcx
 from testbed.redirect.bpfmaps import MAP_NAMES, PinnedMaps
 from testbed.redirect.tcx import Direction
@@ -35,7 +36,7 @@ VERIFIER_LOG_LINES = 30
 KERNEL_NAME_LEN = 15  # BPF_OBJ_NAME_LEN - 1
 
 
-class BpfLoadError(RuntimeError):
+class BpfLoadError(TestbedError, RuntimeError):
     """The programs could not be built, loaded (verifier) or attached."""
 
 

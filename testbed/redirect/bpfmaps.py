@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.netlab.errors import TestbedError
+
 POD_MAP = "pod_map"
 ZTUNNEL_MAP = "ztunnel_map"
 HOST_MAP = "host_map"
@@ -26,7 +28,7 @@ _ZTUNNEL_VALUE = struct.Struct("<I4s6s2x")  # struct ztunnel_info
 _HOST_VALUE = struct.Struct("<4s")  # struct host_info
 
 
-class BpfMapError(RuntimeError):
+class BpfMapError(TestbedError, RuntimeError):
     """bpftool could not read or write a map."""
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from types import TracebackType
 
 from testbed.mesh import zds
+from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
 
 _ACCEPT_POLL = 0.2  # how often the accept loop looks at the stop flag (s)
 
 
-class ZdsError(RuntimeError):
+class ZdsError(TestbedError, RuntimeError):
     """A pod could not be handed to ztunnel."""
 
 

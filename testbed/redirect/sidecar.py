@@ -19,9 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.redirect import sidecar_rules
 from testbed.redirect.base import MeshMode, MeshOptions
-from testbed.redirect.control import is_captured
+from testbed.redirect.control import is_captured, write_atomically
 from testbed.redirect.rules import (
     TPROXY_MARK,
     CommandRunner,
@@ -83,9 +84,15 @@ class SidecarMode(MeshMode):
     def __init__(self, options: MeshOptions | None = None) -> None:
         super().__init__(options)
         self.certs: dict[str, Path] = {}  # node -> its certificate folder
+        self.l7_path = Path()  # routes and L7 policies for the sidecars, written at install
 
     def start_proxies(self, cluster: Cluster) -> None:
         """Certificates per node, then every captured pod's sidecar (waited for together)."""
+        # Every route and L7 policy of the topology; each sidecar applies its destination's.
+        self.l7_path = self.lab.add_file(self.mesh.directory / "sidecar-l7.yaml")
+        l7 = cluster.topology.l7
+        sidecar_l7 = WaypointConfig(routes=l7.routes, policies=l7.policies)
+        write_atomically(self.l7_path, sidecar_l7.dump_yaml())
         for node in cluster.nodes:
             self.certs[node] = self.lab.add_dir(self.mesh.directory / f"sidecars-{node}")
             self.mesh.issue_node_certs(cluster.topology, node, self.certs[node])
@@ -96,7 +103,9 @@ class SidecarMode(MeshMode):
     def _start_sidecar(self, pod: Pod) -> None:
         install_rules(pod.netns, pod.ip)
         module, certs = "testbed.mesh.ztunnel.sidecar", self.certs[pod.node]
-        argv = self.proxy_argv(module, certs, pod.node, "--uid", pod.spec.uid)
+        argv = self.proxy_argv(
+            module, certs, pod.node, "--uid", pod.spec.uid, "--l7-config", str(self.l7_path)
+        )
         self.start_proxy(f"sidecar-{pod.name}", pod, argv, kind="sidecar")
 
     # -- pods -----------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import struct
 from pathlib import Path
 from typing import Literal
 
+from testbed.netlab.errors import TestbedError
+
 Direction = Literal["ingress", "egress"]
 
 BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_QUERY, BPF_LINK_CREATE = 6, 7, 16, 28
@@ -30,7 +32,7 @@ QUERY_CAPACITY = 64
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class TcxError(OSError):
+class TcxError(TestbedError, OSError):
     """A bpf(2) call for tcx failed (errno and what was attempted)."""
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import graphviz
 
+from testbed.netlab.errors import TestbedError
+
 if TYPE_CHECKING:
     from testbed.trace.run import TraceResult
     from testbed.trace.walk import Hop
@@ -37,7 +39,7 @@ _ACTIONS = frozenset(
 )
 
 
-class DiagramError(ValueError):
+class DiagramError(TestbedError, ValueError):
     """An output file name this module cannot render (not .svg or .png)."""
 
 

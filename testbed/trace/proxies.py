@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.netlab import Netns
+from testbed.netlab.errors import TestbedError
 
 ADMIN_PORT = 15000
 METRICS_PORT = 15020
@@ -48,7 +49,7 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+([0-9.eE+-]+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-class RecordError(ValueError):
+class RecordError(TestbedError, ValueError):
     """A /connections body that does not follow the record format."""
 
 

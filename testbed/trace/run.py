@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from testbed.netlab import Netns
+from testbed.netlab.errors import TestbedError
 from testbed.trace import (
     conntrack,
     expected,
@@ -26,7 +27,7 @@ from testbed.trace.walk import Diff, Hop, Place, metric_hop, number, place_hops,
 SETTLE = 0.3  # proxies close their records and counters settle after the close
 
 
-class TraceError(Exception):
+class TraceError(TestbedError):
     """A bad trace request: unknown pod, service or address, or a malformed DST:PORT."""
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.utils
+import http
 import json
 import os
 import socket
@@ -36,6 +38,8 @@ import h2.exceptions
 import h11
 import uvloop
 
+from testbed.netlab.errors import TestbedError
+
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEADER_BYTES = 16 * 1024
 # Bounds both the response size a client may ask for and the request body kept for echoing.
@@ -45,9 +49,23 @@ MAX_DELAY_MS = 60_000
 _NOT_ECHOED = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 Headers = list[tuple[bytes, bytes]]
+SERVER = b"testbed-http-echo"
 
 
-class BadControl(ValueError):
+def server_headers() -> Headers:
+    """`date` and `server`, which standard servers send (RFC 9110 6.6.1, 10.2.4)."""
+    return [(b"date", email.utils.formatdate(usegmt=True).encode()), (b"server", SERVER)]
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase (HTTP/1.1 clients such as h2load reject an empty one)."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+class BadControl(TestbedError, ValueError):
     """A per-request control (size, delay, status) is malformed or out of range."""
 
 
@@ -221,9 +239,16 @@ class Http1Handler:
     def _send(self, reply: Reply) -> None:
         if self.transport.is_closing():
             return
-        headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+        headers = [
+            *server_headers(),
+            *reply.headers,
+            (b"content-length", str(len(reply.body)).encode()),
+        ]
+        response = h11.Response(
+            status_code=reply.status, headers=headers, reason=reason_phrase(reply.status)
+        )
         self.transport.write(
-            self.conn.send(h11.Response(status_code=reply.status, headers=headers))
+            self.conn.send(response)
             + self.conn.send(h11.Data(data=reply.body))
             + self.conn.send(h11.EndOfMessage())
         )
@@ -239,12 +264,16 @@ class Http1Handler:
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = f"malformed request ({status})\n".encode()
             headers = [
+                *server_headers(),
                 (b"x-served-by", self.served_by.encode()),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ]
             try:
-                response = self.conn.send(h11.Response(status_code=status, headers=headers))
+                reason = reason_phrase(status)
+                response = self.conn.send(
+                    h11.Response(status_code=status, headers=headers, reason=reason)
+                )
                 self.transport.write(response + self.conn.send(h11.Data(data=body)))
             except h11.LocalProtocolError:
                 pass  # the state machine refused: closing is all that is left
@@ -330,6 +359,7 @@ class Http2Handler:
             return
         headers = [
             (b":status", str(reply.status).encode()),
+            *server_headers(),
             *reply.headers,
             (b"content-length", str(len(reply.body)).encode()),
         ]

@@ -39,6 +39,7 @@ import h2.exceptions
 import uvloop
 
 from testbed.measure.rows import Summary
+from testbed.netlab.errors import TestbedError
 from testbed.workloads.http_echo import send_within_window
 
 CONNECT_RETRY_S = 0.1
@@ -74,7 +75,7 @@ def _bucket_bound(value: int) -> int:
 # ---------------------------------------------------------------- HTTP/1.1 framing (pure)
 
 
-class ResponseError(Exception):
+class ResponseError(TestbedError):
     """The server's bytes are not a well-formed HTTP/1.1 response."""
 
 

@@ -69,6 +69,23 @@ class Broken(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Broken).serve_forever()
 """
 
+# Runs in the whoami pod: answers every request with the TCP peer address it saw.
+WHOAMI = r"""
+import http.server, sys
+class Whoami(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-served-by", body.decode())
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Whoami).serve_forever()
+"""
+
 
 class WaypointTopology(Topology):
     name = "waypoint_test"
@@ -86,6 +103,7 @@ class WaypointTopology(Topology):
         self.add_pod("reviews-v2", "node1", service_account="reviews", labels=v2)
         self.add_pod("broken", "node2", labels={"flaky": "yes"})
         self.add_pod("ratings", "node2", labels={"app": "ratings"})
+        self.add_pod("whoami", "node1", labels={"app": "whoami"})
         self.label_namespace("guarded", {USE_WAYPOINT: "guard"})
         self.add_waypoint("guard", "node1", namespace="guarded", waypoint_for="workload")
         self.add_pod("vault", "node2", namespace="guarded", labels={"app": "vault"})
@@ -95,6 +113,7 @@ class WaypointTopology(Topology):
         self.add_service("reviews-v1", selector=v1, ports=ports)
         self.add_service("reviews-v2", selector=v2, ports=ports)
         self.add_service("flaky", selector={"flaky": "yes"}, ports=ports)
+        self.add_service("whoami", selector={"app": "whoami"}, ports=ports)
         self.add_service(
             "ratings", selector={"app": "ratings"}, ports=ports, labels={USE_WAYPOINT: "none"}
         )
@@ -115,8 +134,8 @@ class WaypointTopology(Topology):
             "flaky",
             services=["flaky"],
             rules=[
-                {"retry": {"attempts": 2, "retryOn": ["5xx", "connect-failure"]}},
-                {"matches": [{"path": {"value": "/no-retry"}}]},
+                {},  # Istio's default retry policy (2 retries, 503 among the conditions)
+                {"matches": [{"path": {"value": "/no-retry"}}], "retry": {"attempts": 0}},
             ],
         )
         self.add_l7_policy(
@@ -161,7 +180,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             built.pod("broken").spawn(
                 [sys.executable, "-c", ALWAYS_503, str(APP_PORT)], label="broken"
             )
-            for name in ("reviews-v1", "reviews-v2", "ratings", "broken", "vault"):
+            built.pod("whoami").spawn([sys.executable, "-c", WHOAMI, str(APP_PORT)], label="who")
+            for name in ("reviews-v1", "reviews-v2", "ratings", "broken", "vault", "whoami"):
                 _await_listening(built.pod(name), APP_PORT)
             yield built
     finally:
@@ -207,11 +227,17 @@ def test_path_route_selects_v2(cluster: Cluster) -> None:
     assert report["served"] == {"reviews-v2": 20}
 
 
-def test_retries_hide_503s(cluster: Cluster) -> None:
+def test_default_retries_hide_503s(cluster: Cluster) -> None:
     hidden = requests(cluster, "flaky", "/", 40)
     assert hidden["statuses"] == {"200": 40}
     shown = requests(cluster, "flaky", "/no-retry", 40)
     assert shown["statuses"].get("503", 0) > 0  # the broken pod is really there
+
+
+def test_the_app_behind_a_waypoint_sees_the_waypoint_as_its_peer(cluster: Cluster) -> None:
+    """As with Istio: the waypoint's upstream HBONE forwards no client address."""
+    report = requests(cluster, "whoami", "/", 3)
+    assert report["served"] == {cluster.pod("waypoint").ip: 3}, report
 
 
 def test_injected_delay_shows_as_latency(cluster: Cluster) -> None:

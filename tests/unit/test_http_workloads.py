@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,6 +226,33 @@ def test_echo_http2_prior_knowledge(echo: EchoServer) -> None:
     assert len(body) == 100000  # larger than the initial 64 KiB window: flow control works
     assert headers[b"x-served-by"] == b"pod-echo"
     assert headers[b"x-echo-x-trace"] == b"h2"
+
+
+def test_echo_status_line_has_the_standard_reason_and_date_server_headers(
+    echo: EchoServer,
+) -> None:
+    raw = _raw_exchange(
+        echo.port, b"GET /x?status=503 HTTP/1.1\r\nhost: e\r\nconnection: close\r\n\r\n"
+    )
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 503 Service Unavailable"
+    fields = dict(line.split(b": ", 1) for line in head[1:])
+    assert fields[b"server"] == b"testbed-http-echo"
+    assert fields[b"date"].endswith(b" GMT")  # IMF-fixdate
+    headers, _ = _h2_get(echo.port, "/x")
+    assert headers[b"server"] == b"testbed-http-echo" and b"date" in headers
+
+
+@pytest.mark.parametrize("h1", [True, False], ids=["http1.1", "h2c"])
+def test_h2load_counts_no_failed_requests(echo: EchoServer, h1: bool) -> None:
+    """nghttp2's h2load, an independent client, accepts every reply over HTTP/1.1 and h2c."""
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load (Debian package nghttp2-client) is not installed")
+    argv = ["h2load", "-n", "200", "-c", "4", "-m", "4", echo.url("/x?size=1024")]
+    result = subprocess.run(argv + (["--h1"] if h1 else []), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "200 total, 200 started, 200 done, 200 succeeded, 0 failed, 0 errored" in result.stdout
+    assert "200 2xx" in result.stdout
 
 
 def _raw_exchange(port: int, data: bytes) -> bytes:

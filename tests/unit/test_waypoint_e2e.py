@@ -33,6 +33,7 @@ from waypoint_support import (
 
 from testbed.mesh.hbone import HboneError
 from testbed.mesh.proxy.watch import watch
+from testbed.mesh.waypoint.messages import HttpResponse
 
 REVIEWS = service_key("reviews")
 
@@ -65,8 +66,8 @@ L7 = {
             "name": "flaky",
             "parents": [service_key("flaky")],
             "rules": [
-                rule(retry={"attempts": 1}),
-                rule(matches=prefix("/no-retry")),
+                rule(),  # Istio's default retry policy: 2 retries on 503 and more
+                rule(matches=prefix("/no-retry"), retry={"attempts": 0}),
             ],
         },
     ],
@@ -114,7 +115,7 @@ def test_path_route_selects_v2_and_abort_fault_answers(tmp_path: Path) -> None:
     assert abort_status == 418
 
 
-def test_retries_hide_503s_from_the_client(tmp_path: Path) -> None:
+def test_default_retries_hide_503s_from_the_client(tmp_path: Path) -> None:
     async def scenario(lab: WaypointLab) -> tuple[list[int], list[int]]:
         client = await lab.http(FLAKY_VIP)
         retried = [(await client.exchange(get("/"))).status for _ in range(40)]
@@ -159,9 +160,10 @@ def test_deny_answers_403_and_policy_sees_the_client_identity(tmp_path: Path) ->
     assert (seen["admin"].status, seen["admin"].body) == (403, b"RBAC: access denied")
     assert seen["ok"].status == 200
     assert seen["intruder"].status == 403  # only namespace default is allowed
-    # The endpoint's ztunnel sees the waypoint's identity, with the client's address forwarded.
+    # The endpoint's ztunnel sees the waypoint's identity and no client address: as with
+    # Istio, the app sees the waypoint as its peer (the client is in x-forwarded-for).
     assert seen["up"].peer_identity == WAYPOINT.uri
-    assert seen["up"].forwarded_for == CLIENT_ADDRESS
+    assert seen["up"].forwarded_for is None
     metrics = seen["metrics"]
     assert 'response_code="403"' in metrics and 'response_code="200"' in metrics
     assert f'source_principal="{CLIENT.uri}"' in metrics
@@ -169,13 +171,13 @@ def test_deny_answers_403_and_policy_sees_the_client_identity(tmp_path: Path) ->
     assert "istio_request_duration_milliseconds_bucket{" in metrics
 
 
-def test_http2_requests_are_routed(tmp_path: Path) -> None:
-    async def scenario(lab: WaypointLab) -> dict[int, tuple[str, str]]:
+def test_http2_requests_are_routed_and_go_upstream_as_http2(tmp_path: Path) -> None:
+    async def scenario(lab: WaypointLab) -> dict[int, tuple[str, str, bytes]]:
         reader, writer = await lab.connect()
         conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
         conn.initiate_connection()
         for stream_id in (1, 3):
-            path = "/v2/x" if stream_id == 1 else "/admin"
+            path = "/v2/x?format=json" if stream_id == 1 else "/admin"
             conn.send_headers(
                 stream_id,
                 [(":method", "GET"), (":path", path), (":scheme", "http"),
@@ -183,23 +185,33 @@ def test_http2_requests_are_routed(tmp_path: Path) -> None:
                 end_stream=True,
             )  # fmt: skip
         writer.write(conn.data_to_send())
-        answers: dict[int, tuple[str, str]] = {}
+        answers: dict[int, tuple[str, str, bytes]] = {}
+        bodies: dict[int, bytes] = collections.defaultdict(bytes)
+        heads: dict[int, dict[str, str]] = {}
         while len(answers) < 2:
             data = await reader.read(65536)
             assert data, "waypoint closed the HTTP/2 connection"
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
-                    headers = {str(n): str(v) for n, v in event.headers or []}
                     assert event.stream_id is not None
-                    answers[event.stream_id] = (
-                        str(headers[":status"]),
-                        str(headers.get("x-served-by", "")),
-                    )
+                    heads[event.stream_id] = {str(n): str(v) for n, v in event.headers or []}
+                elif isinstance(event, h2.events.DataReceived):
+                    assert event.stream_id is not None
+                    bodies[event.stream_id] += event.data or b""
+                    conn.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                   event.stream_id)  # fmt: skip
+                elif isinstance(event, h2.events.StreamEnded):
+                    assert event.stream_id is not None
+                    head = heads[event.stream_id]
+                    answers[event.stream_id] = (head[":status"], head.get("x-served-by", ""),
+                                                bodies[event.stream_id])  # fmt: skip
             writer.write(conn.data_to_send())
         writer.close()
         return answers
 
-    assert in_lab(tmp_path, scenario) == {1: ("200", "r2"), 3: ("403", "")}
+    answers = in_lab(tmp_path, scenario)
+    assert answers[1][:2] == ("200", "r2") and answers[3][:2] == ("403", "")
+    assert json.loads(answers[1][2])["protocol"] == "HTTP/2"  # the app saw HTTP/2 too
 
 
 @pytest.mark.parametrize(
@@ -334,3 +346,26 @@ def test_connection_records_name_the_tunnel_and_the_endpoint(tmp_path: Path) -> 
     assert tunnel["upstream"].startswith("127.0.0.1:")  # the lab's endpoint HBONE server
     assert (refused["verdict"], refused["connect_target"]) == ("deny", "10.9.9.9:80")
     assert refused["closed"] is not None
+
+
+def test_envoy_request_and_response_headers(tmp_path: Path) -> None:
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def scenario(lab: WaypointLab) -> tuple[HttpResponse, HttpResponse]:
+        client = await lab.http()
+        fresh = await client.exchange(get("/reviews", traceparent=trace))
+        kept = await client.exchange(
+            get("/reviews", **{"x-request-id": "abc", "x-forwarded-for": "192.0.2.7"})
+        )
+        return fresh, kept
+
+    fresh, kept = in_lab(tmp_path, scenario)
+    echoed = dict(fresh.headers)
+    assert len(echoed["x-echo-x-request-id"]) == 36  # a UUID made by the waypoint
+    assert echoed["x-echo-x-forwarded-proto"] == "http"
+    assert echoed["x-echo-x-forwarded-for"] == CLIENT_ADDRESS[0]
+    assert echoed["x-echo-traceparent"] == trace  # propagated unchanged
+    assert int(echoed["x-envoy-upstream-service-time"]) >= 0
+    again = dict(kept.headers)
+    assert again["x-echo-x-request-id"] == "abc"
+    assert again["x-echo-x-forwarded-for"] == f"192.0.2.7, {CLIENT_ADDRESS[0]}"

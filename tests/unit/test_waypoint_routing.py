@@ -32,8 +32,8 @@ def route(*rules: Mapping[str, object], parents: tuple[str, ...] = (SVC,)) -> Ht
 
 
 def backend_of(table: RouteTable, facts: RequestFacts) -> str | None:
-    rule = table.select(facts)
-    return None if rule is None else rule.backends[0].service
+    selected = table.select(facts)
+    return None if selected is None else selected[1].backends[0].service
 
 
 def test_path_prefix_matches_whole_segments_and_exact_beats_prefix() -> None:
@@ -115,7 +115,7 @@ def test_retry_policy_counts_attempts_and_conditions() -> None:
     assert not policy.should_retry(1, 404)
     only_connect = RetryPolicy(attempts=1, retry_on=["connect-failure"])
     assert only_connect.should_retry(1, None) and not only_connect.should_retry(1, 503)
-    assert not RetryPolicy().should_retry(1, 503)  # no retries unless asked for
+    assert not RetryPolicy(attempts=0).should_retry(1, 503)
 
 
 def test_fault_plan_uses_percentages() -> None:

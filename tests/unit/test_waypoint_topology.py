@@ -23,8 +23,11 @@ class Shop(Topology):
         self.add_service("web", selector={"app": "web"}, ports=[80])
         self.add_service("web-v2", selector={"v": "2"}, ports=[80])
         self.add_service("db", selector={"app": "db"}, ports=[5432], labels={USE_WAYPOINT: "none"})
+        mirror = {"type": "RequestMirror", "requestMirror": {"backendRef": {"service": "db"}}}
         self.add_http_route(
-            "web", services=["web"], rules=[{"backends": [{"service": "web-v2", "weight": 1}]}]
+            "web",
+            services=["web"],
+            rules=[{"backends": [{"service": "web-v2", "weight": 1}], "filters": [mirror]}],
         )
         self.add_l7_policy("no-delete", action="deny", services=["web"],
                            rules=[{"to": [{"methods": ["DELETE"]}]}])  # fmt: skip
@@ -49,6 +52,9 @@ def test_mesh_config_and_l7_file_follow_the_labels() -> None:
     assert [r.name for r in l7.routes] == ["web"]
     backend = l7.routes[0].rules[0].backends[0]
     assert backend.service == "default/web-v2.default.svc.cluster.local"
+    mirror = l7.routes[0].rules[0].filters[0].request_mirror
+    assert mirror is not None
+    assert mirror.backend_ref.service == "default/db.default.svc.cluster.local"
     assert [(p.name, p.action) for p in l7.policies] == [("no-delete", "DENY")]
 
 

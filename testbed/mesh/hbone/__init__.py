@@ -27,15 +27,20 @@ Outbound (a client with a connection pool; one stream per captured connection):
 expected fails the connection). Passthrough TCP: `await relay_tcp(accepted, await
 connect_tcp(dest))` (os.splice in two threads). Works on asyncio and uvloop event loops.
 
-Data path: one asyncio protocol per TLS connection drives an SSLObject over MemoryBIOs with
-1 MiB reads; DATA frames are written from 9 bytes of headroom in the socket read buffer and
-parsed as memoryview slices, WINDOW_UPDATEs go out per MiB (stream 4 MiB, connection 16 MiB
-windows, 1 MiB frames). Server and client tune glibc malloc once so 1 MiB buffers are reused
-(see memory.py).
+Layers: `protocol.HboneProtocol` is the whole HTTP/2 CONNECT state machine, sans I/O
+(`receive_data(bytes) -> events`, `data_to_send()`; framing, SETTINGS, flow control, stream
+states, resets); `connection.TunnelConnection` is its asyncio driver: one protocol per TLS
+connection, an SSLObject over MemoryBIOs with 1 MiB reads decrypted into pooled buffers.
+DATA frames are written from 9 bytes of headroom in the socket read buffer and parsed as
+memoryview slices. Windows are Istio's (stream 4 MiB, connection 16 MiB; 1 MiB frames); a
+stream's credit goes back as bytes arrive while at most 4 MiB wait for a slow app socket,
+batched (>= 1 MiB) into the flush of each receive batch. TLS 1.3 prefers AES-128-GCM.
+Server and client tune glibc malloc once so 1 MiB buffers are reused (see memory.py).
 
-Modules: frames (HTTP/2 framing), flow (window accounting), tls (contexts, SANs, TlsSession),
-connect (requests, decisions), connection + stream (the data path), server, client, relay
-(plain TCP), memory (buffer reuse), testcerts (throwaway PKI for tests and benchmarks).
+Modules: events + protocol (sans-I/O HTTP/2), frames (framing), flow (window accounting),
+tls (contexts, SANs, TlsSession), connect (requests, decisions), connection + stream (the
+asyncio driver), server, client, relay (plain TCP), memory (buffer pool), testcerts
+(throwaway PKI for tests and benchmarks).
 """
 
 from .client import HboneClient, HboneStream

@@ -21,13 +21,12 @@ import ssl
 from collections.abc import Callable, Iterable
 
 from .connect import Address, StreamStats, format_address, request_headers, response_status
-from .connection import STREAM_WINDOW, HboneError, TunnelConnection
+from .connection import HboneError, TunnelConnection
 from .memory import keep_buffers_in_heap
 from .stream import TunnelStream
 
 MAX_STREAMS_PER_CONNECTION = 100
 CONNECT_TIMEOUT = 10.0
-_LAST_STREAM_ID = 2**31 - 1
 
 PoolKey = tuple[str, frozenset[str], Address, str | None]
 SocketFactory = Callable[[int], socket.socket]
@@ -40,7 +39,6 @@ class ClientConnection(TunnelConnection):
         super().__init__(context)
         self.expected = expected
         self.max_streams = max_streams
-        self._next_stream_id = 1
 
     def on_established(self) -> None:
         if self.expected and not self.expected.intersection(self.peer_identities):
@@ -49,32 +47,20 @@ class ClientConnection(TunnelConnection):
                 f"expected {sorted(self.expected)}"
             )
 
-    def on_headers(self, stream_id: int, headers: list[tuple[str, str]], end: bool) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return
-        if not stream.response.done():
-            stream.response.set_result(headers)
-        if end:
-            stream.on_remote_end()
-
     def has_capacity(self) -> bool:
         usable = (
             self.ready.done()
             and self.ready.exception() is None
             and not self.closed.done()
-            and not self.goaway_received
             and self.transport is not None
             and not self.transport.is_closing()
         )
-        limit = min(self.max_streams, self.peer_max_streams)
-        return usable and len(self.streams) < limit and self._next_stream_id < _LAST_STREAM_ID
+        return usable and len(self.streams) < self.max_streams and self.proto.can_open_stream()
 
     def open_stream(self, headers: list[tuple[str, str]]) -> TunnelStream:
-        stream_id, self._next_stream_id = self._next_stream_id, self._next_stream_id + 2
-        stream = TunnelStream(self, stream_id, self.peer_initial_window, STREAM_WINDOW)
-        self.streams[stream_id] = stream
-        self.send_headers(stream_id, headers, end=False)
+        stream_id = self.proto.open_stream(headers)
+        stream = self.streams[stream_id] = TunnelStream(self, stream_id)
+        self.flush()
         return stream
 
 

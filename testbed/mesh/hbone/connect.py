@@ -11,6 +11,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from testbed.netlab.errors import TestbedError
+
 STATUS_OK = 200
 STATUS_BAD_REQUEST = 400
 STATUS_UNAUTHORIZED = 401
@@ -19,7 +21,7 @@ STATUS_UNAVAILABLE = 503
 Address = tuple[str, int]
 
 
-class BadRequest(ValueError):
+class BadRequest(TestbedError, ValueError):
     """The request is not a valid HBONE CONNECT (answered with 400)."""
 
 

@@ -1,8 +1,11 @@
 """HTTP/2 flow-control accounting (RFC 9113 section 5.2), pure and socket-free.
 
-`ReceiveWindow` tracks what the peer may still send us and batches WINDOW_UPDATEs: credit is
-returned only once `threshold` consumed bytes have accumulated, so a 1 MiB frame costs at most
-one update per window instead of one per frame. `SendWindow` tracks what we may still send.
+`ReceiveWindow` is the connection's receive window: credit is returned as bytes arrive, in
+batches of `threshold`, so a 1 MiB frame costs at most one WINDOW_UPDATE. `StreamReceiver` is a
+stream's: it credits bytes back as soon as they arrive (the sender never waits for the app to
+read) while the bytes held for a slow app stay under `buffer_limit`; past that, credit waits
+for `consume`. So a stream holds at most `window + buffer_limit` bytes, and it never stalls
+while the app keeps reading. `SendWindow` tracks what we may still send.
 """
 
 from __future__ import annotations
@@ -29,6 +32,48 @@ class ReceiveWindow:
             return 0
         increment, self._unacked = self._unacked, 0
         self.available += increment
+        return increment
+
+
+class StreamReceiver:
+    """One stream's receive window with early credit and a bound on buffered bytes."""
+
+    def __init__(self, window: int, buffer_limit: int, threshold: int) -> None:
+        if not 0 < threshold <= window:
+            raise ValueError("the credit threshold must be within the window")
+        self.window = window
+        self.buffer_limit = buffer_limit
+        self.threshold = threshold
+        self.received = 0  # flow-controlled bytes the peer sent (padding included)
+        self.consumed = 0  # of those, how many left our buffers
+        self.granted = window  # what the peer may send in total: window + increments
+
+    @property
+    def available(self) -> int:
+        """What the peer may still send before it must wait for a WINDOW_UPDATE."""
+        return self.granted - self.received
+
+    @property
+    def buffered(self) -> int:
+        return self.received - self.consumed
+
+    def receive(self, length: int) -> None:
+        if length > self.available:
+            raise FrameError(FLOW_CONTROL_ERROR, "peer overran the stream window")
+        self.received += length
+
+    def consume(self, length: int) -> None:
+        if length > self.buffered:
+            raise ValueError(f"consumed {length} bytes but only {self.buffered} are buffered")
+        self.consumed += length
+
+    def credit(self) -> int:
+        """The WINDOW_UPDATE increment due now (0: none yet, below the batching threshold)."""
+        target = min(self.received, self.consumed + self.buffer_limit) + self.window
+        increment = target - self.granted
+        if increment < self.threshold:
+            return 0
+        self.granted = target
         return increment
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from testbed.netlab.errors import TestbedError
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADER_SIZE = 9
 
@@ -59,7 +61,7 @@ _SETTING = struct.Struct(">HI")
 _GOAWAY = struct.Struct(">II")
 
 
-class FrameError(Exception):
+class FrameError(TestbedError):
     """A connection error: the peer broke the framing rules. `code` is the GOAWAY error code."""
 
     def __init__(self, code: int, message: str) -> None:
@@ -125,6 +127,14 @@ def parse_u32(payload: bytes, what: str) -> int:
         raise FrameError(FRAME_SIZE_ERROR, f"{what} payload must be 4 bytes")
     value: int = _U32.unpack(payload)[0]
     return value
+
+
+def parse_goaway(payload: bytes) -> tuple[int, int]:
+    """(last stream id, error code) of a GOAWAY payload (any debug data after them ignored)."""
+    if len(payload) < _GOAWAY.size:
+        raise FrameError(FRAME_SIZE_ERROR, "GOAWAY payload shorter than 8 bytes")
+    last, code = _GOAWAY.unpack_from(payload)
+    return last & 0x7FFFFFFF, code
 
 
 def parse_window_increment(payload: bytes) -> int:

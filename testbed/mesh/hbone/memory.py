@@ -1,4 +1,4 @@
-"""Keep the data path's 1 MiB buffers in the heap (glibc only; a no-op elsewhere).
+"""The decrypt buffer pool, and keeping 1 MiB buffers in the heap (glibc only).
 
 By default glibc serves allocations above 128 KiB-32 MiB (adaptive) with fresh mmap()s and
 trims the heap eagerly, so every decrypted 1 MiB batch page-faults its memory in again:
@@ -8,10 +8,10 @@ buffers get reused instead. Process-wide and idempotent; HboneServer and HboneCl
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import functools
+from typing import Protocol
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -34,41 +34,58 @@ def keep_buffers_in_heap() -> bool:
     )
 
 
-class BufferRecycler:
-    """Decrypt buffers, reused once every transport that was handed views of one has sent them.
+class Drain(Protocol):
+    """A writer that was handed views of a pool buffer (a stream's socket transport)."""
 
-    uvloop keeps references to written memoryviews until the bytes reach the kernel, so a
-    buffer may only be overwritten after each such transport's write buffer is empty.
-    Allocating instead costs a 1 MiB memset (and page faults) per batch.
+    def sent_total(self) -> int:
+        """How many of the bytes written to it so far have left its write buffer."""
+        ...
+
+
+class BufferPool:
+    """Decrypt buffers, each reused once every writer handed views of it has sent them.
+
+    A transport keeps the memoryviews written to it until the bytes reach the kernel, so a
+    buffer may only be overwritten after each such writer's sent total passed the mark it had
+    when the buffer was lent; a writer still busy with later bytes does not hold it back.
+    Allocating instead costs a zeroed 1 MiB (memset and page faults) per batch.
     """
 
-    def __init__(self, size: int, keep: int = 4) -> None:
+    def __init__(self, size: int, keep: int = 8) -> None:
         self.size = size
         self._keep = keep
         self._free: list[bytearray] = []
-        self._lent: list[tuple[bytearray, list[asyncio.WriteTransport]]] = []
+        self._lent: list[tuple[bytearray, list[tuple[Drain, int]]]] = []
+        self.allocated = 0  # buffers made so far: stays small while the pool does its job
+
+    @property
+    def lent(self) -> int:
+        return len(self._lent)
 
     def take(self, needed: int) -> bytearray:
         if needed > self.size:
             return bytearray(needed)  # rare (a huge backlog): not pooled
         if self._lent:
             self._reclaim()
-        return self._free.pop() if self._free else bytearray(self.size)
+        if self._free:
+            return self._free.pop()
+        self.allocated += 1
+        return bytearray(self.size)
 
-    def lend(self, buffer: bytearray, writers: list[asyncio.WriteTransport]) -> None:
-        """`buffer` was sliced into writes on `writers` (none: it is free again)."""
+    def lend(self, buffer: bytearray, marks: list[tuple[Drain, int]]) -> None:
+        """`buffer` went out as views: free once each `writer.sent_total() >= mark`."""
         if len(buffer) != self.size:
             return
-        if writers:
-            self._lent.append((buffer, writers))
+        if marks:
+            self._lent.append((buffer, marks))
         elif len(self._free) < self._keep:
             self._free.append(buffer)
 
     def _reclaim(self) -> None:
         still_lent = []
-        for buffer, writers in self._lent:
-            if any(writer.get_write_buffer_size() for writer in writers):
-                still_lent.append((buffer, writers))
+        for buffer, marks in self._lent:
+            if any(writer.sent_total() < mark for writer, mark in marks):
+                still_lent.append((buffer, marks))
             elif len(self._free) < self._keep:
                 self._free.append(buffer)
         self._lent = still_lent

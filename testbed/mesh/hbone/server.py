@@ -28,8 +28,8 @@ from .connect import (
     ConnectRequest,
     parse_request,
 )
-from .connection import STREAM_WINDOW, TunnelConnection, log
-from .frames import PROTOCOL_ERROR, FrameError
+from .connection import TunnelConnection, log
+from .events import RequestReceived
 from .memory import keep_buffers_in_heap
 from .stream import TunnelStream
 
@@ -43,7 +43,6 @@ class ServerConnection(TunnelConnection):
         super().__init__(context)
         self.owner = owner
         self.peer_identity: str | None = None
-        self._last_stream_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,16 +57,9 @@ class ServerConnection(TunnelConnection):
         spiffe = [uri for uri in self.peer_identities if uri.startswith("spiffe://")]
         self.peer_identity = spiffe[0] if spiffe else None
 
-    def on_headers(self, stream_id: int, headers: list[tuple[str, str]], end: bool) -> None:
-        if stream_id % 2 == 0:
-            raise FrameError(PROTOCOL_ERROR, f"client opened even stream {stream_id}")
-        if stream_id <= self._last_stream_id:
-            return  # trailers or a late frame on a stream we already answered: nothing to do
-        self._last_stream_id = stream_id
-        stream = TunnelStream(self, stream_id, self.peer_initial_window, STREAM_WINDOW)
-        stream.received_end = end
-        self.streams[stream_id] = stream
-        task = self.loop.create_task(self._serve(stream, headers))
+    def on_request(self, event: RequestReceived) -> None:
+        stream = self.streams[event.stream_id] = TunnelStream(self, event.stream_id)
+        task = self.loop.create_task(self._serve(stream, event.headers))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

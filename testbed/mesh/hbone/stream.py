@@ -15,8 +15,9 @@ import socket
 import struct
 from typing import TYPE_CHECKING, cast
 
+from testbed.netlab.errors import TestbedError
+
 from .connect import StreamStats
-from .flow import ReceiveWindow, SendWindow
 from .frames import HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -26,16 +27,14 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 FIRST_READ_SIZE = 64 << 10  # grown towards the frame size while reads keep filling it
 
 
-class StreamReset(ConnectionError):
+class StreamReset(TestbedError, ConnectionError):
     """The peer reset the stream, or the tunnel connection failed."""
 
 
 class TunnelStream:
-    def __init__(self, conn: TunnelConnection, stream_id: int, send: int, receive: int) -> None:
+    def __init__(self, conn: TunnelConnection, stream_id: int) -> None:
         self.id = stream_id
         self.conn = conn
-        self.send_window = SendWindow(send)
-        self.receive_window = ReceiveWindow(receive, receive // 4)
         self.response: asyncio.Future[list[tuple[str, str]]] = conn.loop.create_future()
         # Only a client awaits the response; mark a failure as seen so nothing logs it.
         self.response.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -45,7 +44,8 @@ class TunnelStream:
         self.side: SocketSide | None = None
         self.held = b""  # read from the socket but beyond the send window (rare)
         self._early: list[bytes] = []  # data that arrived before a socket was attached
-        self._uncredited = 0  # delivered while the socket side was backed up
+        self._written = 0  # bytes written to the socket's transport
+        self._reported = 0  # of those, reported to the protocol as consumed
         self.to_socket = 0
         self.from_socket = 0
         self.was_reset = False
@@ -54,24 +54,41 @@ class TunnelStream:
         return StreamStats(self.to_socket, self.from_socket, self.was_reset)
 
     # -- tunnel -> socket ---------------------------------------------------------------
-    def deliver(self, data: memoryview) -> asyncio.WriteTransport | None:
-        """Write `data` to the socket; returns the transport now holding the view (if any)."""
+    def sent_total(self) -> int:
+        """Bytes written to the socket that left its transport's buffer (memory.Drain)."""
+        side = self.side
+        if side is None or side.transport is None:
+            return self._written
+        return self._written - side.transport.get_write_buffer_size()
+
+    def deliver(self, data: memoryview) -> tuple[TunnelStream, int] | None:
+        """Write `data` to the socket; returns (self, mark) if the transport kept a view:
+        the buffer behind `data` is free once `sent_total()` reaches the mark."""
         self.to_socket += len(data)
         side = self.side
         if side is None or side.transport is None:
             self._early.append(bytes(data))
-            self._uncredited += len(data)
             return None
-        if side.transport.is_closing():
+        transport = side.transport
+        if transport.is_closing():
             # uvloop closes a transport at once on a write error (and raises on any later
             # write); connection_lost, which resets the stream, follows: drop the bytes.
+            self.conn.consumed(self, len(data))
             return None
-        side.transport.write(data)
-        if side.backed_up:
-            self._uncredited += len(data)
-        else:
-            self.conn.credit_stream(self, len(data))
-        return side.transport
+        # Behind a backlog the bytes would sit in the transport for a while: copy them, so a
+        # slow socket never pins the pooled buffer (and its other streams' bytes) for long.
+        backlog = transport.get_write_buffer_size()
+        transport.write(bytes(data) if backlog else data)
+        self._written += len(data)
+        self.report_consumed()
+        return (self, self._written) if not backlog else None
+
+    def report_consumed(self) -> None:
+        """Tell the protocol what left the transport since last time: that returns credit."""
+        sent = self.sent_total()
+        if sent > self._reported:
+            self.conn.consumed(self, sent - self._reported)
+            self._reported = sent
 
     def on_remote_end(self) -> None:
         self.received_end = True
@@ -80,10 +97,13 @@ class TunnelStream:
             side.shutdown_write()
         self._finish_if_closed()
 
+    def on_response(self, headers: list[tuple[str, str]]) -> None:
+        if not self.response.done():
+            self.response.set_result(headers)
+
     def on_socket_drained(self) -> None:
-        credit, self._uncredited = self._uncredited, 0
-        if credit:
-            self.conn.credit_stream(self, credit)
+        self.report_consumed()
+        self.conn.flush()  # the WINDOW_UPDATE
 
     # -- socket -> tunnel ---------------------------------------------------------------
     def on_socket_eof(self) -> None:
@@ -128,9 +148,9 @@ class TunnelStream:
             return
         for chunk in self._early:
             side.transport.write(chunk)
+            self._written += len(chunk)
         self._early.clear()
-        if not side.backed_up:
-            self.on_socket_drained()
+        self.on_socket_drained()
         if self.received_end:
             side.shutdown_write()
         self.update_reading()
@@ -175,7 +195,6 @@ class SocketSide(asyncio.BufferedProtocol):
     def __init__(self, stream: TunnelStream) -> None:
         self.stream = stream
         self.transport: asyncio.Transport | None = None
-        self.backed_up = False
         self._reading = True
         self._max_read = stream.conn.max_send_chunk
         self._allocate(min(FIRST_READ_SIZE, self._max_read))
@@ -188,7 +207,8 @@ class SocketSide(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
-        transport.set_write_buffer_limits(high=4 << 20)
+        # Past the stream's buffer limit the protocol holds credit back until this drains.
+        transport.set_write_buffer_limits(high=self.stream.conn.stream_buffer_limit)
         self.stream.on_socket_ready()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -217,7 +237,6 @@ class SocketSide(asyncio.BufferedProtocol):
         self.backed_up = True
 
     def resume_writing(self) -> None:
-        self.backed_up = False
         self.stream.on_socket_drained()
 
     def set_reading(self, reading: bool) -> None:

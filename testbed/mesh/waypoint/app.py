@@ -45,17 +45,14 @@ from testbed.mesh.proxy.shell import AdminPorts, ProxyProcess
 from testbed.mesh.proxy.watch import Watched
 from testbed.mesh.waypoint import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READY_PORT
 from testbed.mesh.waypoint.config import WaypointConfig
-from testbed.mesh.waypoint.http1 import open_streams, serve_http1
-from testbed.mesh.waypoint.http2 import Http2Server
 from testbed.mesh.waypoint.proxy import Downstream, Endpoint, L7Proxy, resolve_target
 from testbed.mesh.waypoint.routing import DEFAULT_RULE
+from testbed.mesh.waypoint.serve import SNIFF_READ, SNIFF_TIMEOUT, serve_http
 from testbed.mesh.waypoint.sniff import Protocol, sniff
 from testbed.mesh.waypoint.telemetry import RequestMetrics
 from testbed.mesh.waypoint.upstream import HboneUpstreams, TunnelAddress, pod_tunnel_address
 
 log = logging.getLogger(__name__)
-SNIFF_TIMEOUT = 1.0  # a client that says nothing for this long is taken as plain TCP
-SNIFF_READ = 4096
 
 
 @dataclass(frozen=True)
@@ -158,11 +155,7 @@ class Waypoint(ProxyProcess):
             sock.close()  # closed before saying anything (or said nothing we could pass on)
             return
         handler = functools.partial(self.proxy.handle, downstream, on_endpoint=self._note(record))
-        if protocol == "h2":
-            reader, writer = await asyncio.open_connection(sock=sock)
-            await Http2Server(reader, writer, handler).run(initial)
-        else:
-            await serve_http1(*await open_streams(sock, initial), handler)
+        await serve_http(sock, protocol, handler, initial)
 
     def _note(self, record: ConnectionRecord | None) -> Callable[[Endpoint], None] | None:
         """Keeps the HBONE address of the endpoint that last answered in the record."""
@@ -192,7 +185,7 @@ class Waypoint(ProxyProcess):
         if record is not None:
             record.upstream = format_address(self.upstreams.tunnel_address(endpoint))
         try:
-            upstream = await self.upstreams.open_socket(endpoint, downstream.client)
+            upstream = await self.upstreams.open_socket(endpoint)
         except ConnectionError as exc:
             log.info("tcp %s -> %s: %s", downstream.client, downstream.target.address, exc)
             if record is not None:

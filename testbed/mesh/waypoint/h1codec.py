@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from testbed.netlab.errors import TestbedError
+
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^ \x00-\x1f\x7f]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9]{2})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
@@ -22,7 +24,7 @@ Headers = list[tuple[str, str]]
 Framing = Literal["none", "length", "chunked", "close"]
 
 
-class ParseError(ValueError):
+class ParseError(TestbedError, ValueError):
     """A malformed message; `status` is what a server answers (400, 431, 501...)."""
 
     def __init__(self, message: str, status: int = 400) -> None:

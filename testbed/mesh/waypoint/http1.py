@@ -33,6 +33,7 @@ from testbed.mesh.waypoint.messages import (
     HttpResponse,
     end_to_end,
 )
+from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
 HEAD_END = b"\r\n\r\n"
@@ -153,7 +154,7 @@ async def serve_http1(
 # -- client ------------------------------------------------------------------------------
 
 
-class UpstreamClosed(ConnectionError):
+class UpstreamClosed(TestbedError, ConnectionError):
     """The upstream connection closed before a response came (a pooled connection may have
     been closed by the server meanwhile: the request may be sent again on a fresh one)."""
 

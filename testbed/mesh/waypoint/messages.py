@@ -3,6 +3,7 @@ the HTTP version they came in (bodies are buffered; the testbed's payloads are s
 
 from __future__ import annotations
 
+import http
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -23,18 +24,7 @@ HOP_BY_HOP = frozenset(
         "expect",  # 100-continue is answered by the waypoint itself
     }
 )
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}  # standard phrases
 
 
 @dataclass

@@ -1,7 +1,15 @@
-"""The waypoint's per-request L7 pipeline, as Envoy's filter chain orders it:
-authorization (403 "RBAC: access denied") -> route selection (404 when routes exist and none
-matches) -> fault injection (delay, then abort) -> weighted backend pick, endpoint pick,
-retries and timeout -> metrics and an access log line.
+"""The per-request L7 pipeline of waypoints and L7 sidecars, as Envoy's filter chain
+orders it: authorization (403 "RBAC: access denied") -> route selection (404 when routes
+exist and none matches) -> fault injection (delay, then abort) -> a redirect answers, or
+the request filters, Envoy's request headers and mirrors -> weighted backend pick, endpoint
+pick (LEAST_REQUEST: the less busy of two random endpoints), retries (Istio's default
+policy unless the route sets one) and timeout -> response filters,
+`x-envoy-upstream-service-time` -> metrics and an access log line in Envoy's format.
+
+Envoy's request headers: `x-request-id` (a UUID when the client sent none),
+`x-forwarded-proto` (the client's scheme when it sent none) and the client's address
+appended to `x-forwarded-for`. Trace context (`traceparent`, `tracestate`, `baggage`) goes
+upstream unchanged.
 
 Sockets stay outside: the upstream exchange is an injected `Upstreams`, so the whole
 pipeline runs in unit tests against fakes.
@@ -14,25 +22,33 @@ import datetime
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from testbed.mesh.config import LocalConfig, Service, Workload
 from testbed.mesh.metrics import TrafficLabels
+from testbed.mesh.waypoint import filters
 from testbed.mesh.waypoint.config import WaypointConfig
+from testbed.mesh.waypoint.http2 import StreamRefused
 from testbed.mesh.waypoint.l7authz import DENIED_BODY, L7Policies, Subject
 from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
 from testbed.mesh.waypoint.routing import (
     DEFAULT_RULE,
+    Backend,
+    Failure,
     Random,
     RequestFacts,
+    RouteMatch,
     RouteRule,
     RouteTable,
+    fault_fires,
     pick_weighted,
     plan_fault,
 )
 from testbed.mesh.waypoint.telemetry import AccessLogEntry, RequestMetrics, request_labels
+from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("testbed.mesh.waypoint.access")
@@ -41,14 +57,12 @@ Address = tuple[str, int]
 Endpoint = tuple[Workload, int]  # a workload and the port its app listens on
 
 
-class UpstreamConnectError(ConnectionError):
+class UpstreamConnectError(TestbedError, ConnectionError):
     """The endpoint could not be reached (Envoy: connect failure, flag UF)."""
 
 
 class Upstreams(Protocol):
-    async def exchange(
-        self, endpoint: Endpoint, request: HttpRequest, client: Address
-    ) -> HttpResponse:
+    async def exchange(self, endpoint: Endpoint, request: HttpRequest) -> HttpResponse:
         """Send `request` to the endpoint; UpstreamConnectError if it cannot be reached,
         another ConnectionError if the connection broke before a response."""
         ...
@@ -56,7 +70,8 @@ class Upstreams(Protocol):
 
 @dataclass(frozen=True)
 class Target:
-    """Where the source ztunnel's CONNECT was going: a service VIP:port or a workload."""
+    """Where a request is going: a service VIP:port, a workload, or (a sidecar's inbound)
+    the workload itself with the service it serves on that port."""
 
     address: Address
     service: Service | None
@@ -88,6 +103,11 @@ def resolve_target(config: LocalConfig, address: Address) -> Target | None:
 class _Outcome:
     response: HttpResponse
     endpoint: Endpoint | None
+    sent: HttpRequest | None = None  # the request as it went upstream (for the access log)
+
+
+# Envoy's response flags of tries that got no response, as retry conditions.
+_FAILURES: dict[str, Failure] = {"UF": "connect-failure", "UC": "reset", "UR": "refused-stream"}
 
 
 class L7Proxy:
@@ -98,13 +118,24 @@ class L7Proxy:
         upstreams: Upstreams,
         metrics: RequestMetrics,
         *,
+        reporter: str = "waypoint",
+        default_rule: RouteRule = DEFAULT_RULE,
+        forwarding_headers: bool = True,
         rand: Random = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`reporter` labels the metrics ("waypoint"; a sidecar's "source" or "destination");
+        `default_rule` serves services without routes; `forwarding_headers` adds Envoy's
+        x-request-id, x-forwarded-* (a server sidecar keeps what the client's sent)."""
         self.upstreams = upstreams
         self.metrics = metrics
+        self.reporter = reporter
+        self.default_rule = default_rule
+        self.forwarding_headers = forwarding_headers
         self.rand = rand
         self.sleep = sleep
+        self.active: dict[tuple[str, int], int] = {}  # requests in flight per endpoint
+        self._mirrors: set[asyncio.Task[None]] = set()
         self.update(mesh, l7)
 
     def update(self, mesh: LocalConfig, l7: WaypointConfig) -> None:
@@ -163,9 +194,10 @@ class L7Proxy:
             denied = HttpResponse(403, [("content-type", "text/plain")], DENIED_BODY, "RBAC")
             return _Outcome(denied, None)
         table = self.table(target.key)
-        rule = table.select(facts) if not table.empty else DEFAULT_RULE
-        if rule is None:
+        selected = table.select(facts) if not table.empty else (RouteMatch(), self.default_rule)
+        if selected is None:
             return _Outcome(HttpResponse.local(404, "no route matched", "NR"), None)
+        match, rule = selected
         fault = plan_fault(rule.fault, self.rand)
         if fault.delay:
             await self.sleep(fault.delay)
@@ -173,11 +205,43 @@ class L7Proxy:
             return _Outcome(
                 HttpResponse.local(fault.abort_status, "fault filter abort", "FI"), None
             )
+        for redirect in rule.filter_of("RequestRedirect"):
+            assert redirect.request_redirect is not None
+            response = filters.redirect_response(request, redirect.request_redirect, match)
+            return _Outcome(response, None)
+        upstream_request = filters.rewrite_request(request, rule, match)
+        if self.forwarding_headers:
+            upstream_request = envoy_request_headers(upstream_request, downstream.client)
+        self._mirror(downstream.target, upstream_request, rule)
         try:
             async with asyncio.timeout(rule.timeout):
-                return await self._forward(downstream, request, rule)
+                outcome = await self._forward(downstream, upstream_request, rule)
         except TimeoutError:
             return _Outcome(HttpResponse.local(504, "upstream request timeout", "UT"), None)
+        filters.rewrite_response(outcome.response, rule)
+        outcome.sent = upstream_request
+        return outcome
+
+    def _mirror(self, target: Target, request: HttpRequest, rule: RouteRule) -> None:
+        """Copies to the rule's mirrors, in tasks of their own; their answers are dropped."""
+        for backend, percent in filters.mirror_targets(rule):
+            if not fault_fires(percent, self.rand):
+                continue
+            shadow = RouteRule(backends=[Backend(service=backend.service, port=backend.port)])
+            endpoints = self.endpoints(target, shadow)
+            if not endpoints:
+                log.info("mirror %s has no endpoint", backend.service)
+                continue
+            endpoint = self._least_request(endpoints)
+            task = asyncio.ensure_future(self._send_mirror(endpoint, filters.mirrored(request)))
+            self._mirrors.add(task)
+            task.add_done_callback(self._mirrors.discard)
+
+    async def _send_mirror(self, endpoint: Endpoint, request: HttpRequest) -> None:
+        try:
+            await self.upstreams.exchange(endpoint, request)
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("mirror %s failed: %s", _endpoint_text(endpoint), exc)
 
     async def _forward(
         self, downstream: Downstream, request: HttpRequest, rule: RouteRule
@@ -190,22 +254,32 @@ class L7Proxy:
             if endpoint is None:
                 return _Outcome(HttpResponse.local(503, "no healthy upstream", "UH"), None)
             tried.add(_endpoint_key(endpoint))
-            response = await self._try(endpoint, request, downstream.client, rule)
-            status = None if response.flags == "UF" else response.status
-            if not rule.retry.should_retry(attempt, status):
+            response = await self._try(endpoint, request, rule)
+            failure = _FAILURES.get(response.flags)
+            status = None if failure else response.status
+            grpc = _header(response.headers, "grpc-status") or ""
+            if not rule.retry.should_retry(attempt, status, failure, grpc):
                 return _Outcome(response, endpoint)
             log.debug("retrying %s %s after %s", request.method, request.target, response.status)
 
-    async def _try(
-        self, endpoint: Endpoint, request: HttpRequest, client: Address, rule: RouteRule
-    ) -> HttpResponse:
+    async def _try(self, endpoint: Endpoint, request: HttpRequest, rule: RouteRule) -> HttpResponse:
+        key = _endpoint_key(endpoint)
+        self.active[key] = self.active.get(key, 0) + 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(rule.retry.per_try_timeout):
-                response = await self.upstreams.exchange(endpoint, request, client)
+                response = await self.upstreams.exchange(endpoint, request)
+            elapsed_ms = round((time.perf_counter() - started) * 1000.0)
+            response.headers.append(("x-envoy-upstream-service-time", str(elapsed_ms)))
         except UpstreamConnectError as exc:
             log.info("upstream %s unreachable: %s", _endpoint_text(endpoint), exc)
             response = HttpResponse.local(
                 503, "upstream connect error or disconnect/reset before headers", "UF"
+            )
+        except StreamRefused as exc:
+            log.info("upstream %s refused the stream: %s", _endpoint_text(endpoint), exc)
+            response = HttpResponse.local(
+                503, "upstream connect error or disconnect/reset before headers", "UR"
             )
         except ConnectionError as exc:
             log.info("upstream %s reset: %s", _endpoint_text(endpoint), exc)
@@ -214,6 +288,8 @@ class L7Proxy:
             )
         except TimeoutError:  # this try's own deadline (the route's surfaces as cancellation)
             response = HttpResponse.local(504, "upstream request timeout", "UT")
+        finally:
+            self.active[key] -= 1
         response.upstream = _endpoint_text(endpoint)
         return response
 
@@ -224,15 +300,22 @@ class L7Proxy:
         # Like Istio's retry host predicate: prefer endpoints not tried yet.
         fresh = [e for e in candidates if _endpoint_key(e) not in tried]
         pool = fresh or candidates
-        return pool[int(self.rand() * len(pool)) % len(pool)] if pool else None
+        return self._least_request(pool) if pool else None
+
+    def _least_request(self, pool: list[Endpoint]) -> Endpoint:
+        """Envoy's LEAST_REQUEST with equal weights: of two random picks, the one with fewer
+        requests in flight (the first on a tie)."""
+        first, second = (pool[int(self.rand() * len(pool)) % len(pool)] for _ in range(2))
+        busy = self.active.get
+        return second if busy(_endpoint_key(second), 0) < busy(_endpoint_key(first), 0) else first
 
     def endpoints(self, target: Target, rule: RouteRule) -> list[Endpoint]:
         """The endpoints a request under `rule` may go to (one weighted backend's)."""
         port = target.address[1]
-        if not rule.backends:
-            if target.service is not None:
-                return self.mesh.endpoints(target.service, port)
-            return [] if target.workload is None else [(target.workload, port)]
+        if not rule.backends:  # a target naming a workload is that workload, else the service's
+            if target.workload is not None:
+                return [(target.workload, port)]
+            return [] if target.service is None else self.mesh.endpoints(target.service, port)
         backend = pick_weighted(rule.backends, self.rand)
         if backend is None:
             return []
@@ -249,6 +332,7 @@ class L7Proxy:
         labels = self._labels.get(key)
         if labels is None:
             labels = self._labels[key] = request_labels(
+                reporter=self.reporter,
                 source=self.mesh.workload_by_ip(downstream.client[0]),
                 source_principal=downstream.identity,
                 service=downstream.target.service,
@@ -274,6 +358,7 @@ class L7Proxy:
         )
         if not access_log.isEnabledFor(logging.INFO):
             return
+        sent = outcome.sent or request
         entry = AccessLogEntry(
             wall,
             request.method,
@@ -284,12 +369,32 @@ class L7Proxy:
             len(request.body),
             len(response.body),
             duration_ms,
-            response.upstream,
+            _header(response.headers, "x-envoy-upstream-service-time"),
+            _header(sent.headers, "x-forwarded-for"),
+            _header(sent.headers, "user-agent"),
+            _header(sent.headers, "x-request-id"),
             request.authority,
-            downstream.identity,
-            downstream.target.key or "-",
+            response.upstream,
         )
         access_log.info("%s", entry.line())
+
+
+def envoy_request_headers(request: HttpRequest, client: Address) -> HttpRequest:
+    """The request with `x-request-id`, `x-forwarded-proto` and `x-forwarded-for` as Envoy
+    sets them (an id and a scheme the client sent are kept; its address is appended)."""
+    headers = list(request.headers)
+    if _header(headers, "x-request-id") is None:
+        headers.append(("x-request-id", str(uuid.uuid4())))
+    if _header(headers, "x-forwarded-proto") is None:
+        headers.append(("x-forwarded-proto", "http"))
+    forwarded_for = _header(headers, "x-forwarded-for")
+    chain = client[0] if forwarded_for is None else f"{forwarded_for}, {client[0]}"
+    headers = [(n, v) for n, v in headers if n != "x-forwarded-for"] + [("x-forwarded-for", chain)]
+    return replace(request, headers=headers)
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((value for key, value in headers if key == name), None)
 
 
 def _endpoint_key(endpoint: Endpoint) -> tuple[str, int]:

@@ -31,6 +31,7 @@ DURATION_BUCKETS_MS = (
 
 def request_labels(
     *,
+    reporter: str = "waypoint",
     source: Workload | None,
     source_principal: str | None,
     service: Service | None,
@@ -40,7 +41,7 @@ def request_labels(
     if destination is not None:
         values["destination_principal"] = destination.identity.uri
     return TrafficLabels(
-        reporter="waypoint",
+        reporter=reporter,
         source_principal=source_principal or UNKNOWN,
         request_protocol="http",
         connection_security_policy="mutual_tls",
@@ -89,26 +90,41 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class AccessLogEntry:
+    """One request as Envoy's default access log format writes it:
+
+    [%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%"
+    %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%
+    %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%"
+    "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"
+
+    (one line; a value that is absent is "-").
+    """
+
     start: datetime.datetime
     method: str
-    target: str
+    path: str  # as the client sent it (before any rewrite)
     protocol: str
     status: int
     flags: str
     bytes_received: int
     bytes_sent: int
     duration_ms: float
-    upstream: str
+    upstream_service_time: str | None
+    forwarded_for: str | None
+    user_agent: str | None
+    request_id: str | None
     authority: str
-    source_principal: str | None
-    route: str
+    upstream_host: str
 
     def line(self) -> str:
-        """Envoy's default access log format, plus the client identity and the route."""
+        def text(value: str | None) -> str:
+            return value or "-"
+
         return (
             f"[{self.start.isoformat(timespec='milliseconds')}] "
-            f'"{self.method} {self.target} {self.protocol}" {self.status} {self.flags} '
+            f'"{self.method} {self.path} {self.protocol}" {self.status} {self.flags} '
             f"{self.bytes_received} {self.bytes_sent} {round(self.duration_ms)} "
-            f'"{self.upstream}" "{self.authority}" "{self.source_principal or "-"}" '
-            f'"{self.route}"'
+            f"{text(self.upstream_service_time)} "
+            f'"{text(self.forwarded_for)}" "{text(self.user_agent)}" "{text(self.request_id)}" '
+            f'"{self.authority}" "{self.upstream_host}"'
         )

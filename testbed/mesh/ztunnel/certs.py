@@ -12,13 +12,14 @@ from pathlib import Path
 
 from testbed.mesh.ca import CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE, Identity
 from testbed.mesh.hbone import client_context, server_context
+from testbed.netlab.errors import TestbedError
 
 
 def identity_dir(root: Path, identity: Identity) -> Path:
     return root / identity.namespace / identity.service_account
 
 
-class MissingCertificateError(LookupError):
+class MissingCertificateError(TestbedError, LookupError):
     """This ztunnel holds no certificate for the identity."""
 
 

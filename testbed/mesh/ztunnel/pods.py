@@ -19,6 +19,7 @@ from testbed.mesh.hbone import HboneClient, HboneServer
 from testbed.mesh.ztunnel import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from testbed.mesh.ztunnel.netio import Address
 from testbed.mesh.ztunnel.state import MeshState
+from testbed.netlab.errors import TestbedError
 from testbed.netlab.nsutil import setns_fd
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ async def accept_forever(
         spawn(handle(conn, (str(peer[0]), int(peer[1]))))
 
 
-class UnknownWorkloadError(LookupError):
+class UnknownWorkloadError(TestbedError, LookupError):
     """The pod the agent enrolled is not in the mesh config."""
 
 

@@ -80,14 +80,18 @@ def main(
     make: Callable[[argparse.Namespace], ZtunnelProcess],
     extra: dict[str, str],
     description: str | None = None,
+    optional: dict[str, str] | None = None,
 ) -> None:
-    """`python -m <module> --config --certs --node` plus `extra` options (name -> help)."""
+    """`python -m <module> --config --certs --node` plus `extra` options (name -> help) and
+    `optional` file options (name -> help; absent: None)."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--config", type=Path, required=True, help="mesh config (local YAML)")
     parser.add_argument("--certs", type=Path, required=True, help="workload certificate folder")
     parser.add_argument("--node", required=True, help="the node this proxy serves")
     for name, text in extra.items():
         parser.add_argument(f"--{name}", required=True, help=text)
+    for name, text in (optional or {}).items():
+        parser.add_argument(f"--{name}", type=Path, default=None, help=text)
     shape = module.rsplit(".", 1)[-1]
     prefix = "ztunnel" if shape == "ztunnel" else f"ztunnel-{shape}"
     shell.main(parser, argv, make, lambda args: f"{prefix}-{args.node}")
