@@ -5,7 +5,6 @@ experiments and the shell's `iperf` start; `two_nodes,apps=false` runs none):
 
     testbed up two_nodes
     testbed:...> curl client http://server2/        (the reply names the pod that answered)
-    testbed:...> curl client http://server/         (the service: either server)
 """
 
 from typing import Any
@@ -48,7 +47,7 @@ class TwoNodes(Topology):
             app=self.app,
             port=self.port,
         )
-        self.add_service("server", selector={"app": "server"}, ports=[5201, 8080, 11111, HTTP_PORT])
+        self.add_service("server", selector={"app": "server"}, ports=[5201, 8080, 11111])
 
 
 topos = {"two_nodes": TwoNodes}

@@ -115,9 +115,9 @@ def test_the_readme_tour_works_verbatim(runs_root: Path):
     """README "A tour" on two_nodes (its `client ping server2` pings until Ctrl-C, as in
     Mininet: `ping A B` pings 3 times): the declared apps (HTTP echo on port 80) leave the
     ports of the shell's `iperf` free."""
-    typed = "ping client server2\niperf client server2\ncurl client http://server/\nexit\n"
+    typed = "ping client server2\niperf client server2\ncurl client http://server2/\nexit\n"
     done = cli(runs_root, "up", "two_nodes", "--name", "a" + uuid.uuid4().hex[:7], input=typed)
     assert done.returncode == 0, done.stderr
     assert "3 received" in done.stdout, done.stdout
     assert "throughput" in done.stdout, done.stdout
-    assert "HTTP/1.1 200" in done.stdout and "x-served-by: server" in done.stdout, done.stdout
+    assert "HTTP/1.1 200" in done.stdout and "x-served-by: server2" in done.stdout, done.stdout
