@@ -80,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster.start()
     inv = cluster.inventory()
     console.print(f"{summary_line(inv)} (built in {time.monotonic() - started:.1f} s)")
+    _warn_stopped_apps(inv)
     if args.detach:
         console.print(
             f"left running; 'testbed inspect {cluster.run}', "
@@ -93,6 +94,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
     return 0
+
+
+def _warn_stopped_apps(inv: dict[str, Any]) -> None:
+    """An app that exited is said, never hidden (nothing restarts it)."""
+    for app in inv.get("apps", []):
+        if app["state"] != "running":
+            code = app.get("exit_code")
+            err_console.print(
+                f"app {app['app']} of pod {app['pod']} {app['state']}"
+                + (f" with code {code}" if code is not None else "")
+                + f"; its last output: {app.get('output') or 'none'}",
+                highlight=False,
+                markup=False,
+            )
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -129,6 +144,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(summary_line(inv))
     for _, table in inventory_tables(inv):
         console.print(table)
+    _warn_stopped_apps(inv)
     return 0
 
 
@@ -403,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="running testbeds")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("inspect", help="nodes, pods and services of a testbed")
+    p = sub.add_parser(
+        "inspect", help="nodes, pods, services and apps (running, or exited with code and output)"
+    )
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)

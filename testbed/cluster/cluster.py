@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.cluster import build, clusterdns
+from testbed.cluster.apps import RunningApp, app_state, start_apps
 from testbed.cluster.kubeproxy import render_service_rules
 from testbed.cluster.loader import load_topology
 from testbed.cluster.mode import RedirectMode
@@ -118,6 +119,7 @@ class Cluster:
         self.pods: dict[str, Pod] = {}
         self.services: dict[str, ServiceSpec] = {}
         self.system_pods: dict[str, Pod] = {}
+        self.apps: list[RunningApp] = []
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> Cluster:
@@ -135,6 +137,7 @@ class Cluster:
         try:
             self._build()
             self.mode.install(self)
+            self.apps = start_apps(self._lab, list(self.pods.values()))  # after in-pod rules
             raise_if_requested()  # a Ctrl-C that landed in a finalizer is not lost
             self.save_inventory()
         except BaseException:
@@ -144,8 +147,9 @@ class Cluster:
 
     def stop(self) -> None:
         if self.lab is not None:
-            self.lab.teardown()
+            self.lab.teardown()  # the apps are the lab's processes: stopped with the rest
             self.lab = None
+            self.apps = []
 
     @property
     def workdir(self) -> Path:
@@ -231,6 +235,18 @@ class Cluster:
         pod = self.pods.get(text) or self.system_pods.get(text)
         return pod.ip if pod else text
 
+    def resolve_host(self, text: str) -> str:
+        """A service name becomes its VIP (a name both a service and a pod means the service,
+        as DNS would have it), a pod name its IP; anything else is kept."""
+        service = self.services.get(text)
+        return service.vip if service else self.resolve(text)
+
+    def app_states(self) -> list[dict[str, Any]]:
+        """Each declared app with its state now (see testbed.cluster.apps.app_state)."""
+        for app in self.apps:
+            app.process.poll()  # reap an app that ended, so it is not taken for running
+        return [app_state(app.record()) for app in self.apps]
+
     def proxy_pids(self) -> dict[str, int]:
         return self.mode.proxy_pids()
 
@@ -305,6 +321,7 @@ class Cluster:
                 for s in self.services.values()
             ],
             "proxies": self.proxy_pids(),
+            "apps": self.app_states(),
         }
 
     def save_inventory(self) -> None:
@@ -338,4 +355,5 @@ def load_inventory(run: str, root: Path = RUNS_ROOT) -> dict[str, Any]:
     if not path.exists():
         raise NetlabError(f"no running testbed named {run!r} (no {path})")
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    data["apps"] = [app_state(record) for record in data.get("apps", [])]  # as they are now
     return data

@@ -35,7 +35,6 @@ from podapps import (
     finish,
     http_requests,
     read_line,
-    start_http_echo,
 )
 
 from testbed.cluster import Cluster, Pod, Topology, load_topology
@@ -108,13 +107,12 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
 @pytest.fixture(scope="module", params=list(waypoint_cases()))
 def reviews(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """topologies/reviews_waypoint.py: reviews split 90/10 over v1 and v2 by a waypoint,
-    `/v2...` pinned to v2, `/admin*` denied at L7; HTTP echo servers in the reviews pods."""
+    `/v2...` pinned to v2, `/admin*` denied at L7; the reviews pods' declared HTTP echo app
+    answers (the topology starts it)."""
     mode, options = waypoint_cases()[request.param]
     cluster = Cluster(load_topology("reviews_waypoint"), create_mode(mode, options))
     try:
         cluster.start()
-        for name in ("reviews-v1", "reviews-v2"):
-            start_http_echo(cluster.pod(name))
         yield cluster
     finally:
         cluster.stop()
