@@ -111,6 +111,8 @@ def _matches(step: Step, hop: Hop, roles: dict[str, str], values: dict[str, str]
 
 
 WAYPOINT = Step("any", "proxy", r"^waypoint ")
+# behind a waypoint the app sees the waypoint as its peer, never the client (as with Istio)
+APP_BEHIND_WAYPOINT = Step("server", "app", r"from (?!{client_ip}:)\d")
 # with a waypoint, the client's ztunnel sends HBONE to the waypoint, not to the server
 _REPLACED_BY_WAYPOINT = ("outbound", r"-> {server_ip}:15008 ")
 
@@ -121,7 +123,11 @@ def _steps(result: TraceResult) -> list[Step]:
     ]
     if not any(h.kind == "proxy" and h.netns.startswith("waypoint") for h in result.hops):
         return steps
-    kept = [s for s in steps if s.pattern not in _REPLACED_BY_WAYPOINT]
+    kept = [
+        APP_BEHIND_WAYPOINT if s is APP else s
+        for s in steps
+        if s.pattern not in _REPLACED_BY_WAYPOINT
+    ]
     at = next((i for i, s in enumerate(kept) if s.where == "server-ztunnel"), len(kept) - 1)
     return [*kept[:at], WAYPOINT, *kept[at:]]
 

@@ -218,5 +218,20 @@ def belongs_to(
     )
 
 
+def behind_l7(
+    record: ProxyRecord, *, l7_ips: set[str], destinations: set[str], window: tuple[float, float]
+) -> bool:
+    """Whether a record is the hop after one of this trace's L7 proxies: its TCP peer is that
+    proxy, it was opened while the trace ran, towards one of the trace's destinations."""
+    peer_ip = (record.peer or "").rpartition(":")[0]
+    started, ended = window
+    targets = {record.original_dst or "", record.connect_target or "", record.upstream or ""}
+    return (
+        peer_ip in l7_ips
+        and started - 0.5 <= record.opened <= ended + 0.5
+        and bool(targets & destinations)
+    )
+
+
 def record_summary(record: ProxyRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if v is not None}

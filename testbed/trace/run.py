@@ -354,6 +354,20 @@ def _trace_records(
                 request_bytes=outcome.request_bytes,
             )
         ]
+    # Past an L7 proxy the request carries the proxy's own headers (x-request-id...), so its
+    # size no longer names the trace: the next hop's records are matched by the L7 proxy's
+    # address as their peer, the time window and the destination instead.
+    l7_ips = {p.ip for p in places if p.ip and any(r.path == "l7" for r in found.get(p.name, []))}
+    for place in places:
+        now = after[place.name].proxy.records
+        if now is None or not l7_ips:
+            continue
+        taken = {r.id for r in found.get(place.name, [])}
+        for r in proxies.new_records(before[place.name].proxy.records or [], now):
+            if r.id not in taken and proxies.behind_l7(
+                r, l7_ips=l7_ips, destinations=destinations, window=window
+            ):
+                found.setdefault(place.name, []).append(r)
     return found
 
 
