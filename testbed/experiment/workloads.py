@@ -26,40 +26,26 @@ WorkloadFunction = Callable[[Any, Any, Case, Path | None], Sequence[MeasurementL
 def tcp_stream(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     from testbed.measure.iperf import run_throughput
 
+    parallel = case.parallel or 1
     return run_throughput(
-        client,
-        server,
-        server.ip,
-        duration=case.duration,
-        parallel=case.parallel or 1,
-        raw_dir=raw_dir,
+        client, server, server.ip, duration=case.duration, parallel=parallel, raw_dir=raw_dir
     )
 
 
 def tcp_rr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     from testbed.measure.sockperf import run_pingpong
 
+    size = case.msg_size or 64
     return run_pingpong(
-        client,
-        server,
-        server.ip,
-        duration=int(case.duration),
-        msg_size=case.msg_size or 64,
-        raw_dir=raw_dir,
+        client, server, server.ip, duration=int(case.duration), msg_size=size, raw_dir=raw_dir
     )
 
 
 def tcp_crr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     from testbed.measure.rr import run_crr
 
-    return run_crr(
-        client,
-        server,
-        server.ip,
-        duration=case.duration,
-        size=case.msg_size or 64,
-        raw_dir=raw_dir,
-    )
+    size = case.msg_size or 64
+    return run_crr(client, server, server.ip, duration=case.duration, size=size, raw_dir=raw_dir)
 
 
 def http_fixed_qps(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
