@@ -17,7 +17,8 @@ plane's (testbed.redirect.waypoint_config); the processes are the mode's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -105,15 +106,22 @@ def _validated(model: Any, data: dict[str, Any], what: str) -> Any:
 # ---------------------------------------------------------------- a topology's waypoints
 
 
+@contextmanager
+def _as_topology_error(topology: Topology) -> Iterator[None]:
+    """A WaypointError raised inside becomes the topology's error (it names the file)."""
+    try:
+        yield
+    except WaypointError as exc:
+        raise topology.error(str(exc)) from None
+
+
 def declare_waypoint(
     topology: Topology, name: str, node: str, namespace: str, waypoint_for: str
 ) -> str:
     """A waypoint pod (service account = its name) and its declaration."""
     spec = WaypointSpec(name, namespace, node, waypoint_for)  # type: ignore[arg-type]
-    try:
+    with _as_topology_error(topology):
         topology.l7.add_waypoint(spec)
-    except WaypointError as exc:
-        raise topology.error(str(exc)) from None
     labels = topology.l7.waypoint_labels(spec)
     return topology.add_pod(name, node, namespace=namespace, service_account=name, labels=labels)
 
@@ -145,10 +153,8 @@ def declare_route(
         keyed.append({**rule, "backends": backends} if backends else dict(rule))
         if rule.get("filters"):  # a mirror names a service as backends do
             keyed[-1]["filters"] = [_mirror_keyed(topology, f, what) for f in rule["filters"]]
-    try:
+    with _as_topology_error(topology):
         topology.l7.add_route(name, namespace, parents, keyed)
-    except WaypointError as exc:
-        raise topology.error(str(exc)) from None
     return name
 
 
@@ -175,8 +181,6 @@ def declare_l7_policy(
     targets = [_service_key(topology, s, what) for s in services]
     data = {"name": name, "namespace": namespace, "action": action.upper(),
             "targets": targets, "rules": list(rules)}  # fmt: skip
-    try:
+    with _as_topology_error(topology):
         topology.l7.add_policy(data)
-    except WaypointError as exc:
-        raise topology.error(str(exc)) from None
     return name

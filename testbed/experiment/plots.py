@@ -187,12 +187,28 @@ def line_figure(
 
 
 def _save(fig: plt.Figure, axes: object, title: str, path: Path) -> Path:
-    first = fig.axes[0]
-    handles, labels = first.get_legend_handles_labels()
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    return _finish(
+        fig, handles, labels, legend_title="mode", title=title, right=0.9, top=0.95, path=path
+    )
+
+
+def _finish(
+    fig: plt.Figure,
+    handles: list[Artist],
+    labels: list[str],
+    *,
+    legend_title: str,
+    title: str,
+    right: float,
+    top: float,
+    path: Path,
+) -> Path:
+    """Legend (where there is one), title and layout, then the figure written to `path`."""
     if handles:
-        fig.legend(handles, labels, loc="upper right", title="mode")
+        fig.legend(handles, labels, loc="upper right", title=legend_title)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    fig.tight_layout(rect=(0, 0, right, top))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -229,13 +245,9 @@ def waterfall_figure(table: pd.DataFrame, *, unit: str, title: str, path: Path) 
         ax.set_title(placement)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = _unique_legend(fig)
-    fig.legend(handles, labels, loc="upper right", title="layer")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.8, 0.92))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _finish(
+        fig, handles, labels, legend_title="layer", title=title, right=0.8, top=0.92, path=path
+    )
 
 
 def _unique_legend(fig: plt.Figure) -> tuple[list[Artist], list[str]]:

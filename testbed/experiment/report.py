@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +119,35 @@ def _throughput(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
     summary = _summary(frame[frame["workload"] == "tcp_stream"], ["throughput"], modes)
     if summary.empty:
         return ""
-    path = bar_figure(
-        _panels(summary, "placement"),
+    return _bar_section(
+        summary,
         modes,
         variant_label,
+        heading="## Throughput (tcp_stream)",
         title="TCP throughput (iperf3, receiver side)",
         scale=GBITS,
-        path=run_dir / FIGURES_DIR / "throughput.png",
+        run_dir=run_dir,
+        figure="throughput.png",
+        alt="throughput per mode",
     )
-    text = "## Throughput (tcp_stream)\n\n" + _image(run_dir, path, "throughput per mode")
-    return text + "\n" + markdown_table(summary, GBITS)
+
+
+def _bar_section(
+    summary: pd.DataFrame,
+    modes: list[str],
+    group_of: Callable[[pd.Series], str],
+    *,
+    heading: str,
+    title: str,
+    scale: Scale,
+    run_dir: Path,
+    figure: str,
+    alt: str,
+) -> str:
+    """A heading, a bar figure (a panel per placement) and the table it shows."""
+    path = run_dir / FIGURES_DIR / figure
+    bar_figure(_panels(summary, "placement"), modes, group_of, title=title, scale=scale, path=path)
+    return f"{heading}\n\n" + _image(run_dir, path, alt) + "\n" + markdown_table(summary, scale)
 
 
 def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
@@ -143,16 +163,18 @@ def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
             name = str(row["metric"]).removeprefix(f"{prefix}_")
             return f"{name} {variant_label(row)}" if several else name
 
-        path = bar_figure(
-            _panels(summary, "placement"),
+        text += _bar_section(
+            summary,
             modes,
             group,
+            heading=f"## Latency percentiles ({workload})",
             title=f"{LATENCY_TITLE[workload]}: latency percentiles",
             scale=MICROSECONDS,
-            path=run_dir / FIGURES_DIR / f"latency_{workload}.png",
+            run_dir=run_dir,
+            figure=f"latency_{workload}.png",
+            alt=workload,
         )
-        text += f"## Latency percentiles ({workload})\n\n" + _image(run_dir, path, workload)
-        text += "\n" + markdown_table(summary, MICROSECONDS) + "\n"
+        text += "\n"
     return text
 
 
@@ -190,16 +212,18 @@ def _resources(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
         summary = _summary(frame, [metric], modes)
         if summary.empty:
             continue
-        path = bar_figure(
-            _panels(summary, "placement"),
+        text += _bar_section(
+            summary,
             modes,
             short_case_label,
+            heading=f"### Proxy {name}",
             title=f"Proxy {name} during the measured part of each case",
             scale=scale,
-            path=run_dir / FIGURES_DIR / f"proxy_{name}.png",
+            run_dir=run_dir,
+            figure=f"proxy_{name}.png",
+            alt=f"proxy {name} per mode",
         )
-        text += f"### Proxy {name}\n\n" + _image(run_dir, path, f"proxy {name} per mode")
-        text += "\n" + markdown_table(summary, scale) + "\n"
+        text += "\n"
     text += _cpu_per_rate(frame, modes)
     if not text:
         return ""

@@ -26,61 +26,41 @@ WorkloadFunction = Callable[[Any, Any, Case, Path | None], Sequence[MeasurementL
 def tcp_stream(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     from testbed.measure.iperf import run_throughput
 
+    parallel = case.parallel or 1
     return run_throughput(
-        client,
-        server,
-        server.ip,
-        duration=case.duration,
-        parallel=case.parallel or 1,
-        raw_dir=raw_dir,
+        client, server, server.ip, duration=case.duration, parallel=parallel, raw_dir=raw_dir
     )
 
 
 def tcp_rr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     from testbed.measure.sockperf import run_pingpong
 
+    size = case.msg_size or 64
     return run_pingpong(
-        client,
-        server,
-        server.ip,
-        duration=int(case.duration),
-        msg_size=case.msg_size or 64,
-        raw_dir=raw_dir,
+        client, server, server.ip, duration=int(case.duration), msg_size=size, raw_dir=raw_dir
     )
 
 
 def tcp_crr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     from testbed.measure.rr import run_crr
 
-    return run_crr(
-        client,
-        server,
-        server.ip,
-        duration=case.duration,
-        size=case.msg_size or 64,
-        raw_dir=raw_dir,
-    )
+    size = case.msg_size or 64
+    return run_crr(client, server, server.ip, duration=case.duration, size=size, raw_dir=raw_dir)
 
 
 def http_fixed_qps(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
-    from testbed.measure.http import run_http_fixed_qps
-
     # Warms up on the very connections it then measures (see SELF_WARMING).
-    return run_http_fixed_qps(
-        client,
-        server,
-        server.ip,
-        qps=_swept(case.qps, "qps"),
-        connections=_swept(case.connections, "connections"),
-        duration=case.duration,
-        payload=case.payload or 1024,
-        warmup=case.warmup,
-        raw_dir=raw_dir,
-    )
+    return _http_at_fixed_qps(client, server, case, raw_dir, new_connection=False)
 
 
 def http_crr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequence[Any]:
     """HTTP/1.1 at a fixed rate with a new connection per request (fortio -keepalive=false)."""
+    return _http_at_fixed_qps(client, server, case, raw_dir, new_connection=True)
+
+
+def _http_at_fixed_qps(
+    client: Any, server: Any, case: Case, raw_dir: Path | None, *, new_connection: bool
+) -> Sequence[Any]:
     from testbed.measure.http import run_http_fixed_qps
 
     return run_http_fixed_qps(
@@ -92,7 +72,7 @@ def http_crr(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Sequ
         duration=case.duration,
         payload=case.payload or 1024,
         warmup=case.warmup,
-        new_connection=True,
+        new_connection=new_connection,
         raw_dir=raw_dir,
     )
 

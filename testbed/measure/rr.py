@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,23 +84,15 @@ def run_rr(
     duration: float = 5,
     size: int = 64,
     port: int = 7777,
+    new_connection: bool = False,
     raw_dir: Path | None = None,
 ) -> list[Measurement]:
-    """Ping-pong of `size`-byte messages on one persistent TCP connection (TCP_RR-like)."""
-    options = ["--size", str(size)]
+    """Ping-pong of `size`-byte messages on one persistent TCP connection (TCP_RR-like), or
+    with `new_connection` a new TCP connection for every request (TCP_CRR-like): rate and
+    connect latency."""
+    options = ["--size", str(size), *(["--new-connection"] if new_connection else [])]
     return _run(client, server, server_ip, options, duration=duration, port=port, raw_dir=raw_dir)
 
 
-def run_crr(
-    client: Host,
-    server: Host,
-    server_ip: str,
-    *,
-    duration: float = 5,
-    size: int = 64,
-    port: int = 7777,
-    raw_dir: Path | None = None,
-) -> list[Measurement]:
-    """A new TCP connection for every request (TCP_CRR-like): rate and connect latency."""
-    options = ["--size", str(size), "--new-connection"]
-    return _run(client, server, server_ip, options, duration=duration, port=port, raw_dir=raw_dir)
+# A new TCP connection for every request (TCP_CRR-like).
+run_crr = functools.partial(run_rr, new_connection=True)

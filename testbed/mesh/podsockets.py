@@ -73,18 +73,12 @@ def socket_in_netns(
     so the app sees the real client address; connect it from any thread.
     """
 
-    def create() -> socket.socket:
-        sock = socket.socket(family, type)
-        try:
-            _configure(sock, mark=mark, transparent=transparent, freebind=freebind)
-            if bind is not None:
-                sock.bind(bind)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def setup(sock: socket.socket) -> None:
+        _configure(sock, mark=mark, transparent=transparent, freebind=freebind)
+        if bind is not None:
+            sock.bind(bind)
 
-    return call_in_netns(netns_fd, create)
+    return call_in_netns(netns_fd, lambda: _set_up(socket.socket(family, type), setup))
 
 
 def listen_in_netns(
@@ -98,19 +92,24 @@ def listen_in_netns(
 ) -> socket.socket:
     """A listening TCP socket on host:port inside the pod's namespace."""
 
-    def create() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _configure(sock, mark=mark, transparent=transparent, freebind=False)
-            sock.bind((host, port))
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def setup(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _configure(sock, mark=mark, transparent=transparent, freebind=False)
+        sock.bind((host, port))
+        sock.listen(backlog)
 
-    return call_in_netns(netns_fd, create)
+    tcp = socket.AF_INET, socket.SOCK_STREAM
+    return call_in_netns(netns_fd, lambda: _set_up(socket.socket(*tcp), setup))
+
+
+def _set_up(sock: socket.socket, setup: Callable[[socket.socket], None]) -> socket.socket:
+    """`sock` once `setup` ran on it; closed, not leaked, when setup fails."""
+    try:
+        setup(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def parse_sockaddr_in(raw: bytes) -> tuple[str, int]:

@@ -8,54 +8,53 @@ Headers = list[tuple[str, str]]
 
 
 @dataclass(slots=True)
-class RequestReceived:
+class _StreamEvent:
+    """Something that happened on one stream."""
+
+    stream_id: int
+
+
+@dataclass(slots=True)
+class _HeadersEvent(_StreamEvent):
+    headers: Headers
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class RequestReceived(_HeadersEvent):
     """A client opened `stream_id` (server side); `end_stream` if it sent nothing more."""
 
-    stream_id: int
-    headers: Headers
-    end_stream: bool
-
 
 @dataclass(slots=True)
-class ResponseReceived:
+class ResponseReceived(_HeadersEvent):
     """The server answered `stream_id` (client side)."""
 
-    stream_id: int
-    headers: Headers
-    end_stream: bool
-
 
 @dataclass(slots=True)
-class DataReceived:
+class DataReceived(_StreamEvent):
     """Payload for `stream_id`: a view into the buffer given to `receive_data` (no copy).
 
     Tell the protocol with `consumed(stream_id, len(data))` once the bytes left our buffers;
     that is what returns the stream's flow-control credit."""
 
-    stream_id: int
     data: memoryview
 
 
 @dataclass(slots=True)
-class StreamEnded:
+class StreamEnded(_StreamEvent):
     """The peer half-closed `stream_id` (END_STREAM)."""
-
-    stream_id: int
 
 
 @dataclass(slots=True)
-class StreamReset:
+class StreamReset(_StreamEvent):
     """The peer reset `stream_id` (RST_STREAM with `code`)."""
 
-    stream_id: int
     code: int
 
 
 @dataclass(slots=True)
-class WindowOpened:
+class WindowOpened(_StreamEvent):
     """Send credit grew: for `stream_id`, or for every stream when it is 0."""
-
-    stream_id: int
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from testbed.mesh.authz import ConnectionFacts, Decision
+from testbed.mesh.authz import ConnectionFacts
 from testbed.mesh.ca import Identity
 from testbed.mesh.hbone import (
     STATUS_BAD_REQUEST,
@@ -30,6 +30,7 @@ from testbed.mesh.hbone import (
 )
 from testbed.mesh.hbone.connect import format_address
 from testbed.mesh.metrics import TrafficLabels
+from testbed.mesh.proxy.connections import ConnectionRecord
 from testbed.mesh.waypoint.via import from_waypoint
 from testbed.mesh.ztunnel import HBONE_PORT, INBOUND_PLAINTEXT_PORT, ZTUNNEL_PORTS
 from testbed.mesh.ztunnel.enforce import OpenConnection
@@ -61,19 +62,25 @@ def _labels(pod: PodProxy, source_ip: str, principal: str | None, mtls: bool) ->
     )
 
 
-def _decide(pod: PodProxy, facts: ConnectionFacts) -> Decision:
+def _denied(
+    pod: PodProxy, facts: ConnectionFacts, labels: TrafficLabels, record: ConnectionRecord
+) -> bool:
+    """The pod's authorization policies refuse the connection: logged, counted, recorded."""
     decision = pod.mesh.policies.evaluate(pod.workload, facts)
-    if not decision.allowed:
-        log.info(
-            "pod %s: %s -> %s:%d denied: %s (%s)",
-            pod.uid,
-            facts.source_ip,
-            facts.destination_ip,
-            facts.destination_port,
-            decision.reason,
-            decision.policy,
-        )
-    return decision
+    if decision.allowed:
+        return False
+    log.info(
+        "pod %s: %s -> %s:%d denied: %s (%s)",
+        pod.uid,
+        facts.source_ip,
+        facts.destination_ip,
+        facts.destination_port,
+        decision.reason,
+        decision.policy,
+    )
+    count_denied(pod.mesh.metrics, labels)
+    pod.mesh.connections.refuse(record, decision.reason)
+    return True
 
 
 def _closer(*socks: socket.socket) -> Callable[[], None]:
@@ -138,10 +145,7 @@ class HboneInbound:
         workload = pod.workload
         identity = peer_identity(request.peer_identity, workload.identity.trust_domain)
         facts = ConnectionFacts(identity, peer[0], dest[0], dest[1])
-        decision = _decide(pod, facts)
-        if not decision.allowed:
-            count_denied(pod.mesh.metrics, labels)
-            pod.mesh.connections.refuse(record, decision.reason)
+        if _denied(pod, facts, labels, record):
             return ConnectDecision.reject(STATUS_UNAUTHORIZED)
         try:
             upstream = await connect_app(pod, dest, client_ip)
@@ -196,10 +200,7 @@ async def serve_inbound_plaintext(pod: PodProxy, client: socket.socket, peer: Ad
         return
     labels = _labels(pod, peer[0], None, mtls=False)
     facts = ConnectionFacts(None, peer[0], dest[0], dest[1])
-    decision = _decide(pod, facts)
-    if not decision.allowed:
-        count_denied(pod.mesh.metrics, labels)
-        pod.mesh.connections.refuse(record, decision.reason)
+    if _denied(pod, facts, labels, record):
         reset_socket(client)
         return
     connection = pod.mesh.metrics.connection(labels)
