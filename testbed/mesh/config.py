@@ -19,7 +19,6 @@ Lookups a proxy does per connection are precomputed into dicts when the config i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -655,7 +654,7 @@ def _describe_one(e: ErrorDetails) -> str:
     return f"{where.lstrip('.') or '(top level)'}: {what}"
 
 
-def _file_signature(path: Path) -> tuple[int, int, int] | None:
+def file_signature(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is rewritten or replaced; None if it is missing."""
     try:
         st = os.stat(path)
@@ -670,10 +669,10 @@ class _ReloadCheck:
     def __init__(self, path: Path, on_change: Callable[[LocalConfig], None]):
         self.path = path
         self.on_change = on_change
-        self.signature = _file_signature(path)
+        self.signature = file_signature(path)
 
     def poll(self) -> None:
-        signature = _file_signature(self.path)
+        signature = file_signature(self.path)
         if signature == self.signature or signature is None:
             return
         self.signature = signature
@@ -710,15 +709,3 @@ class ConfigWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._check.poll()
-
-
-async def watch(
-    path: Path,
-    on_change: Callable[[LocalConfig], None],
-    interval: float = WATCH_INTERVAL_S,
-) -> None:
-    """Poll `path` until cancelled, calling `on_change(new_config)` on each valid change."""
-    check = _ReloadCheck(path, on_change)
-    while True:
-        await asyncio.sleep(interval)
-        check.poll()

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from testbed.mesh.config import ConfigError
+from testbed.mesh.config import ConfigError, file_signature
 
 log = logging.getLogger(__name__)
 INTERVAL = 0.5
 T = TypeVar("T")
-
-
-def signature(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten (or replaced by a rename); None if missing."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 @dataclass(frozen=True)
@@ -38,10 +28,10 @@ class Watched(Generic[T]):
 
 async def watch(watched: Watched[T], interval: float = INTERVAL) -> None:
     """Poll until cancelled."""
-    last = signature(watched.path)
+    last = file_signature(watched.path)
     while True:
         await asyncio.sleep(interval)
-        current = signature(watched.path)
+        current = file_signature(watched.path)
         if current == last or current is None:
             continue
         last = current
