@@ -1,4 +1,3 @@
-import asyncio
 import json
 import os
 import threading
@@ -20,7 +19,6 @@ from testbed.mesh.config import (
     SerdeYamlDumper,
     SerdeYamlLoader,
     StringMatch,
-    watch,
 )
 
 # A small cluster in ztunnel's local config shape: sleep -> httpbin service (with a waypoint).
@@ -337,22 +335,6 @@ def test_config_watcher_thread_reloads_and_keeps_old_on_error(
         watcher.stop()
     sleep = seen[0].workload_by_ip("10.0.1.2")
     assert sleep is not None and sleep.node == "node-z"
-
-
-def test_async_watch_reloads(config_file: Path, tmp_path: Path) -> None:
-    async def scenario() -> LocalConfig:
-        got: asyncio.Queue[LocalConfig] = asyncio.Queue()
-        task = asyncio.create_task(watch(config_file, got.put_nowait, interval=0.02))
-        await asyncio.sleep(0.05)
-        _new_version(config_file, tmp_path, "node-y")
-        try:
-            return await asyncio.wait_for(got.get(), 5)
-        finally:
-            task.cancel()
-
-    reloaded = asyncio.run(scenario())
-    sleep = reloaded.workload_by_ip("10.0.1.2")
-    assert sleep is not None and sleep.node == "node-y"
 
 
 POLICY_YAML = """
