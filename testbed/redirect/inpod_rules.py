@@ -14,10 +14,11 @@ DNS capture (port 15053) is not modelled; the testbed has no DNS proxy.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
+
+from testbed.netlab.host import CommandRunner
 
 Variant = Literal["redirect", "tproxy"]
 Backend = Literal["iptables", "nftables"]
@@ -39,19 +40,6 @@ _NFT_TABLES = ("istio-ambient-nat", "istio-ambient-mangle")
 
 RuleMap = dict[tuple[str, str], list[str]]
 """(table, chain) -> the chain's rule texts in order; the comparable form of a rule set."""
-
-
-class CommandRunner(Protocol):
-    """What install/uninstall need from a namespace (testbed.netlab.Netns fits)."""
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]: ...
 
 
 @dataclass(frozen=True)
