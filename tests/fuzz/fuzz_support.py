@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -73,3 +75,148 @@ def write_summary() -> None:
     previous = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
     previous.update(inputs_tried)
     SUMMARY.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
+
+
+class LoopThread:
+    """An asyncio event loop on a daemon thread: servers under test run here while the
+    (synchronous) hypothesis test drives them through real loopback sockets."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Cancel what still runs (connections being served), then stop the loop."""
+
+        async def cancel_the_rest() -> None:
+            asyncio = self._asyncio
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        self.call(cancel_the_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+def exchange(address: tuple[str, int], data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data` on a fresh TCP connection, half-close, and read until the peer closes."""
+    import socket
+
+    with socket.create_connection(address, timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before reading everything: fine
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # closing with unread bytes in its buffer makes the kernel send RST
+        return bytes(received)
+
+
+# ---------------------------------------------------------------- HTTP/2 frames (RFC 9113)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+ACK, END_STREAM, END_HEADERS = 0x1, 0x1, 0x4
+PROTOCOL_ERROR = 0x1
+MAX_ERROR_CODE = 0xD  # HTTP_1_1_REQUIRED, the last code RFC 9113 defines
+
+
+def h2_frame(
+    kind: int, flags: int, stream_id: int, payload: bytes, length: int | None = None
+) -> bytes:
+    size = len(payload) if length is None else length
+    return (
+        (size & 0xFFFFFF).to_bytes(3, "big")
+        + bytes([kind & 0xFF, flags & 0xFF])
+        + (stream_id & 0xFFFFFFFF).to_bytes(4, "big")
+        + payload
+    )
+
+
+def h2_frames(data: bytes) -> tuple[list[tuple[int, int, int, bytes]], bytes]:
+    """Whole frames in `data` as (type, flags, stream id, payload), and what is left over."""
+    frames = []
+    pos = 0
+    while len(data) - pos >= 9:
+        size = int.from_bytes(data[pos : pos + 3], "big")
+        if len(data) - pos - 9 < size:
+            break
+        kind, flags = data[pos + 3], data[pos + 4]
+        stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+        frames.append((kind, flags, stream_id, data[pos + 9 : pos + 9 + size]))
+        pos += 9 + size
+    return frames, data[pos:]
+
+
+def is_frame_aligned(data: bytes) -> bool:
+    """True if `data` is a preface followed by whole frames (so a PING after it is read)."""
+    if not data.startswith(PREFACE):
+        return False
+    _, rest = h2_frames(data[len(PREFACE) :])
+    return rest == b""
+
+
+def client_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    return h2_frames(data[len(PREFACE) :])[0] if data.startswith(PREFACE) else []
+
+
+@dataclass
+class H2Verdict:
+    """What a server sent back on one connection."""
+
+    goaway_codes: list[int]
+    reset_codes: list[int]
+    ping_acked: bool
+    well_formed: bool
+    first_kind: int | None
+
+    def check(self, sent: bytes) -> None:
+        """The HTTP/2 properties: frames parse, error codes are defined ones, and a
+        connection the server ends on its own is ended with a GOAWAY."""
+        assert self.well_formed, "the server sent bytes that are not HTTP/2 frames"
+        for code in self.goaway_codes + self.reset_codes:
+            assert 0 <= code <= MAX_ERROR_CODE, f"undefined HTTP/2 error code {code:#x}"
+        peer_ended = any(kind == GOAWAY for kind, *_ in client_frames(sent))
+        if not peer_ended:  # (a GOAWAY received may drop what was queued, SETTINGS too)
+            assert self.first_kind in (None, SETTINGS), "the server preface is not SETTINGS"
+        if is_frame_aligned(sent) and not self.ping_acked and not peer_ended:
+            assert self.goaway_codes, "the server closed a connection without a GOAWAY"
+            assert self.goaway_codes[-1] != 0, "a protocol error closed with NO_ERROR"
+
+
+PING_PROBE = b"fuzzprob"
+
+
+def h2_verdict(received: bytes) -> H2Verdict:
+    frames, rest = h2_frames(received)
+    return H2Verdict(
+        goaway_codes=[
+            int.from_bytes(p[4:8], "big") for k, _, _, p in frames if k == GOAWAY and len(p) >= 8
+        ],
+        reset_codes=[int.from_bytes(p[:4], "big") for k, _, _, p in frames if k == RST_STREAM],
+        ping_acked=any(k == PING and f & ACK and p == PING_PROBE for k, f, _, p in frames),
+        well_formed=rest == b"",
+        first_kind=frames[0][0] if frames else None,
+    )
+
+
+def h2_probe() -> bytes:
+    """Appended to every input: a PING the server must answer if the connection lives."""
+    return h2_frame(PING, 0, 0, PING_PROBE)

@@ -1,0 +1,182 @@
+"""Fuzz the waypoint's HTTP/1.1 parser (h1codec) and its server loop (http1.serve_http1).
+
+Properties: any head parses or raises ParseError with a status a server may answer (nothing
+else escapes); the server answers a malformed request with exactly that status and closes
+the connection; a keep-alive connection opened before keeps being served; memory stays
+bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import Iterator
+
+import pytest
+from fuzz_support import LoopThread, exchange, note_outcome, replay, rss_bytes, tried
+from hypothesis import given
+from hypothesis import strategies as st
+
+from testbed.mesh.waypoint.h1codec import (
+    ParseError,
+    chunk_size,
+    framing,
+    parse_request_head,
+    parse_response_head,
+)
+from testbed.mesh.waypoint.http1 import serve_http1
+from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
+
+TARGET = "http1-parser"
+SERVER_TARGET = "http1-server"
+STATUSES = {400, 413, 431, 501}
+RSS_GROWTH_LIMIT = 64 << 20
+HEAD_LIMIT = 16 << 10  # the waypoint's MAX_HEADER_BYTES
+_STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+
+
+def expected_status(data: bytes) -> int | None:
+    """What the waypoint must answer the first request in `data`: None if it is valid."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:  # the connection ends inside a head: too large, cut short, or nothing sent
+        if len(data) > HEAD_LIMIT:
+            return 431
+        return 400 if data.strip() else None
+    try:
+        request = parse_request_head(head + sep)
+        kind, length = framing(request.headers, is_request=True)
+    except ParseError as exc:
+        return exc.status
+    return None
+
+
+def one_input(data: bytes) -> None:
+    tried(TARGET)
+    outcomes = []
+    for parse in (parse_request_head, parse_response_head):
+        try:
+            head = parse(data)
+            framing(head.headers, is_request=parse is parse_request_head)
+            outcomes.append("ok")
+        except ParseError as exc:
+            assert exc.status in STATUSES | {502}, exc.status
+            outcomes.append(str(exc.status))
+    line = data.split(b"\r\n", 1)[0]
+    try:
+        chunk_size(line)
+        outcomes.append("chunk")
+    except ParseError:
+        outcomes.append("nochunk")
+    note_outcome(TARGET, ",".join(outcomes), data)
+
+
+_token = st.from_regex(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,8}\Z")
+_value = st.one_of(
+    st.binary(max_size=20),
+    st.sampled_from([b"0", b"5", b"-1", b"1" * 19, b"chunked", b"gzip, chunked", b"close"]),
+)
+_header_name = st.one_of(
+    _token,
+    st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Expect"]),
+    st.binary(max_size=6),
+)
+_header = st.builds(
+    lambda n, sep, v: n + sep + v, _header_name, st.sampled_from([b": ", b":", b" : "]), _value
+)
+_request_line = st.builds(
+    lambda m, t, v: m + b" " + t + b" " + v,
+    st.one_of(st.sampled_from([b"GET", b"POST", b"PUT"]), _token, st.binary(max_size=5)),
+    st.one_of(st.just(b"/"), st.binary(min_size=1, max_size=12)),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]),
+)
+_heads = st.builds(
+    lambda line, headers, eol, body: line + eol + b"".join(h + eol for h in headers) + eol + body,
+    _request_line,
+    st.lists(_header, max_size=5).map(lambda hs: [b"Host: x", *hs] if len(hs) % 2 else hs),
+    st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r"]),
+    st.one_of(
+        st.just(b""),
+        st.binary(max_size=30),
+        st.sampled_from([b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"5\r\nhel"]),
+    ),
+)
+_inputs = st.one_of(
+    _heads, st.binary(max_size=200), st.just(b"GET / HTTP/1.1\r\nA: " + b"x" * 20000)
+)
+
+
+@given(_inputs)
+def test_parser_raises_only_parse_errors(data: bytes) -> None:
+    one_input(data)
+
+
+def test_saved_seeds_still_parse_or_fail_cleanly() -> None:
+    replay(TARGET, one_input)
+
+
+# ---------------------------------------------------------------- the server loop
+
+
+async def _ok(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(200, [], b"ok")
+
+
+class Http1Server:
+    def __init__(self, loops: LoopThread) -> None:
+        self.loops = loops
+        self.server = loops.call(self._start())
+        self.address = self.server.sockets[0].getsockname()[:2]
+        self.canary = socket.create_connection(self.address, timeout=10)
+
+    async def _start(self) -> asyncio.base_events.Server:
+        return await asyncio.start_server(
+            lambda r, w: serve_http1(r, w, _ok), "127.0.0.1", 0, limit=HEAD_LIMIT
+        )
+
+    def canary_served(self) -> bool:
+        """The long-lived keep-alive connection still gets answers."""
+        self.canary.sendall(b"GET /canary HTTP/1.1\r\nHost: c\r\n\r\n")
+        response = b""
+        while not response.endswith(b"ok"):
+            chunk = self.canary.recv(4096)
+            if not chunk:
+                return False
+            response += chunk
+        return response.startswith(b"HTTP/1.1 200 ")
+
+    def close(self) -> None:
+        self.canary.close()
+        self.loops.loop.call_soon_threadsafe(self.server.close)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Http1Server]:
+    loops = LoopThread()
+    running = Http1Server(loops)
+    yield running
+    running.close()
+    loops.close()
+
+
+@pytest.fixture(scope="module")
+def rss_at_start() -> int:
+    return rss_bytes()
+
+
+@given(data=_inputs)
+def test_server_answers_garbage_with_its_status_and_closes(
+    server: Http1Server, rss_at_start: int, data: bytes
+) -> None:
+    tried(SERVER_TARGET)
+    reply = exchange(server.address, data)  # returns once the server closed the connection
+    statuses = [int(s) for s in _STATUS.findall(reply)]
+    expected = expected_status(data)
+    note_outcome(SERVER_TARGET, f"{expected},{statuses[-1:] or None}", data)
+    if expected is not None:
+        assert statuses and statuses[0] == expected, (expected, reply[:200])
+        assert reply.count(b"HTTP/1.1 ") == 1, "nothing may follow the error answer"
+    for status in statuses:
+        assert status in {100, 200} | STATUSES, status
+    assert server.canary_served(), "another connection on the same server stopped flowing"
+    assert rss_bytes() - rss_at_start < RSS_GROWTH_LIMIT

@@ -1,0 +1,66 @@
+"""Every fuzzing finding, as a fixed input and the behaviour it must get.
+
+Each test names the target that found it; see also tests/fuzz/corpus/ for the seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fuzz_support import (
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PREFACE,
+    PROTOCOL_ERROR,
+    SETTINGS,
+    exchange,
+    h2_frame,
+    h2_probe,
+    h2_verdict,
+)
+from h2_inputs import _HPACK_GET, _hpack_literal
+from test_fuzz_waypoint_h2 import WaypointH2
+
+from testbed.mesh import zds
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [b"\n\x03\n\x01\x80", b"\x12\x03\x12\x01\x80", b"\x0a\x06\x12\x04\x0a\x02\xc3\x28"],
+    ids=["add-uid", "del-uid", "info-name"],
+)
+def test_zds_string_that_is_not_utf8_is_a_decode_error(packet: bytes) -> None:
+    """zds: UnicodeDecodeError escaped decode_request (it is a ZdsDecodeError now)."""
+    with pytest.raises(zds.ZdsDecodeError, match="not valid UTF-8"):
+        zds.decode_request(packet)
+
+
+def test_zds_add_with_long_names_round_trips() -> None:
+    """zds-roundtrip: a WorkloadInfo over 127 bytes has a two-byte length; decoding the Add
+    decoded that nested message as a string and failed."""
+    add = zds.AddWorkload("u" * 200, zds.WorkloadInfo("n" * 200, "ns", "sa"))
+    assert zds.decode_request(zds.encode_request(add)) == add
+
+
+@pytest.fixture(scope="module")
+def waypoint() -> Iterator[WaypointH2]:
+    running = WaypointH2()
+    yield running
+    running.close()
+
+
+def test_waypoint_h2_header_not_utf8_resets_only_its_stream(waypoint: WaypointH2) -> None:
+    """waypoint-h2: a header value of bytes that are not UTF-8 raised UnicodeDecodeError out
+    of h2 and dropped the connection without a GOAWAY; now RST_STREAM(PROTOCOL_ERROR)."""
+    block = _HPACK_GET + _hpack_literal(b"x", b"\xff\xfe")
+    data = (
+        PREFACE
+        + h2_frame(SETTINGS, 0, 0, b"")
+        + h2_frame(HEADERS, END_STREAM | END_HEADERS, 1, block)
+    )
+    verdict = h2_verdict(exchange(waypoint.address, data + h2_probe()))
+    assert verdict.reset_codes == [PROTOCOL_ERROR]
+    assert verdict.ping_acked and verdict.goaway_codes == []
+    assert waypoint.canary.served()
