@@ -13,10 +13,10 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CORPUS = Path(__file__).parent / "corpus"
 SUMMARY = Path(os.environ.get("FUZZ_SUMMARY", "/tmp/testbed-fuzz-summary.json"))

@@ -38,14 +38,14 @@ _STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
 def expected_status(data: bytes) -> int | None:
     """What the waypoint must answer the first request in `data`: None if it is valid."""
-    head, sep, rest = data.partition(b"\r\n\r\n")
+    head, sep, _ = data.partition(b"\r\n\r\n")
     if not sep:  # the connection ends inside a head: too large, cut short, or nothing sent
         if len(data) > HEAD_LIMIT:
             return 431
         return 400 if data.strip() else None
     try:
         request = parse_request_head(head + sep)
-        kind, length = framing(request.headers, is_request=True)
+        framing(request.headers, is_request=True)
     except ParseError as exc:
         return exc.status
     return None
