@@ -220,3 +220,22 @@ def h2_verdict(received: bytes) -> H2Verdict:
 def h2_probe() -> bytes:
     """Appended to every input: a PING the server must answer if the connection lives."""
     return h2_frame(PING, 0, 0, PING_PROBE)
+
+
+BATCH = int(os.environ.get("FUZZ_BATCH", "8"))
+"""Inputs a server target sends at once, each on its own connection: the servers are
+latency-bound, so concurrent connections make 100,000 inputs affordable (and a connection
+under attack next to others is the situation the properties are about)."""
+
+_pool: Any = None
+
+
+def in_parallel(check_one: Callable[[bytes], None], inputs: list[bytes]) -> None:
+    """Run `check_one` on every input concurrently; re-raise the first failure."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fuzz")
+    for future in [_pool.submit(check_one, data) for data in inputs]:
+        future.result()
