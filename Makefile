@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup test unit integration experiment report lint typecheck clean
+.PHONY: setup test unit integration experiment report lint typecheck clean fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,12 @@ lint: setup
 	$(VENV)/bin/ruff check testbed tests topologies
 	$(VENV)/bin/ruff format --check testbed tests topologies
 	$(VENV)/bin/mypy testbed
+
+# Every fuzz target for FUZZ_INPUTS inputs (default 100,000), each at most FUZZ_SECONDS;
+# new seeds land in tests/fuzz/corpus/. atheris is optional: without it, hypothesis runs all.
+fuzz: setup
+	$(PY) -m pip install -q -e '.[fuzz]' || echo "atheris did not install: hypothesis only"
+	$(PY) tests/fuzz/run.py $(TARGETS)
 
 clean: setup
 	$(TESTBED) clean --all

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,8 +28,16 @@ inputs_tried: Counter[str] = Counter()
 _outcomes: dict[str, set[str]] = {}
 
 
-def tried(target: str) -> None:
+_STOP_AT = time.monotonic() + float(os.environ.get("FUZZ_SECONDS", "inf"))
+"""`make fuzz` bounds each target's time too; past it, inputs are skipped uncounted."""
+
+
+def tried(target: str) -> bool:
+    """Count one input of `target`; False (skip it) once the time bound has passed."""
+    if time.monotonic() > _STOP_AT:
+        return False
     inputs_tried[target] += 1
+    return True
 
 
 def note_outcome(target: str, outcome: str, data: bytes) -> None:

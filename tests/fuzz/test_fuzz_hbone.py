@@ -154,7 +154,8 @@ class HboneUnderFuzz:
         self.session: ssl.SSLSession | None = None
 
     def attack(self, data: bytes) -> None:
-        tried(TARGET)
+        if not tried(TARGET):
+            return
         received, self.session = tls_exchange(
             self.address, self.context, data + h2_probe(), self.session
         )

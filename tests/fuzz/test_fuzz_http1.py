@@ -52,7 +52,8 @@ def expected_status(data: bytes) -> int | None:
 
 
 def one_input(data: bytes) -> None:
-    tried(TARGET)
+    if not tried(TARGET):
+        return
     outcomes = []
     for parse in (parse_request_head, parse_response_head):
         try:
@@ -168,7 +169,8 @@ def rss_at_start() -> int:
 def test_server_answers_garbage_with_its_status_and_closes(
     server: Http1Server, rss_at_start: int, data: bytes
 ) -> None:
-    tried(SERVER_TARGET)
+    if not tried(SERVER_TARGET):
+        return
     reply = exchange(server.address, data)  # returns once the server closed the connection
     statuses = [int(s) for s in _STATUS.findall(reply)]
     expected = expected_status(data)

@@ -81,7 +81,8 @@ class WaypointH2:
         self.rss_at_start = rss_bytes()
 
     def one_input(self, data: bytes) -> None:
-        tried(TARGET)
+        if not tried(TARGET):
+            return
         verdict = h2_verdict(exchange(self.address, data + h2_probe()))
         note_outcome(TARGET, f"{verdict.goaway_codes[-1:]},{verdict.ping_acked}", data)
         verdict.check(data)

@@ -29,7 +29,8 @@ TARGET = "zds"
 
 def one_input(data: bytes) -> None:
     """The decoder entry points on one packet: a value or ZdsDecodeError, nothing else."""
-    tried(TARGET)
+    if not tried(TARGET):
+        return
     outcomes = []
     for decode in (zds.decode_request, zds.decode_ack, zds.decode_hello):
         try:
@@ -85,7 +86,8 @@ _requests = st.one_of(
 
 @given(_requests)
 def test_every_request_round_trips(request: zds.WorkloadRequest) -> None:
-    tried("zds-roundtrip")
+    if not tried("zds-roundtrip"):
+        return
     assert zds.decode_request(zds.encode_request(request)) == request
 
 
@@ -197,7 +199,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     )
 )
 def test_client_nacks_what_it_cannot_read_and_reconnects(agent: Agent, packet: bytes) -> None:
-    tried("zds-client")
+    if not tried("zds-client"):
+        return
     try:
         request: zds.WorkloadRequest | None = zds.decode_request(packet)
     except zds.ZdsDecodeError:
