@@ -26,7 +26,10 @@ from testbed.experiment.spec import SpecError, load_spec
 from testbed.mesh.config import ConfigError, LocalConfig
 
 RSS_GROWTH_LIMIT = 256 << 20
-_WORKDIR = Path(tempfile.mkdtemp(prefix="loader-fuzz-"))
+# tmpfs when there is one: a file per input on disk cost more than the loading
+_WORKDIR = Path(
+    tempfile.mkdtemp(prefix="loader-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+)
 
 MESH = {
     "workloads": [

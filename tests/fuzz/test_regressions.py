@@ -5,7 +5,9 @@ Each test names the target that found it; see also tests/fuzz/corpus/ for the se
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fuzz_support import (
@@ -23,7 +25,9 @@ from fuzz_support import (
 from h2_inputs import _HPACK_GET, _hpack_literal
 from test_fuzz_waypoint_h2 import WaypointH2
 
+from testbed.experiment.spec import SpecError, load_spec
 from testbed.mesh import zds
+from testbed.mesh.config import ConfigError, LocalConfig
 
 
 @pytest.mark.parametrize(
@@ -64,3 +68,50 @@ def test_waypoint_h2_header_not_utf8_resets_only_its_stream(waypoint: WaypointH2
     assert verdict.reset_codes == [PROTOCOL_ERROR]
     assert verdict.ping_acked and verdict.goaway_codes == []
     assert waypoint.canary.served()
+
+
+def test_zds_client_nacks_garbage_and_closes_its_fd(tmp_path: Path) -> None:
+    """zds-client: an undecodable request was not answered (Istio nacks it) and the fd sent
+    with it leaked; now: an Ack with the error, the fd closed, a new session."""
+    from test_fuzz_zds import Agent
+
+    agent = Agent(tmp_path / "zds.sock")
+    try:
+        error = agent.exchange(b"\x0b", with_fd=True)  # wire type 3: not readable
+        assert error is not None and error.startswith("failure to read message")
+        assert agent.session_ends_and_restarts()
+        assert agent.exchange(zds.encode_request(zds.SnapshotSent()), with_fd=False) == ""
+    finally:
+        agent.close()
+
+
+ALIAS_BOMB = b"a: &a [1,1,1,1,1,1,1,1,1]\n" + b"".join(
+    b"%c: &%c [*%c,*%c,*%c,*%c,*%c,*%c,*%c,*%c,*%c]\n" % ((98 + i, 98 + i) + (97 + i,) * 9)
+    for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"\xff\xfe", "not UTF-8 text"),
+        (b"[" * 3000, "not valid"),
+        (ALIAS_BOMB + b"workloads: *i\n", "aliases are expanded"),
+    ],
+    ids=["not-utf8", "deep", "alias-bomb"],
+)
+def test_loaders_refuse_hostile_documents_with_one_error(
+    tmp_path: Path, text: bytes, message: str
+) -> None:
+    """mesh-config, experiment-spec: these escaped as UnicodeDecodeError or RecursionError,
+    or validated 9^9 aliased values for minutes; now one ConfigError / SpecError, at once."""
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=message) as config_error:
+        LocalConfig.load(path)
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
+    assert str(config_error.value).startswith(f"{path}: ")
+    assert "\n" not in str(config_error.value)
+    assert time.monotonic() - started < 10
