@@ -75,7 +75,9 @@ def one_input(data: bytes) -> None:
 _token = st.from_regex(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,8}\Z")
 _value = st.one_of(
     st.binary(max_size=20),
-    st.sampled_from([b"0", b"5", b"-1", b"1" * 19, b"chunked", b"gzip, chunked", b"close"]),
+    st.sampled_from(
+        [b"0", b"5", b"-1", b"1" * 19, b"5\xb3", b"chunked", b"gzip, chunked", b"close"]
+    ),
 )
 _header_name = st.one_of(
     _token,

@@ -28,6 +28,7 @@ from test_fuzz_waypoint_h2 import WaypointH2
 from testbed.experiment.spec import SpecError, load_spec
 from testbed.mesh import zds
 from testbed.mesh.config import ConfigError, LocalConfig
+from testbed.mesh.waypoint.h1codec import ParseError, framing, parse_request_head
 
 
 @pytest.mark.parametrize(
@@ -115,3 +116,15 @@ def test_loaders_refuse_hostile_documents_with_one_error(
     assert str(config_error.value).startswith(f"{path}: ")
     assert "\n" not in str(config_error.value)
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("value", [b"5\xb3", b"\xb2", b"\xd9\xa3"])
+def test_http1_content_length_of_non_ascii_digits_is_a_400(value: bytes) -> None:
+    """http1-parser (atheris): "Content-Length: 5³" passed str.isdigit() and int() raised
+    ValueError out of framing(), so the waypoint dropped the connection without a 400."""
+    head = parse_request_head(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+    )
+    with pytest.raises(ParseError, match="bad Content-Length") as error:
+        framing(head.headers, is_request=True)
+    assert error.value.status == 400
