@@ -86,38 +86,6 @@ def write_summary() -> None:
     SUMMARY.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
 
 
-class LoopThread:
-    """An asyncio event loop on a daemon thread: servers under test run here while the
-    (synchronous) hypothesis test drives them through real loopback sockets."""
-
-    def __init__(self) -> None:
-        import asyncio
-        import threading
-
-        self._asyncio = asyncio
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        """Cancel what still runs (connections being served), then stop the loop."""
-
-        async def cancel_the_rest() -> None:
-            asyncio = self._asyncio
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in others:
-                task.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-
-        self.call(cancel_the_rest())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
-
-
 def exchange(address: tuple[str, int], data: bytes, timeout: float = 10.0) -> bytes:
     """Send `data` on a fresh TCP connection, half-close, and read until the peer closes."""
     import socket
@@ -248,3 +216,28 @@ def in_parallel(check_one: Callable[[bytes], None], inputs: list[bytes]) -> None
         _pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fuzz")
     for future in [_pool.submit(check_one, data) for data in inputs]:
         future.result()
+
+
+class ServerProcess:
+    """A server under fuzzing in its own process: `python SCRIPT ARGS` prints its port."""
+
+    def __init__(self, script: Path, *args: str) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline().split()[0])
+        self.address = ("127.0.0.1", self.port)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

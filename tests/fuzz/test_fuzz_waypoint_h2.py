@@ -10,41 +10,28 @@ answers; memory stays bounded.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 from fuzz_support import (
-    LoopThread,
+    ServerProcess,
     exchange,
     h2_probe,
     h2_verdict,
     note_outcome,
     replay,
-    rss_bytes,
     tried,
 )
 from h2_inputs import h2_inputs
 from hypothesis import given
 
-from testbed.mesh.waypoint.http2 import Http2Server
-from testbed.mesh.waypoint.messages import HttpRequest, HttpResponse
-
 TARGET = "waypoint-h2"
-RSS_GROWTH_LIMIT = 96 << 20
-
-
-async def _ok(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(200, [], b"ok")
-
-
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    initial = await reader.read(65536)  # the waypoint sniffs "PRI " and hands over to h2
-    await Http2Server(reader, writer, _ok).run(initial)
+RSS_LIMIT = 128 << 20  # the server process's whole RSS (~30 MiB idle)
 
 
 class Canary:
@@ -73,26 +60,26 @@ class Canary:
 
 
 class WaypointH2:
+    """waypoint_server.py h2, and an h2-library connection to it opened at the start."""
+
     def __init__(self) -> None:
-        self.loops = LoopThread()
-        self.server = self.loops.call(asyncio.start_server(_serve, "127.0.0.1", 0))
-        self.address: tuple[str, int] = self.server.sockets[0].getsockname()[:2]
+        self.server = ServerProcess(Path(__file__).with_name("waypoint_server.py"), "h2")
+        self.address = self.server.address
         self.canary = Canary(self.address)
-        self.rss_at_start = rss_bytes()
 
     def one_input(self, data: bytes) -> None:
         if not tried(TARGET):
             return
         verdict = h2_verdict(exchange(self.address, data + h2_probe()))
         note_outcome(TARGET, f"{verdict.goaway_codes[-1:]},{verdict.ping_acked}", data)
+        assert self.server.alive(), "the waypoint's HTTP/2 server process died"
         verdict.check(data)
         assert self.canary.served(), "another connection on the same server stopped flowing"
-        assert rss_bytes() - self.rss_at_start < RSS_GROWTH_LIMIT, "memory grows without bound"
+        assert self.server.rss() < RSS_LIMIT, "the server's memory grows without bound"
 
     def close(self) -> None:
         self.canary.sock.close()
-        self.loops.loop.call_soon_threadsafe(self.server.close)
-        self.loops.close()
+        self.server.close()
 
 
 def make_target() -> Callable[[bytes], None]:

@@ -25,6 +25,8 @@ from fuzz_support import (
 from h2_inputs import _HPACK_GET, _hpack_literal
 from test_fuzz_waypoint_h2 import WaypointH2
 
+from testbed.cluster.loader import load_topology
+from testbed.cluster.model import TopologyError, plan
 from testbed.experiment.spec import SpecError, load_spec
 from testbed.mesh import zds
 from testbed.mesh.config import ConfigError, LocalConfig
@@ -128,3 +130,19 @@ def test_http1_content_length_of_non_ascii_digits_is_a_400(value: bytes) -> None
     with pytest.raises(ParseError, match="bad Content-Length") as error:
         framing(head.headers, is_request=True)
     assert error.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("multi_node,nodes=209209,pods=2", "more than 200 nodes"),
+        ("multi_node,nodes=200,pods=5002", "more than 50000 pods"),
+    ],
+)
+def test_topology_of_absurd_size_fails_at_once(spec: str, message: str) -> None:
+    """topology-spec (atheris): nodes=209209 built 400k objects for 211 s and ~300 MiB
+    before the size check; now the model refuses the 201st node or the 50001st pod."""
+    started = time.monotonic()
+    with pytest.raises(TopologyError, match=message):
+        plan(load_topology(spec))
+    assert time.monotonic() - started < 10
