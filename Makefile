@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup python-env test unit integration experiment bench report lint clean
+.PHONY: setup python-env test unit integration experiment bench report lint fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,12 @@ lint: python-env
 	$(VENV)/bin/ruff check testbed tests topologies
 	$(VENV)/bin/ruff format --check testbed tests topologies
 	$(VENV)/bin/mypy testbed
+
+# Every fuzz target for FUZZ_INPUTS inputs (default 100,000), each at most FUZZ_SECONDS;
+# new seeds land in tests/fuzz/corpus/. atheris is optional: without it, hypothesis runs all.
+fuzz: setup
+	$(PY) -m pip install -q -e '.[fuzz]' || echo "atheris did not install: hypothesis only"
+	$(PY) tests/fuzz/run.py $(TARGETS)
 
 clean: setup
 	$(TESTBED) clean --all

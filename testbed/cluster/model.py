@@ -162,6 +162,8 @@ class Topology:
         self._check_name("node", name)
         if name in self.nodes:
             raise self.error(f"duplicate node name {name!r}")
+        if len(self.nodes) >= MAX_NODES:  # at once: nodes=209209 took minutes (fuzzing)
+            raise self.error(f"more than {MAX_NODES} nodes; at most {MAX_NODES} are supported")
         if bridge not in self.bridges:
             raise self.error(f"node {name!r} is attached to unknown bridge {bridge!r}")
         self.nodes[name] = NodeSpec(name, LinkParams(rate, delay, loss), bridge)
@@ -194,6 +196,8 @@ class Topology:
         self._check_name("namespace", namespace)
         if name in self.pods:
             raise self.error(f"duplicate pod name {name!r}")
+        if len(self.pods) >= MAX_NODES * MAX_PODS_PER_NODE:  # at once, as for nodes
+            raise self.error(f"more than {MAX_NODES * MAX_PODS_PER_NODE} pods in all")
         if node not in self.nodes:
             known = ", ".join(self.nodes) or "none declared yet"
             raise self.error(f"pod {name!r} is placed on unknown node {node!r} (nodes: {known})")

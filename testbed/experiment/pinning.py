@@ -6,8 +6,11 @@ latency is bimodal; "split" keeps client and server each on its own CPU.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from typing import Any
+
+from testbed.netlab.host import Host, Process
 
 SPLIT_CPUS = {"client": 0, "server": 1}
 
@@ -19,18 +22,32 @@ class PinnedHost:
     Every other attribute (ip, node, name, netns...) is the wrapped pod's.
     """
 
-    def __init__(self, host: Any, cpu: int) -> None:
+    def __init__(self, host: Host, cpu: int) -> None:
         self._host = host
         self.cpu = cpu
 
     def _pinned(self, argv: Sequence[str]) -> list[str]:
         return ["taskset", "-c", str(self.cpu), *argv]
 
-    def run(self, argv: Sequence[str], **kwargs: Any) -> Any:
-        return self._host.run(self._pinned(argv), **kwargs)
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = 60.0,
+        check: bool = True,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        return self._host.run(self._pinned(argv), timeout=timeout, check=check, input=input)
 
-    def spawn(self, argv: Sequence[str], **kwargs: Any) -> Any:
-        return self._host.spawn(self._pinned(argv), **kwargs)
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        label: str,
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> Process:
+        return self._host.spawn(self._pinned(argv), label=label, env=env, pass_fds=pass_fds)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)

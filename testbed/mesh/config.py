@@ -19,7 +19,6 @@ Lookups a proxy does per connection are precomputed into dicts when the config i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -48,6 +47,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN, Identity
+from testbed.netlab.document import DocumentError, load_document
 from testbed.netlab.errors import TestbedError
 
 log = logging.getLogger(__name__)
@@ -474,24 +474,24 @@ class LocalConfig(_Model):
     @classmethod
     def load(cls, path: Path) -> LocalConfig:
         try:
-            text = path.read_text()
+            text = path.read_bytes()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
         if path.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except ValueError as e:
-                raise ConfigError(f"{path}: not valid json: {e}") from e
+            try:  # bounded: not UTF-8, too deep, alias bombs are one error (found by fuzzing)
+                data = load_document(text, as_json=True, kind="JSON")
+            except DocumentError as e:
+                raise ConfigError(f"{path}: {e}") from e
             return cls._validate(data, {}, str(path))
         return cls.from_yaml(text, str(path))
 
     @classmethod
-    def from_yaml(cls, text: str, where: str = "<mesh config>") -> LocalConfig:
+    def from_yaml(cls, text: bytes | str, where: str = "<mesh config>") -> LocalConfig:
         """Parse serde_yaml-style text (string matches as tags); errors start with `where`."""
         try:
-            data = yaml.load(text, Loader=SerdeYamlLoader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid yaml: {e}") from e
+            data = load_document(text, kind="YAML", loader=SerdeYamlLoader)
+        except DocumentError as e:
+            raise ConfigError(f"{where}: {e}") from e
         return cls._validate(data, {SERDE_YAML: True}, where)
 
     @classmethod

@@ -139,9 +139,14 @@ def iter_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
         yield number, wire_type, value
 
 
-def _strings(data: bytes) -> dict[int, str]:
-    """The string fields of a message (the last occurrence wins, as in protobuf)."""
-    return {n: v.decode() for n, t, v in iter_fields(data) if t == _LEN and isinstance(v, bytes)}
+def _string(data: bytes, number: int) -> str:
+    """String field `number` of a message ("" if absent; the last occurrence wins, as in
+    protobuf). Only that field is decoded: other LEN fields may be nested messages."""
+    values = [v for n, t, v in iter_fields(data) if n == number and isinstance(v, bytes)]
+    try:
+        return values[-1].decode() if values else ""
+    except UnicodeDecodeError:
+        raise ZdsDecodeError(f"field {number} is not valid UTF-8") from None
 
 
 def _messages(data: bytes) -> list[tuple[int, bytes]]:
@@ -169,7 +174,7 @@ def decode_ack(data: bytes) -> str:
     acks = [payload for number, payload in _messages(data) if number == 1]
     if not acks:
         raise ZdsDecodeError("WorkloadResponse without an ack")
-    return _strings(acks[-1]).get(1, "")
+    return _string(acks[-1], 1)
 
 
 # ---------------------------------------------------------------- workload requests
@@ -198,9 +203,8 @@ def _decode_add(payload: bytes) -> AddWorkload:
     infos = [body for number, body in _messages(payload) if number == 2]
     info = None
     if infos:
-        fields = _strings(infos[-1])
-        info = WorkloadInfo(fields.get(1, ""), fields.get(2, ""), fields.get(3, ""))
-    return AddWorkload(_strings(payload).get(1, ""), info)
+        info = WorkloadInfo(*(_string(infos[-1], number) for number in (1, 2, 3)))
+    return AddWorkload(_string(payload, 1), info)
 
 
 def decode_request(data: bytes) -> WorkloadRequest:
@@ -211,10 +215,10 @@ def decode_request(data: bytes) -> WorkloadRequest:
     if number == 1:
         return _decode_add(body)
     if number == 2:
-        return DelWorkload(_strings(body).get(2, ""))
+        return DelWorkload(_string(body, 2))
     if number == 3:
         return SnapshotSent()
-    return KeepWorkload(_strings(body).get(1, ""))
+    return KeepWorkload(_string(body, 1))
 
 
 # ---------------------------------------------------------------- packets with fds

@@ -98,8 +98,17 @@ class ZdsClient:
                 for fd in fds:
                     os.close(fd)
                 return  # the agent closed the connection
-            error = await self._dispatch(zds.decode_request(data), fds, seen)
-            await asyncio.get_running_loop().sock_sendall(sock, zds.encode_ack(error))
+            loop = asyncio.get_running_loop()
+            try:
+                request = zds.decode_request(data)
+            except zds.ZdsDecodeError as exc:
+                # As Istio's ztunnel: nack what cannot be read, then end the session.
+                for fd in fds:
+                    os.close(fd)
+                await loop.sock_sendall(sock, zds.encode_ack(f"failure to read message: {exc}"))
+                raise
+            error = await self._dispatch(request, fds, seen)
+            await loop.sock_sendall(sock, zds.encode_ack(error))
 
     async def _dispatch(self, request: zds.WorkloadRequest, fds: list[int], seen: set[str]) -> str:
         netns_fd, extra = (fds[0], fds[1:]) if fds else (None, [])

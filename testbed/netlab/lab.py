@@ -15,6 +15,7 @@ from testbed.netlab.interrupt import raise_if_requested
 from testbed.netlab.manifest import RUNS_ROOT, Entry, RunManifest, list_runs
 from testbed.netlab.netns import Netns
 from testbed.netlab.process import ManagedProcess, NetlabError, stop_recorded_process
+from testbed.netlab.reap import end_processes_in, opened_netns
 
 _LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -124,27 +125,42 @@ def clean_run(manifest: RunManifest) -> TeardownReport:
     """Remove everything a run's manifest names, newest first; then the manifest itself.
 
     Processes go first whatever their position, so that no recorded process keeps a
-    namespace or file busy.
+    namespace or file busy; then every other process inside the run's namespaces (a
+    daemon a user started in a pod), so that no namespace outlives its name.
     """
     report = TeardownReport(manifest.run)
     entries = list(reversed(manifest.entries()))
-    ordered = [e for e in entries if e.kind == "process"] + [
-        e for e in entries if e.kind != "process"
-    ]
-    for entry in ordered:
-        if entry.kind == "dir" and Path(entry["path"]) == manifest.dir:
-            continue  # the manifest goes last, only if everything else went
-        try:
-            removed = _remove(entry)
-        except OSError as exc:
-            report.errors.append(f"{entry.kind} {entry.fields}: {exc}")
-            continue
-        if removed:
-            report.removed.append(removed)
+    for entry in (e for e in entries if e.kind == "process"):
+        _remove_into(report, entry)
+    others = [e for e in entries if e.kind != "process"]
+    paths = [nsutil.netns_path(e["name"]) for e in others if e.kind == "netns"]
+    try:
+        with opened_netns(paths) as owned:
+            reaped = end_processes_in(owned)
+            report.removed.extend(reaped.ended)
+            report.errors.extend(f"{text}: alive after SIGKILL" for text in reaped.survivors)
+            for entry in others:
+                if entry.kind == "dir" and Path(entry["path"]) == manifest.dir:
+                    continue  # the manifest goes last, only if everything else went
+                if entry.kind == "netns" and nsutil.netns_path(entry["name"]) in reaped.pinned:
+                    continue  # kept named (and in the manifest) until its process is gone
+                _remove_into(report, entry)
+    except OSError as exc:
+        report.errors.append(f"the run's namespaces: {exc}")
     if not report.errors:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(manifest.dir)
     return report
+
+
+def _remove_into(report: TeardownReport, entry: Entry) -> None:
+    try:
+        removed = _remove(entry)
+    except OSError as exc:
+        report.errors.append(f"{entry.kind} {entry.fields}: {exc}")
+        return
+    if removed:
+        report.removed.append(removed)
 
 
 def clean_all(root: Path = RUNS_ROOT) -> list[TeardownReport]:

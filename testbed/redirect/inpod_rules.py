@@ -20,11 +20,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from testbed.netlab.host import CommandRunner
 from testbed.redirect.rules import (
     ROUTE_TABLE,
     RULE_PRIORITY,
     TPROXY_MARK,
-    CommandRunner,
     Rule,
     RuleMap,
     by_chain,

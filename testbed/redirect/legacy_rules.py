@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from testbed.netlab.host import CommandRunner
 from testbed.redirect.rules import (
-    CommandRunner,
     IpCommand,
     Rule,
     RuleMap,

@@ -8,10 +8,11 @@ set read back from a namespace compares equal to the reference.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
+
+from testbed.netlab.host import CommandRunner
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 TPROXY_MARK = "0x111/0xfff"  # set on captured / proxy connections, routed via table 100
@@ -20,19 +21,6 @@ RULE_PRIORITY = "32764"
 
 RuleMap = dict[tuple[str, str], list[str]]
 """(table, chain) -> the chain's rule texts in order; the comparable form of a rule set."""
-
-
-class CommandRunner(Protocol):
-    """What installing and reading rules need from a namespace (testbed.netlab.Netns fits)."""
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]: ...
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from testbed.cluster.clusterdns import DNS_SERVICE_VIP
 from testbed.mesh.waypoint.config import WaypointConfig
+from testbed.netlab.host import CommandRunner
 from testbed.redirect import sidecar_rules
 from testbed.redirect.base import MeshMode, MeshOptions
 from testbed.redirect.control import is_captured, write_atomically
 from testbed.redirect.rules import (
     TPROXY_MARK,
-    CommandRunner,
     Rule,
     policy_routes,
     remove_iptables_chains,

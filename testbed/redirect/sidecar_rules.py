@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from testbed.netlab.host import CommandRunner
 from testbed.redirect.rules import (
-    CommandRunner,
     Rule,
     RuleMap,
     by_chain,

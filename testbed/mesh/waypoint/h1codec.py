@@ -122,7 +122,7 @@ def framing(headers: Headers, *, is_request: bool) -> tuple[Framing, int]:
         raise ParseError(f"conflicting Content-Length values {sorted(lengths)}")
     if lengths:
         (text,) = lengths
-        if not text.isdigit() or len(text) > 18:
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:  # "5³" is a digit too
             raise ParseError(f"bad Content-Length {text!r}")
         return "length", int(text)
     return ("none", 0) if is_request else ("close", 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 
 import h2.config
 import h2.connection
@@ -49,7 +50,9 @@ class Http2Server:
         self.reader = reader
         self.writer = writer
         self.handler = handler
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        # Header bytes are decoded per stream (_headers): h2's own decoding lets a
+        # UnicodeDecodeError out of receive_data, which dropped the whole connection.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.conn = h2.connection.H2Connection(config=config)
         self.pending: dict[int, tuple[list[tuple[str, str]], bytearray]] = {}
         self.window_opened = asyncio.Event()
@@ -84,7 +87,10 @@ class Http2Server:
     def _receive(self, data: bytes) -> None:
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
-                headers = [(str(n), str(v)) for n, v in event.headers or []]
+                headers = _headers(event.headers or [])
+                if headers is None:  # malformed (RFC 9113 8.2.1): a stream error only
+                    self.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    continue
                 self.pending[event.stream_id] = (headers, bytearray())
             elif isinstance(event, h2.events.DataReceived):
                 self._on_data(event)
@@ -163,6 +169,18 @@ async def send_body(
         conn.send_data(stream_id, bytes(chunk), end_stream=not view)
         writer.write(conn.data_to_send())
     await writer.drain()
+
+
+def _headers(raw: Iterable[tuple[bytes | str, bytes | str]]) -> list[tuple[str, str]] | None:
+    """Header fields as text, or None if one is not UTF-8."""
+    try:
+        return [(_text(name), _text(value)) for name, value in raw]
+    except UnicodeDecodeError:
+        return None
+
+
+def _text(field: bytes | str) -> str:
+    return field.decode() if isinstance(field, bytes) else field
 
 
 class _Terminated(Exception):
