@@ -479,7 +479,7 @@ class LocalConfig(_Model):
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
         if path.suffix == ".json":
             try:  # bounded: not UTF-8, too deep, alias bombs are one error (found by fuzzing)
-                data = load_document(text, as_json=True, kind="JSON")
+                data = load_document(text, as_json=True, kind="json")
             except DocumentError as e:
                 raise ConfigError(f"{path}: {e}") from e
             return cls._validate(data, {}, str(path))
@@ -489,7 +489,7 @@ class LocalConfig(_Model):
     def from_yaml(cls, text: bytes | str, where: str = "<mesh config>") -> LocalConfig:
         """Parse serde_yaml-style text (string matches as tags); errors start with `where`."""
         try:
-            data = load_document(text, kind="YAML", loader=SerdeYamlLoader)
+            data = load_document(text, kind="yaml", loader=SerdeYamlLoader)
         except DocumentError as e:
             raise ConfigError(f"{where}: {e}") from e
         return cls._validate(data, {SERDE_YAML: True}, where)
