@@ -34,7 +34,7 @@ report: setup
 lint: python-env
 	$(VENV)/bin/ruff check testbed tests topologies
 	$(VENV)/bin/ruff format --check testbed tests topologies
-	$(VENV)/bin/mypy testbed
+	$(VENV)/bin/mypy testbed tests
 
 clean: setup
 	$(TESTBED) clean --all
