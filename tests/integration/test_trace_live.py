@@ -75,7 +75,9 @@ def traced(
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_walk_matches_the_mode(traced: tuple[Cluster, dict[str, TraceResult]], placement: str) -> None:
+def test_walk_matches_the_mode(
+    traced: tuple[Cluster, dict[str, TraceResult]], placement: str
+) -> None:
     _, results = traced
     result = results[placement]
     assert result.outcome.ok, result.text()
@@ -87,7 +89,9 @@ def test_walk_matches_the_mode(traced: tuple[Cluster, dict[str, TraceResult]], p
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_only_matched_rules_appear(traced: tuple[Cluster, dict[str, TraceResult]], placement: str) -> None:
+def test_only_matched_rules_appear(
+    traced: tuple[Cluster, dict[str, TraceResult]], placement: str
+) -> None:
     _, results = traced
     rules = [h for h in results[placement].hops if h.kind == "netfilter"]
     assert all(h.data["packets"] > 0 for h in rules)
@@ -111,7 +115,9 @@ def test_diagram_renders(
     assert sorted(set(labels) & set(range(1, arrows + 1))) == list(range(1, arrows + 1))
 
 
-def test_two_traces_at_once_keep_their_evidence(traced: tuple[Cluster, dict[str, TraceResult]]) -> None:
+def test_two_traces_at_once_keep_their_evidence(
+    traced: tuple[Cluster, dict[str, TraceResult]],
+) -> None:
     cluster, _ = traced
     client, server = cluster.pair("cross-node")
     results: list[TraceResult] = []
