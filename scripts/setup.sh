@@ -28,7 +28,7 @@ APT_PACKAGES=(
   iproute2 iptables nftables ipset iperf3 sockperf iputils-ping tcpdump
   ethtool procps openssl make python3-venv nghttp2-client haproxy
   clang bpftool libbpf-dev
-  conntrack graphviz
+  conntrack graphviz curl
 )
 
 missing=()

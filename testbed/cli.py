@@ -80,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster.start()
     inv = cluster.inventory()
     console.print(f"{summary_line(inv)} (built in {time.monotonic() - started:.1f} s)")
+    _warn_stopped_apps(inv)
     if args.detach:
         console.print(
             f"left running; 'testbed inspect {cluster.run}', "
@@ -93,6 +94,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
     return 0
+
+
+def _warn_stopped_apps(inv: dict[str, Any]) -> None:
+    """An app that exited is said, never hidden (nothing restarts it)."""
+    for app in inv.get("apps", []):
+        if app["state"] != "running":
+            code = app.get("exit_code")
+            err_console.print(
+                f"app {app['app']} of pod {app['pod']} {app['state']}"
+                + (f" with code {code}" if code is not None else "")
+                + f"; its last output: {app.get('output') or 'none'}",
+                highlight=False,
+                markup=False,
+            )
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -129,6 +144,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(summary_line(inv))
     for _, table in inventory_tables(inv):
         console.print(table)
+    _warn_stopped_apps(inv)
     return 0
 
 
@@ -142,7 +158,7 @@ def _inventory(
 
 
 def cmd_exec(args: argparse.Namespace) -> NoReturn:
-    from testbed.cluster.cluster import load_inventory
+    from testbed.cluster.cluster import in_pod, load_inventory
     from testbed.netlab.nsutil import netns_path
     from testbed.netlab.process import nsenter_argv
 
@@ -154,7 +170,9 @@ def cmd_exec(args: argparse.Namespace) -> NoReturn:
     if not command:
         raise UsageError("exec needs a command after the pod name (testbed exec NAME POD -- CMD)")
     resolved = [pods[w]["ip"] if w in pods else w for w in command]
-    argv = nsenter_argv(netns_path(pods[args.pod]["netns"]), resolved)
+    argv = nsenter_argv(
+        netns_path(pods[args.pod]["netns"]), in_pod(pods[args.pod]["netns"], resolved)
+    )
     os.execvp(argv[0], argv)
 
 
@@ -401,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="running testbeds")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("inspect", help="nodes, pods and services of a testbed")
+    p = sub.add_parser(
+        "inspect", help="nodes, pods, services and apps (running, or exited with code and output)"
+    )
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)

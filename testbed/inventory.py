@@ -25,7 +25,25 @@ def inventory_tables(inv: dict[str, Any]) -> list[tuple[str, Table]]:
         services.add_row(
             svc["name"], svc["namespace"], svc["vip"], ports, ", ".join(svc["endpoints"])
         )
-    return [("nodes", nodes), ("pods", pods), ("services", services)]
+    tables = [("nodes", nodes), ("pods", pods), ("services", services)]
+    if inv.get("apps"):
+        tables.append(("apps", apps_table(inv["apps"])))
+    return tables
+
+
+def apps_table(apps: list[dict[str, Any]]) -> Table:
+    """Declared apps with their state; an exited one with its code and last output lines."""
+    table = Table("pod", "app", "port", "pid", "state", "command / last output", title="apps")
+    for app in apps:
+        state = app["state"]
+        if state == "exited":
+            state = f"[red]exited {app.get('exit_code')}[/red]"
+        elif state == "gone":
+            state = "[red]gone (no exit status)[/red]"
+        detail = app["command"] if app["state"] == "running" else app.get("output") or "-"
+        port = "-" if app["port"] is None else str(app["port"])
+        table.add_row(app["pod"], app["app"], port, str(app["pid"]), state, detail)
+    return table
 
 
 def summary_line(inv: dict[str, Any]) -> str:

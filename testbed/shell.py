@@ -5,10 +5,11 @@ from __future__ import annotations
 import cmd
 import shlex
 import subprocess
+from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console
 
-from testbed.cluster.cluster import Cluster
+from testbed.cluster.cluster import Cluster, in_pod
 from testbed.cluster.model import TopologyError
 from testbed.inventory import inventory_tables
 from testbed.netlab.process import NetlabError, nsenter_argv
@@ -17,7 +18,7 @@ from testbed.netlab.process import NetlabError, nsenter_argv
 class ClusterShell(cmd.Cmd):
     intro = (
         "testbed shell: nodes, pods, services, ping A B, pingall, iperf A B, rules POD,\n"
-        "trace SRC DST[:PORT], "
+        "trace SRC DST[:PORT], curl POD URL, apps,\n"
         "exec POD CMD... (pod names become their IPs), help, exit (tears the testbed down)"
     )
 
@@ -51,6 +52,32 @@ class ClusterShell(cmd.Cmd):
             self.console.print("usage: ping A B")
             return
         self._exec(args[0], ["ping", "-c", "3", "-i", "0.2", args[1]])
+
+    def do_apps(self, _: str) -> None:
+        """apps: the apps the topology declared, running or exited (with code and output)"""
+        self._tables("apps")
+
+    def do_curl(self, line: str) -> None:
+        """curl POD [CURL-OPTIONS] URL: an HTTP request from pod POD, printing the status
+        line, headers and body; pod and service names in the URL become their IPs"""
+        words = shlex.split(line)
+        if len(words) < 2:
+            self.console.print("usage: curl POD [CURL-OPTIONS] URL")
+            return
+        argv = ["curl", "-sS", "-i", "--max-time", "10", *map(self._resolve_url, words[1:])]
+        self._exec(words[0], argv)
+
+    def _resolve_url(self, word: str) -> str:
+        """The host of a URL (or of a bare HOST[:PORT][/PATH]) with a pod or service name
+        resolved; options and any other word are kept."""
+        scheme = "" if "://" in word else "http://"
+        parts = urlsplit(scheme + word)
+        host = parts.hostname
+        if word.startswith("-") or not host or self.cluster.resolve_host(host) == host:
+            return word
+        resolved = self.cluster.resolve_host(host)
+        netloc = resolved if parts.port is None else f"{resolved}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc)).removeprefix(scheme)
 
     def do_pingall(self, _: str) -> None:
         """pingall: ping every pod from every pod and report failures"""
@@ -116,6 +143,9 @@ class ClusterShell(cmd.Cmd):
     def default(self, line: str) -> None:
         words = shlex.split(line)
         if words and (words[0] in self.cluster.pods or words[0] in self.cluster.system_pods):
+            if words[1:2] == ["curl"]:  # `productpage curl http://reviews:9080/`
+                self.do_curl(shlex.join([words[0], *words[2:]]))
+                return
             self._exec(words[0], words[1:])  # Mininet style: `client ping server2`
         else:
             self.console.print(f"unknown command: {line} (try help)")
@@ -127,7 +157,7 @@ class ClusterShell(cmd.Cmd):
             self.console.print(f"[red]{exc}[/red]")
             return
         resolved = [self.cluster.resolve(word) for word in argv]
-        subprocess.run(nsenter_argv(pod.netns.path, resolved), check=False)
+        subprocess.run(nsenter_argv(pod.netns.path, in_pod(pod.netns.name, resolved)), check=False)
 
     def do_exit(self, _: str) -> bool:
         """exit: leave the shell and tear the testbed down"""

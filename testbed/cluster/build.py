@@ -9,11 +9,16 @@ node's underlay address.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from testbed.cluster.model import NodeSpec, PodSpec
+from testbed.mesh.dns import resolv_conf
 from testbed.netlab import Lab, Netns, links
 from testbed.netlab.shaping import shape_link
 
 UNDERLAY_PREFIX = 16
+NETNS_ETC = Path("/etc/netns")
+"""`ip netns exec NAME` bind-mounts each file of /etc/netns/NAME over /etc for what it runs."""
 
 
 def build_fabric(lab: Lab, bridges: list[str], bridge_links: list[tuple[str, str]]) -> Netns:
@@ -56,8 +61,9 @@ def build_node(
     return ns
 
 
-def build_pod(lab: Lab, node: NodeSpec, node_ns: Netns, pod: PodSpec) -> Netns:
+def build_pod(lab: Lab, node: NodeSpec, node_ns: Netns, pod: PodSpec, dns_vip: str) -> Netns:
     ns = lab.add_netns(node.name, pod.name)
+    write_resolv_conf(lab, ns, resolv_conf(dns_vip, pod.namespace))
     with node_ns.iproute() as nipr:
         host = links.add_veth(nipr, pod.host_ifname, ns, "eth0")
         links.add_address(nipr, host, node.gateway_ip, 32)
@@ -71,3 +77,11 @@ def build_pod(lab: Lab, node: NodeSpec, node_ns: Netns, pod: PodSpec) -> Netns:
         links.add_route(ipr, f"{node.gateway_ip}/32", oif=eth0, link_scope=True)
         links.add_route(ipr, "0.0.0.0/0", gateway=node.gateway_ip, oif=eth0)
     return ns
+
+
+def write_resolv_conf(lab: Lab, ns: Netns, text: str) -> Path:
+    """The pod's own resolv.conf, which every command run in the pod sees (Pod.run)."""
+    folder = lab.add_dir(NETNS_ETC / ns.name)
+    path = lab.add_file(folder / "resolv.conf")
+    path.write_text(text, encoding="ascii")
+    return path

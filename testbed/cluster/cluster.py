@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from testbed.cluster import build
+from testbed.cluster import build, clusterdns
+from testbed.cluster.apps import RunningApp, app_state, start_apps
 from testbed.cluster.kubeproxy import render_service_rules
 from testbed.cluster.loader import load_topology
 from testbed.cluster.mode import RedirectMode
@@ -75,7 +76,9 @@ class Pod:
         check: bool = True,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return self.netns.run(argv, timeout=timeout, check=check, input=input)
+        return self.netns.run(
+            in_pod(self.netns.name, argv), timeout=timeout, check=check, input=input
+        )
 
     def spawn(
         self,
@@ -85,7 +88,14 @@ class Pod:
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
     ) -> ManagedProcess:
-        return self.netns.spawn(argv, label=f"{self.name}-{label}", env=env, pass_fds=pass_fds)
+        return self.netns.spawn(
+            in_pod(self.netns.name, argv), label=f"{self.name}-{label}", env=env, pass_fds=pass_fds
+        )
+
+
+def in_pod(netns: str, argv: Sequence[str]) -> list[str]:
+    """`argv` as run in the pod: `ip netns exec` gives it the pod's own /etc/resolv.conf."""
+    return ["ip", "netns", "exec", netns, *argv]
 
 
 class Cluster:
@@ -109,6 +119,7 @@ class Cluster:
         self.pods: dict[str, Pod] = {}
         self.services: dict[str, ServiceSpec] = {}
         self.system_pods: dict[str, Pod] = {}
+        self.apps: list[RunningApp] = []
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> Cluster:
@@ -126,6 +137,7 @@ class Cluster:
         try:
             self._build()
             self.mode.install(self)
+            self.apps = start_apps(self._lab, list(self.pods.values()))  # after in-pod rules
             raise_if_requested()  # a Ctrl-C that landed in a finalizer is not lost
             self.save_inventory()
         except BaseException:
@@ -135,8 +147,9 @@ class Cluster:
 
     def stop(self) -> None:
         if self.lab is not None:
-            self.lab.teardown()
+            self.lab.teardown()  # the apps are the lab's processes: stopped with the rest
             self.lab = None
+            self.apps = []
 
     @property
     def workdir(self) -> Path:
@@ -161,18 +174,20 @@ class Cluster:
             self.nodes[spec.name] = Node(spec, ns)
         for pod_spec in self.topology.pods.values():
             self.pods[pod_spec.name] = self._build_pod(pod_spec)
-        if self.services:
-            self._install_kube_proxy()
+        first_node = specs[0].name
+        clusterdns.start_cluster_dns(self, first_node)
+        self._install_kube_proxy()
 
     def _build_pod(self, spec: PodSpec) -> Pod:
         node = self.nodes[spec.node]
         node.pod_count += 1
-        netns = build.build_pod(self._lab, node.spec, node.netns, spec)
+        netns = build.build_pod(self._lab, node.spec, node.netns, spec, clusterdns.DNS_SERVICE_VIP)
         return Pod(spec, netns)
 
     def _install_kube_proxy(self) -> None:
         rules = render_service_rules(
-            (svc, service_endpoints(self.topology, svc)) for svc in self.services.values()
+            ((svc, service_endpoints(self.topology, svc)) for svc in self.services.values()),
+            dns=(clusterdns.DNS_SERVICE_VIP, self.pod(clusterdns.DNS_POD).ip),
         )
         for node in self.nodes.values():
             node.netns.run(["iptables-restore", "--noflush"], input=rules)
@@ -219,6 +234,18 @@ class Cluster:
         """A pod name becomes its IP (as in Mininet's CLI); anything else is kept."""
         pod = self.pods.get(text) or self.system_pods.get(text)
         return pod.ip if pod else text
+
+    def resolve_host(self, text: str) -> str:
+        """A service name becomes its VIP (a name both a service and a pod means the service,
+        as DNS would have it), a pod name its IP; anything else is kept."""
+        service = self.services.get(text)
+        return service.vip if service else self.resolve(text)
+
+    def app_states(self) -> list[dict[str, Any]]:
+        """Each declared app with its state now (see testbed.cluster.apps.app_state)."""
+        for app in self.apps:
+            app.process.poll()  # reap an app that ended, so it is not taken for running
+        return [app_state(app.record()) for app in self.apps]
 
     def proxy_pids(self) -> dict[str, int]:
         return self.mode.proxy_pids()
@@ -294,6 +321,7 @@ class Cluster:
                 for s in self.services.values()
             ],
             "proxies": self.proxy_pids(),
+            "apps": self.app_states(),
         }
 
     def save_inventory(self) -> None:
@@ -327,4 +355,5 @@ def load_inventory(run: str, root: Path = RUNS_ROOT) -> dict[str, Any]:
     if not path.exists():
         raise NetlabError(f"no running testbed named {run!r} (no {path})")
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    data["apps"] = [app_state(record) for record in data.get("apps", [])]  # as they are now
     return data

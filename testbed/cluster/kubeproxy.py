@@ -11,13 +11,23 @@ from collections.abc import Iterable
 from testbed.cluster.model import PodSpec, ServiceSpec
 
 
-def render_service_rules(services: Iterable[tuple[ServiceSpec, list[PodSpec]]]) -> str:
+def render_service_rules(
+    services: Iterable[tuple[ServiceSpec, list[PodSpec]]], dns: tuple[str, str] | None = None
+) -> str:
+    """The nat rules; `dns` = (cluster DNS VIP, its pod's IP) adds port 53 over UDP and TCP."""
     lines = [
         "*nat",
         ":KUBE-SERVICES - [0:0]",
         "-A PREROUTING -j KUBE-SERVICES",
         "-A OUTPUT -j KUBE-SERVICES",
     ]
+    if dns is not None:
+        vip, pod_ip = dns
+        for proto in ("udp", "tcp"):
+            lines.append(
+                f"-A KUBE-SERVICES -d {vip}/32 -p {proto} -m {proto} --dport 53"
+                f" -j DNAT --to-destination {pod_ip}:53"
+            )
     for service, endpoints in services:
         for port, target in sorted(service.ports.items()):
             match = f"-A KUBE-SERVICES -d {service.vip}/32 -p tcp -m tcp --dport {port}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +54,28 @@ class NodeSpec:
     gateway_ip: str = ""
 
 
+APP_PORTS = {"http-echo": 8080, "iperf3": 5201, "sockperf": 11111}  # the tools' defaults
+"""The servers a pod can declare by name, with the port each listens on unless told."""
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """The server a pod runs from the moment the testbed is up: a named app (APP_PORTS) or
+    a command (`argv`). `port` is where it listens (None: a command that listens nowhere)."""
+
+    kind: str  # a key of APP_PORTS, or "command"
+    port: int | None = None
+    argv: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind != "command" else "cmd"
+
+    def describe(self) -> str:
+        what = self.kind if self.kind != "command" else shlex.join(self.argv)
+        return what if self.port is None else f"{what} :{self.port}"
+
+
 @dataclass
 class PodSpec:
     name: str
@@ -62,6 +86,7 @@ class PodSpec:
     ip: str = ""
     host_ifname: str = ""
     uid: str = ""
+    app: AppSpec | None = None
 
 
 @dataclass
@@ -159,7 +184,12 @@ class Topology:
         namespace: str = "default",
         service_account: str | None = None,
         labels: dict[str, str] | None = None,
+        app: str | Sequence[str] | None = None,
+        port: int | None = None,
     ) -> str:
+        """A pod on `node`. `app` is a server started in it once the mode is installed:
+        "http-echo", "iperf3", "sockperf" (each on its usual port unless `port` says), or a
+        command (a list of words or a command line) listening on `port` if one is given."""
         self._check_name("pod", name)
         self._check_name("namespace", namespace)
         if name in self.pods:
@@ -169,7 +199,9 @@ class Topology:
             raise self.error(f"pod {name!r} is placed on unknown node {node!r} (nodes: {known})")
         sa = service_account or name
         self._check_name("service account", sa)
-        self.pods[name] = PodSpec(name, node, namespace, sa, dict(labels or {}))
+        spec = PodSpec(name, node, namespace, sa, dict(labels or {}))
+        spec.app = self._app(name, app, port)
+        self.pods[name] = spec
         return name
 
     def add_service(
@@ -273,6 +305,30 @@ class Topology:
                 f"{what} name {name!r} is not a DNS label "
                 "(lowercase letters, digits and '-', at most 63 characters)"
             )
+
+    def _app(self, pod: str, app: str | Sequence[str] | None, port: int | None) -> AppSpec | None:
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+            raise self.error(f"pod {pod!r}: port {port!r} is not an integer in 1-65535")
+        if port is not None and not 0 < port < 65536:
+            raise self.error(f"pod {pod!r}: port {port} is not in 1-65535")
+        if app is None:
+            if port is not None:
+                raise self.error(f"pod {pod!r}: port={port} without an app (set app= too)")
+            return None
+        if isinstance(app, str) and app in APP_PORTS:
+            return AppSpec(app, port if port is not None else APP_PORTS[app])
+        if isinstance(app, str) and " " not in app.strip():
+            raise self.error(
+                f"pod {pod!r}: app {app!r} is not one of {sorted(APP_PORTS)} nor a command line "
+                "(give a command as a list of words, or a line with its arguments)"
+            )
+        try:
+            argv = shlex.split(app) if isinstance(app, str) else list(app)
+        except ValueError as exc:
+            raise self.error(f"pod {pod!r}: app {app!r} is not a command line: {exc}") from None
+        if not argv or not all(isinstance(word, str) and word for word in argv):
+            raise self.error(f"pod {pod!r}: app {app!r}: a command needs non-empty string words")
+        return AppSpec("command", port, tuple(argv))
 
     def _policy_rule(self, policy: str, index: int, rule: dict[str, Any]) -> PolicyRule:
         unknown = set(rule) - RULE_FIELDS

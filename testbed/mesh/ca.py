@@ -3,6 +3,10 @@
 Istio identifies a workload by the URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` of its
 certificate. Keys are ECDSA P-256, as Istio's own CA issues them. HBONE peers verify each other
 against the root and then check the URI SAN (not a hostname).
+
+The CA issues key pairs itself (`issue`, for the testbed's own proxies, which read files) and
+signs certificate signing requests (`sign_csr`, for testbed.mesh.ca_service, which speaks
+Istio's CA protocol to Istio's ztunnel). Both kinds of leaf are the same apart from the key.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from testbed.netlab.errors import TestbedError
@@ -34,6 +39,10 @@ ROOT_CERT_FILE = "root-cert.pem"
 # Clocks of namespaces on one host agree, but a minute of slack keeps fresh certs valid anyway.
 CLOCK_SKEW = timedelta(minutes=1)
 ROOT_TTL = timedelta(days=3650)
+WORKLOAD_TTL = timedelta(hours=24)
+# istiod's default MAX_WORKLOAD_CERT_TTL; a longer request is refused, as istiod refuses it.
+MAX_WORKLOAD_TTL = timedelta(days=90)
+MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,52 @@ class Identity:
 
 class PeerIdentityError(TestbedError):
     """The peer's certificate does not carry an acceptable SPIFFE identity."""
+
+
+class CsrError(TestbedError, ValueError):
+    """A certificate signing request that cannot be signed; the message says why."""
+
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+@dataclass(frozen=True)
+class SigningRequest:
+    """A verified CSR: its public key and the one SPIFFE identity its URI SAN asks for."""
+
+    public_key: PublicKey
+    identity: Identity
+
+
+def parse_csr(pem: str | bytes) -> SigningRequest:
+    """Check a PEM CSR (signature, key, exactly one spiffe:// URI SAN) and read it."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as e:
+        raise CsrError(f"not a PEM certificate signing request ({e})") from None
+    if not csr.is_signature_valid:
+        raise CsrError("the CSR's signature does not verify with its own public key")
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
+            raise CsrError(f"EC key on curve {key.curve.name}; expected P-256 or P-384")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise CsrError(f"RSA key of {key.key_size} bits; expected at least {MIN_RSA_BITS}")
+    else:
+        raise CsrError(f"{type(key).__name__} key; expected ECDSA (P-256) or RSA")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    except (x509.ExtensionNotFound, ValueError):
+        uris = []
+    if len(uris) != 1:
+        raise CsrError(f"the CSR names {len(uris)} URI SANs; expected one spiffe:// identity")
+    try:
+        return SigningRequest(key, Identity.parse(uris[0]))
+    except ValueError as e:
+        raise CsrError(str(e)) from None
 
 
 def _now() -> datetime.datetime:
@@ -184,24 +239,47 @@ class CertificateAuthority:
             raise ValueError(f"{directory / CA_KEY_FILE}: expected an ECDSA private key")
         return cls(cert, key, _root_trust_domain(cert))
 
-    def issue(self, identity: Identity, ttl: timedelta = timedelta(hours=24)) -> IssuedCert:
+    def issue(self, identity: Identity, ttl: timedelta = WORKLOAD_TTL) -> IssuedCert:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._workload_cert(key.public_key(), identity, ttl)
+        return IssuedCert(
+            identity=identity,
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=_key_pem(key),
+            root_pem=self.root_pem,
+        )
+
+    def sign_csr(self, request: SigningRequest, ttl: timedelta = WORKLOAD_TTL) -> list[str]:
+        """The PEM chain for a verified CSR, leaf first and root last (Istio's order)."""
+        if ttl > MAX_WORKLOAD_TTL:
+            raise CsrError(f"requested TTL {ttl} is longer than the maximum {MAX_WORKLOAD_TTL}")
+        cert = self._workload_cert(request.public_key, request.identity, ttl)
+        return [cert.public_bytes(serialization.Encoding.PEM).decode(), self.root_pem.decode()]
+
+    def issue_server_cert(
+        self, dns_names: list[str], ips: list[IPv4Address | IPv6Address], ttl: timedelta = ROOT_TTL
+    ) -> tuple[bytes, bytes]:
+        """A TLS server certificate and key (PEM) for a control-plane service, like istiod's."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        names += [x509.IPAddress(ip) for ip in ips]
+        cert = (
+            self._leaf_builder(key.public_key(), ttl)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+    def _workload_cert(
+        self, public_key: PublicKey, identity: Identity, ttl: timedelta
+    ) -> x509.Certificate:
         if identity.trust_domain != self.trust_domain:
             raise ValueError(
                 f"cannot issue {identity.uri}: this CA serves trust domain {self.trust_domain!r}"
             )
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            # Istio workload certificates have an empty subject, so the SAN must be critical.
-            .subject_name(x509.Name([]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + ttl)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=False), critical=True)
+        return (
+            self._leaf_builder(public_key, ttl)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -209,19 +287,28 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
-            )
-            .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
                 critical=True,
             )
             .sign(self._key, hashes.SHA256())
         )
-        return IssuedCert(
-            identity=identity,
-            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=_key_pem(key),
-            root_pem=self.root_pem,
+
+    def _leaf_builder(self, public_key: PublicKey, ttl: timedelta) -> x509.CertificateBuilder:
+        now = _now()
+        return (
+            x509.CertificateBuilder()
+            # Istio workload certificates have an empty subject, so the SAN must be critical.
+            .subject_name(x509.Name([]))
+            .issuer_name(self._cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + ttl)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
+            )
         )
 
 

@@ -6,8 +6,13 @@ ztunnel can read its workloads, services and policies from a local YAML file ins
 
 - workloads: ztunnel `Workload` fields plus `services: {"<ns>/<hostname>": {port: targetPort}}`
 - services: `vips` as "<network>/<ip>", `ports: {port: targetPort}`, `endpoints` by workload uid
-- policies: `Authorization` with `rules` nested three deep (rule -> clause -> match), string
-  matches as `{Exact: s}`, `{Prefix: s}`, `{Suffix: s}` or `{Presence: []}`
+- policies: `Authorization` with `rules` nested three deep (rule -> clause -> match)
+
+ztunnel parses the file with serde_yaml 0.9, which writes and reads an enum that carries data
+(a string match) only as a YAML tag: `!Exact s`, `!Prefix s`, `!Suffix s`, `!Presence []` (an
+empty `!Presence` is read too). A map such as `{Exact: s}` makes it reject the whole file, so
+YAML files here are written and read in the tagged form only; Python data and JSON (serde_json,
+as in ztunnel's config_dump) keep the map form `{"Exact": s}`.
 
 Lookups a proxy does per connection are precomputed into dicts when the config is built.
 """
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, cast
 
 import yaml
 from pydantic import (
@@ -36,6 +41,7 @@ from pydantic import (
     SerializationInfo,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     model_serializer,
     model_validator,
 )
@@ -127,10 +133,13 @@ class _Model(BaseModel):
         self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
     ) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
+        if not self._ztunnel_required:
+            return data
         for name in self._ztunnel_required:
             # Only ever left out when equal to its (plain: bool, str, int, [] or {}) default.
             data.setdefault(to_camel(name) if info.by_alias else name, getattr(self, name))
-        return data
+        keys = (to_camel(name) if info.by_alias else name for name in type(self).model_fields)
+        return {key: data[key] for key in keys if key in data}  # in declaration order
 
 
 class GatewayAddress(_Model):
@@ -156,6 +165,8 @@ class Locality(_Model):
     region: str = ""
     zone: str = ""
     subzone: str = ""
+    # ztunnel's Locality has no serde defaults: once written, all three must be there.
+    _ztunnel_required = ("region", "zone", "subzone")
 
 
 class ApplicationTunnel(_Model):
@@ -212,17 +223,42 @@ class Endpoint(_Model):
     _ztunnel_required = ("port", "status")
 
 
+class NetworkCidr(BaseModel):
+    """A VIP range of a service, ztunnel's NetworkCidr (its serde keeps the Rust field names)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    network: str
+    cidr: Network
+
+
+class WeightedWaypoint(_Model):
+    destination: GatewayAddress
+    weight: Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+class LoadBalancer(_Model):
+    """ztunnel's LoadBalancer: every field is required there."""
+
+    routing_preferences: list[Literal["Region", "Zone", "Subzone", "Node", "Cluster", "Network"]]
+    mode: Literal["Standard", "Strict", "Failover", "Passthrough"]
+    health_policy: Literal["OnlyHealthy", "AllowAll"]
+
+
 class Service(_Model):
     name: str
     namespace: str
     hostname: str
     vips: list[NetAddress] = []
+    # Accepted so ztunnel files load; the testbed's proxies do not interpret them.
+    cidr_vips: list[NetworkCidr] = []
     ports: dict[Port, Port] = {}
     endpoints: dict[str, Endpoint] = {}
     subject_alt_names: list[str] = []
     waypoint: GatewayAddress | None = None
-    # Accepted so ztunnel files load; the testbed does not interpret them.
-    load_balancer: dict[str, Any] | None = None
+    # Accepted so ztunnel files load; the testbed's proxies use `waypoint`, the primary.
+    weighted_waypoints: list[WeightedWaypoint] = []
+    # Accepted so ztunnel files load; the testbed's proxies do not interpret it.
+    load_balancer: LoadBalancer | None = None
     ip_families: Literal["Dual", "IPv4", "IPv6"] | None = None
     canonical: bool = False
     visibility: Literal["Public", "Namespace"] = "Public"
@@ -236,10 +272,46 @@ class Service(_Model):
 MatchKind = Literal["Exact", "Prefix", "Suffix", "Presence"]
 
 
-class StringMatch(BaseModel):
-    """ztunnel's externally tagged StringMatch; also accepts Istio's wildcard string form.
+class SerdeTag:
+    """A serde_yaml externally tagged enum value, `!<variant> <value>`; no value: `!<variant> []`.
 
-    As in an Istio AuthorizationPolicy, "*" means presence, "foo*" a prefix, "*foo" a suffix.
+    What the mesh-config YAML loader builds for a tag and what the dumper writes one from.
+    """
+
+    __slots__ = ("value", "variant")
+
+    def __init__(self, variant: str, value: str | None = None) -> None:
+        self.variant = variant
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SerdeTag) and (self.variant, self.value) == (
+            other.variant,
+            other.value,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.variant, self.value))
+
+    def __repr__(self) -> str:
+        return f"SerdeTag({self.variant!r}, {self.value!r})"
+
+
+# Validation/serialization context key: the data is (or becomes) serde_yaml text.
+SERDE_YAML = "serde_yaml"
+TAGGED_FORMS = "!Exact s, !Prefix s, !Suffix s or !Presence []"
+
+
+def _is_serde_yaml(info: ValidationInfo | SerializationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get(SERDE_YAML))
+
+
+class StringMatch(BaseModel):
+    """ztunnel's externally tagged StringMatch.
+
+    Read from a serde_yaml tag (mesh-config YAML, where nothing else is accepted), from its
+    serde_json/Python map form `{"Exact": s}`, or from Istio's wildcard string form: as in an
+    AuthorizationPolicy, "*" means presence, "foo*" a prefix, "*foo" a suffix.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -248,7 +320,14 @@ class StringMatch(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_ztunnel_or_istio(cls, data: Any) -> Any:
+    def _from_ztunnel_or_istio(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, SerdeTag):
+            return {"kind": data.variant, "value": data.value or ""}
+        if _is_serde_yaml(info) and not isinstance(data, StringMatch):
+            raise ValueError(
+                f"expected a string match in serde_yaml's tagged form ({TAGGED_FORMS}), "
+                f"got {data!r}"
+            )
         if isinstance(data, str):
             return _from_wildcard(data)
         if isinstance(data, dict) and len(data) == 1 and "kind" not in data:
@@ -257,7 +336,9 @@ class StringMatch(BaseModel):
         return data
 
     @model_serializer
-    def _to_ztunnel(self) -> dict[str, Any]:
+    def _to_ztunnel(self, info: SerializationInfo) -> Any:
+        if _is_serde_yaml(info):
+            return SerdeTag(self.kind, None if self.kind == "Presence" else self.value)
         return {self.kind: [] if self.kind == "Presence" else self.value}
 
     def matches(self, candidate: str) -> bool:
@@ -271,12 +352,13 @@ class StringMatch(BaseModel):
 
 
 def _from_wildcard(pattern: str) -> dict[str, str]:
+    # istiod's order: a leading "*" wins, so "*/sa/*" is the suffix "/sa/*".
     if pattern == "*":
         return {"kind": "Presence"}
-    if pattern.endswith("*"):
-        return {"kind": "Prefix", "value": pattern[:-1]}
     if pattern.startswith("*"):
         return {"kind": "Suffix", "value": pattern[1:]}
+    if pattern.endswith("*"):
+        return {"kind": "Prefix", "value": pattern[:-1]}
     return {"kind": "Exact", "value": pattern}
 
 
@@ -317,6 +399,69 @@ class Authorization(_Model):
         return f"{self.namespace}/{self.name}"
 
 
+_TAGS = ("!Exact", "!Prefix", "!Suffix", "!Presence")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+class SerdeYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus the tags serde_yaml writes for StringMatch variants."""
+
+
+class SerdeYamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper writing SerdeTag values as serde_yaml does."""
+
+    def choose_scalar_style(self) -> str:
+        # PyYAML quotes every scalar with an explicit tag; serde_yaml writes `!Exact value`
+        # plain and quotes only what would read as another type untagged ('123', 'true').
+        event = self.event
+        if (
+            isinstance(event, yaml.ScalarEvent)
+            and event.tag in _TAGS
+            and _resolve(self)(yaml.ScalarNode, event.value, (True, False)) == _STR_TAG
+        ):
+            implicit = event.implicit
+            event.implicit = (True, False)  # allows plain style; the tag is still written
+            try:
+                return super().choose_scalar_style()
+            finally:
+                event.implicit = implicit
+        return super().choose_scalar_style()
+
+
+def _resolve(dumper: yaml.SafeDumper) -> Callable[..., str]:
+    """The tag an untagged scalar would get (PyYAML's stubs leave `resolve` untyped)."""
+    return cast(Callable[..., str], dumper.resolve)
+
+
+def _construct_tagged(loader: yaml.SafeLoader, node: yaml.Node) -> SerdeTag:
+    variant = node.tag.removeprefix("!")
+    if variant == "Presence":
+        # serde_yaml reads an empty sequence or an empty plain scalar as the empty tuple.
+        empty = isinstance(node, yaml.SequenceNode) and not node.value
+        empty |= isinstance(node, yaml.ScalarNode) and node.value == "" and node.style is None
+        if not empty:
+            raise yaml.constructor.ConstructorError(
+                None, None, "!Presence takes no value (write !Presence [])", node.start_mark
+            )
+        return SerdeTag(variant)
+    if not isinstance(node, yaml.ScalarNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"!{variant} takes a string (write !{variant} value)", node.start_mark
+        )
+    return SerdeTag(variant, loader.construct_scalar(node))
+
+
+def _represent_tagged(dumper: yaml.SafeDumper, tag: SerdeTag) -> yaml.Node:
+    if tag.value is None:
+        return dumper.represent_sequence(f"!{tag.variant}", [], flow_style=True)
+    return dumper.represent_scalar(f"!{tag.variant}", tag.value)
+
+
+for _tag in _TAGS:
+    SerdeYamlLoader.add_constructor(_tag, _construct_tagged)
+SerdeYamlDumper.add_representer(SerdeTag, _represent_tagged)
+
+
 class LocalConfig(_Model):
     workloads: list[Workload] = []
     policies: list[Authorization] = []
@@ -333,21 +478,37 @@ class LocalConfig(_Model):
             text = path.read_text()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ConfigError(f"{path}: not valid json: {e}") from e
+            return cls._validate(data, {}, str(path))
+        return cls.from_yaml(text, str(path))
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "<mesh config>") -> LocalConfig:
+        """Parse serde_yaml-style text (string matches as tags); errors start with `where`."""
         try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
+            data = yaml.load(text, Loader=SerdeYamlLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid yaml: {e}") from e
+        return cls._validate(data, {SERDE_YAML: True}, where)
+
+    @classmethod
+    def _validate(cls, data: Any, context: dict[str, Any], where: str) -> LocalConfig:
         try:
-            return cls.model_validate(data or {})
+            return cls.model_validate(data or {}, context=context)
         except ValidationError as e:
-            raise ConfigError(f"{path}: {_describe(e)}") from e
+            raise ConfigError(f"{where}: {_describe(e)}") from e
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
+            raise ConfigError(f"{where}: {e}") from e
 
     def dump_yaml(self) -> str:
+        """The file as Istio's ztunnel reads it (serde_yaml 0.9: string matches as tags)."""
         # Python mode keeps integer port keys (ztunnel's serde wants numbers, not "80").
-        data = self.model_dump(by_alias=True, exclude_defaults=True)
-        return yaml.safe_dump(data, sort_keys=False)
+        data = self.model_dump(by_alias=True, exclude_defaults=True, context={SERDE_YAML: True})
+        return yaml.dump(data, Dumper=SerdeYamlDumper, sort_keys=False)
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         """The workload with this IP, given in canonical text form (as socket returns it)."""

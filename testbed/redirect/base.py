@@ -145,6 +145,7 @@ class Mode:
     Options: ClassVar[type[ModeOptions]] = ModeOptions
     variant_option: ClassVar[str | None] = None  # an option whose every value is a variant
     runs_waypoints: ClassVar[bool] = False  # Istio ran waypoints with it (L7 in waypoints)
+    captures_dns: ClassVar[bool] = False  # pods' DNS goes to their proxy's 15053 (else kube-dns)
     options: ModeOptions
 
     def __init__(self, options: ModeOptions | None = None) -> None:

@@ -45,6 +45,7 @@ class InPodOptions(MeshOptions):
 
 class InPodMode(NodeZtunnelMode):
     name = "inpod"
+    captures_dns = True
     Options = InPodOptions
     options: InPodOptions
     variant_option = "inpod_variant"
@@ -90,8 +91,10 @@ class InPodMode(NodeZtunnelMode):
         self.agents[pod.node].enroll(pod.spec.uid, info, pod.netns.path)
 
     def release(self, pod: Pod) -> None:
-        self.agents[pod.node].unenroll(pod.spec.uid)
+        """Istio's order (RemovePodFromMesh): the pod's rules go first, then ztunnel gets
+        Del, so no packet is redirected to listeners that are closing."""
         inpod_rules.uninstall(pod.netns)
+        self.agents[pod.node].unenroll(pod.spec.uid)
 
     def describe_capture(self, pod: Pod) -> str:
         if self.backend == "nftables":

@@ -8,7 +8,10 @@ All share the policy routing that lets TPROXY'd / connmarked packets reach local
 
 The rules are written in the canonical form that `iptables-save` and `nft list ruleset`
 print, so that a rule set read back from a namespace compares equal to the reference.
-DNS capture (port 15053) is not modelled; the testbed has no DNS proxy.
+All three capture the pod's DNS to ztunnel's DNS proxy on 15053 (DESIGN.md 4.5) as
+istio-cni does by default: REDIRECT and nftables as Istio 1.24+ (UDP and TCP 53, ztunnel's
+own marked queries exempt and put in conntrack zone 1 by raw-table rules so they never
+collide with the app's), TPROXY as Istio 1.21-1.23 (UDP 53 only).
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ INPOD_MARK = "0x539/0xfff"  # SO_MARK on every ztunnel socket inside the pod (13
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 INBOUND_HBONE_PORT = 15008
+DNS_CAPTURE_PORT = 15053
 
 PRERT = "ISTIO_PRERT"
 OUTPUT = "ISTIO_OUTPUT"
 INPOD_CHAINS = (PRERT, OUTPUT)
-_NFT_TABLES = ("istio-ambient-nat", "istio-ambient-mangle")
+_NFT_TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
 
 # ---------------------------------------------------------------- iptables rule sets
 
@@ -57,10 +61,48 @@ def _jumps() -> list[Rule]:
     ]
 
 
-def _nat_output(probe: str) -> list[Rule]:
+def _dns_capture() -> list[Rule]:
+    """Istio 1.24+: UDP and TCP 53 to 15053 except ztunnel's own (marked) queries, whose
+    packets and the replies to them get conntrack zone 1."""
+    not_inpod = f"-m mark ! --mark {INPOD_MARK}"
+    return [
+        Rule(
+            "nat",
+            OUTPUT,
+            f"! -o lo -p udp {not_inpod} -m udp --dport 53"
+            f" -j REDIRECT --to-ports {DNS_CAPTURE_PORT}",
+        ),
+        Rule(
+            "nat",
+            OUTPUT,
+            f"! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 {not_inpod}"
+            f" -j REDIRECT --to-ports {DNS_CAPTURE_PORT}",
+        ),
+        Rule("raw", "PREROUTING", f"-j {PRERT}"),
+        Rule("raw", "OUTPUT", f"-j {OUTPUT}"),
+        Rule("raw", OUTPUT, f"-p udp -m mark --mark {INPOD_MARK} -m udp --dport 53 -j CT --zone 1"),
+        Rule(
+            "raw", PRERT, f"-p udp -m mark ! --mark {INPOD_MARK} -m udp --sport 53 -j CT --zone 1"
+        ),
+    ]
+
+
+def _dns_capture_udp_only() -> list[Rule]:
+    """Istio 1.21-1.23 (the TPROXY era): UDP 53 only, no exemption, no conntrack zones."""
+    return [
+        Rule(
+            "nat",
+            OUTPUT,
+            f"! -o lo -p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_CAPTURE_PORT}",
+        )
+    ]
+
+
+def _nat_output(probe: str, dns: list[Rule]) -> list[Rule]:
     not_inpod = f"-m mark ! --mark {INPOD_MARK}"
     return [
         Rule("nat", OUTPUT, f"-d {probe}/32 -p tcp -m tcp -j ACCEPT"),
+        *dns,
         Rule("nat", OUTPUT, f"-p tcp -m mark --mark {TPROXY_MARK} -j ACCEPT"),
         # app -> own pod IP over lo must not loop through ztunnel
         Rule("nat", OUTPUT, "! -d 127.0.0.1/32 -o lo -j ACCEPT"),
@@ -93,7 +135,7 @@ def _redirect_variant(probe: str) -> list[Rule]:
             f" -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}",
         ),
         Rule("mangle", OUTPUT, _RESTORE_MARK),
-        *_nat_output(probe),
+        *_nat_output(probe, _dns_capture()),
     ]
 
 
@@ -120,7 +162,7 @@ def _tproxy_variant(probe: str) -> list[Rule]:
             f" -j TPROXY --on-port {INBOUND_PLAINTEXT_PORT} {tproxy}",
         ),
         Rule("mangle", OUTPUT, _RESTORE_MARK),
-        *_nat_output(probe),
+        *_nat_output(probe, _dns_capture_udp_only()),
     ]
 
 
@@ -152,19 +194,32 @@ _NFT_BASE_CHAINS = (
     NftChain("istio-ambient-nat", "output", "type nat hook output priority -100;"),
     NftChain("istio-ambient-mangle", "prerouting", "type filter hook prerouting priority mangle;"),
     NftChain("istio-ambient-mangle", "output", "type route hook output priority mangle;"),
+    NftChain("istio-ambient-raw", "prerouting", "type filter hook prerouting priority raw;"),
+    NftChain("istio-ambient-raw", "output", "type filter hook output priority raw;"),
 )
 _MARK_MASK = "meta mark & 0x00000fff"
 
 
 def nftables_rules(*, host_probe_ip: str = HOST_PROBE_IP) -> list[Rule]:
     """Istio 1.28's nftables rules (IPv4 part), in `nft list ruleset` spelling."""
-    nat, mangle = _NFT_TABLES
+    nat, mangle, raw = _NFT_TABLES
     not_inpod = f"{_MARK_MASK} != 0x00000539"
     return [
         Rule(nat, "output", "jump istio-output"),
         Rule(nat, "prerouting", "jump istio-prerouting"),
         Rule(nat, "istio-prerouting", f"meta l4proto tcp ip saddr {host_probe_ip} counter accept"),
         Rule(nat, "istio-output", f"meta l4proto tcp ip daddr {host_probe_ip} counter accept"),
+        Rule(
+            nat,
+            "istio-output",
+            f'oifname != "lo" {not_inpod} udp dport 53 counter redirect to :{DNS_CAPTURE_PORT}',
+        ),
+        Rule(
+            nat,
+            "istio-output",
+            f"ip daddr != 127.0.0.1 tcp dport 53 {not_inpod}"
+            f" counter redirect to :{DNS_CAPTURE_PORT}",
+        ),
         Rule(
             nat,
             "istio-prerouting",
@@ -192,6 +247,10 @@ def nftables_rules(*, host_probe_ip: str = HOST_PROBE_IP) -> list[Rule]:
             "istio-output",
             "ct mark & 0x00000fff == 0x00000111 counter meta mark set ct mark",
         ),
+        Rule(raw, "prerouting", "jump istio-prerouting"),
+        Rule(raw, "output", "jump istio-output"),
+        Rule(raw, "istio-output", f"udp dport 53 {_MARK_MASK} == 0x00000539 counter ct zone set 1"),
+        Rule(raw, "istio-prerouting", f"udp sport 53 {not_inpod} counter ct zone set 1"),
     ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from testbed.cluster.clusterdns import DNS_SERVICE_VIP
 from testbed.mesh.waypoint.config import WaypointConfig
 from testbed.redirect import sidecar_rules
 from testbed.redirect.base import MeshMode, MeshOptions
@@ -64,7 +65,8 @@ def render_original_source(pod_ip: str) -> str:
 
 
 def install_rules(netns: CommandRunner, pod_ip: str) -> None:
-    sidecar_rules.install(netns, "mark")
+    # the pod's nameserver is the cluster DNS service; its queries go to the sidecar's 15053
+    sidecar_rules.install(netns, "mark", dns_servers=[DNS_SERVICE_VIP])
     remove_iptables_chains(netns, RETURN_CHAINS)
     netns.run(["iptables-restore", "--noflush"], input=render_original_source(pod_ip))
     for command in policy_routes():
@@ -80,6 +82,7 @@ def uninstall_rules(netns: CommandRunner) -> None:
 
 class SidecarMode(MeshMode):
     name = "sidecar"
+    captures_dns = True
 
     def __init__(self, options: MeshOptions | None = None) -> None:
         super().__init__(options)

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +28,14 @@ from typing import Any
 
 import podapps
 import pytest
-from podapps import GreetingServer, HttpReply, finish, http_requests, read_line, start_http_echo
+from podapps import (
+    APP_PORT,
+    GreetingServer,
+    HttpReply,
+    finish,
+    http_requests,
+    read_line,
+)
 
 from testbed.cluster import Cluster, Pod, Topology, load_topology
 from testbed.redirect import MODES, create_mode
@@ -65,6 +73,7 @@ class ConformanceTopology(Topology):
         self.add_pod("server1", "node1", service_account="server", labels={"app": "server"})
         self.add_pod("server2", "node2", service_account="server", labels={"app": "server"})
         self.add_pod("outsider", "node2", labels={"istio.io/dataplane-mode": "none"})
+        self.add_service("greeter", selector={"app": "server"}, ports={APP_PORT: APP_PORT})
 
 
 @dataclass
@@ -98,13 +107,12 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
 @pytest.fixture(scope="module", params=list(waypoint_cases()))
 def reviews(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """topologies/reviews_waypoint.py: reviews split 90/10 over v1 and v2 by a waypoint,
-    `/v2...` pinned to v2, `/admin*` denied at L7; HTTP echo servers in the reviews pods."""
+    `/v2...` pinned to v2, `/admin*` denied at L7; the reviews pods' declared HTTP echo app
+    answers (the topology starts it)."""
     mode, options = waypoint_cases()[request.param]
     cluster = Cluster(load_topology("reviews_waypoint"), create_mode(mode, options))
     try:
         cluster.start()
-        for name in ("reviews-v1", "reviews-v2"):
-            start_http_echo(cluster.pod(name))
         yield cluster
     finally:
         cluster.stop()
@@ -130,7 +138,44 @@ def policy(mesh: Mesh, name: str, **spec: Any) -> Iterator[None]:
         mode.update_policies(topology)
 
 
+def resolve(pod: Pod, name: str) -> tuple[int, str]:
+    """`getent hosts NAME` in the pod (its own resolv.conf): exit status and address."""
+    done = pod.run(["getent", "hosts", name], check=False, timeout=15)
+    return done.returncode, (done.stdout.split() or [""])[0]
+
+
 # ---------------------------------------------------------------- the suite
+
+
+def test_dns_answers_services_and_nxdomain_otherwise(mesh: Mesh) -> None:
+    client = mesh.pod("client")
+    vip = mesh.cluster.services["greeter"].vip
+    assert resolve(client, "greeter.default.svc.cluster.local") == (0, vip)
+    assert resolve(client, "greeter") == (0, vip)  # through the search list
+    assert resolve(client, "nosuch.default.svc.cluster.local")[0] == 2  # NXDOMAIN: not found
+    assert resolve(client, "example.com")[0] == 2  # nothing leaves the testbed
+
+
+def test_connection_by_short_service_name(mesh: Mesh) -> None:
+    script = (
+        "import socket\n"
+        f"with socket.create_connection(('greeter', {APP_PORT}), timeout=10) as s:\n"
+        "    print(s.makefile().readline().split()[0])\n"
+    )
+    done = mesh.pod("client").run([sys.executable, "-c", script], timeout=30)
+    assert done.stdout.strip() in {"server1", "server2"}
+
+
+def test_captured_dns_is_answered_by_the_proxy(mesh: Mesh) -> None:
+    """Only the proxy's DNS (ztunnel's, in-pod or sidecar) expands an absolute short name
+    through the pod's search list; the cluster DNS service answers fully qualified names."""
+    captured = mesh.cluster.mode.captures_dns
+    status, address = resolve(mesh.pod("client"), "greeter.")
+    assert (status == 0) == captured
+    if captured:
+        assert address == mesh.cluster.services["greeter"].vip
+    # a pod out of the mesh is not captured: the cluster DNS answers it
+    assert resolve(mesh.pod("outsider"), "greeter.")[0] == 2
 
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))

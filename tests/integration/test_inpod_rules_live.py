@@ -157,11 +157,15 @@ def test_traffic_is_captured(lab: PodAndPeer, variant: ir.Variant, backend: ir.B
 # ---------------------------------------------------------------- sidecar (istio-iptables)
 
 
+@pytest.mark.parametrize("dns_servers", [(), ("10.96.0.2",)], ids=["no-dns", "dns"])
 @pytest.mark.parametrize("exempt", ["uid", "mark"])
-def test_sidecar_install_and_uninstall(lab: PodAndPeer, exempt: sidecar_rules.Exempt) -> None:
+def test_sidecar_install_and_uninstall(
+    lab: PodAndPeer, exempt: sidecar_rules.Exempt, dns_servers: tuple[str, ...]
+) -> None:
     for _ in range(2):
-        sidecar_rules.install(lab.pod, exempt)
-    assert sidecar_rules.installed_rules(lab.pod) == sidecar_rules.expected_rules(exempt)
+        sidecar_rules.install(lab.pod, exempt, dns_servers=dns_servers)
+    installed = sidecar_rules.installed_rules(lab.pod)
+    assert installed == sidecar_rules.expected_rules(exempt, dns_servers=dns_servers)
     sidecar_rules.uninstall(lab.pod)
     assert sidecar_rules.installed_rules(lab.pod) == {}
     assert "ISTIO" not in lab.pod.run(["iptables-save"]).stdout

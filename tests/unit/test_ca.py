@@ -1,19 +1,25 @@
 import ssl
 import stat
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from testbed.mesh.ca import (
+    MAX_WORKLOAD_TTL,
     CertificateAuthority,
+    CsrError,
     Identity,
     IssuedCert,
     PeerIdentityError,
     check_peer_identity,
     identity_from_peer_cert,
+    parse_csr,
 )
 
 SLEEP = Identity("cluster.local", "default", "sleep")
@@ -182,3 +188,44 @@ def test_issued_cert_write(ca: CertificateAuthority, tmp_path: Path) -> None:
     assert cert.read_bytes() == issued.cert_pem
     assert root.read_bytes() == ca.root_pem
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, uri: str = SLEEP.uri) -> bytes:
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    csr = builder.add_extension(san, critical=True).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def test_signing_a_csr_keeps_its_key_and_names_its_identity(ca: CertificateAuthority) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = parse_csr(_csr(key))
+    assert request.identity == SLEEP
+    leaf_pem, root_pem = ca.sign_csr(request, timedelta(hours=1))
+    leaf = x509.load_pem_x509_certificate(leaf_pem.encode())
+    assert root_pem.encode() == ca.root_pem
+    assert leaf.public_key() == key.public_key()
+    assert identity_from_peer_cert(leaf.public_bytes(serialization.Encoding.DER)) == SLEEP
+    leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.root_pem))
+    with pytest.raises(CsrError, match="longer than the maximum"):
+        ca.sign_csr(request, MAX_WORKLOAD_TTL + timedelta(seconds=1))
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (lambda: rsa.generate_private_key(65537, 1024), "RSA key of 1024 bits"),
+        (lambda: ec.generate_private_key(ec.SECP521R1()), "curve secp521r1"),
+    ],
+)
+def test_weak_or_unexpected_csr_keys_are_refused(
+    key: Callable[[], ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey], message: str
+) -> None:
+    with pytest.raises(CsrError, match=message):
+        parse_csr(_csr(key()))
+
+
+def test_csr_for_a_foreign_trust_domain_is_not_signed(ca: CertificateAuthority) -> None:
+    request = parse_csr(_csr(ec.generate_private_key(ec.SECP256R1()), "spiffe://x/ns/a/sa/b"))
+    with pytest.raises(ValueError, match=r"serves trust domain 'cluster\.local'"):
+        ca.sign_csr(request)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from testbed.redirect import ModeError, create_mode
+from testbed.redirect import ModeError, create_mode, inpod_rules
 from testbed.redirect.inpod import InPodMode
 
 
@@ -33,3 +35,20 @@ def test_variants_pick_rules_and_backend(variant: str, rules: tuple[str, str]) -
 def test_bad_options_are_refused(options: dict[str, str], message: str) -> None:
     with pytest.raises(ModeError, match=message):
         create_mode("inpod", options)
+
+
+def test_release_removes_rules_before_del(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Istio's RemovePodFromMesh order: DeleteInpodRules, then the ZDS Del."""
+    calls: list[str] = []
+
+    class Agent:
+        def unenroll(self, uid: str) -> None:
+            calls.append(f"del {uid}")
+
+    pod = SimpleNamespace(node="node1", spec=SimpleNamespace(uid="u1"), netns="ns")
+    monkeypatch.setattr(inpod_rules, "uninstall", lambda netns: calls.append(f"rules {netns}"))
+    mode = create_mode("inpod")
+    assert isinstance(mode, InPodMode)
+    mode.agents["node1"] = Agent()  # type: ignore[assignment]
+    mode.release(pod)  # type: ignore[arg-type]
+    assert calls == ["rules ns", "del u1"]

@@ -26,9 +26,21 @@ COMMIT
 -A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff \
 -j REDIRECT --to-ports 15006
 -A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 \
+-j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff \
+-j REDIRECT --to-ports 15053
 -A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
 -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
 -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+COMMIT
+*raw
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_PRERT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -p udp -m mark --mark 0x539/0xfff -m udp --dport 53 -j CT --zone 1
+-A ISTIO_PRERT -p udp -m mark ! --mark 0x539/0xfff -m udp --sport 53 -j CT --zone 1
 COMMIT
 """
 
@@ -47,8 +59,11 @@ def test_tproxy_variant_captures_inbound_in_mangle() -> None:
     assert "-j TPROXY --on-port 15006" in mangle
     established = mangle.index("--ctstate RELATED,ESTABLISHED -j ACCEPT")
     assert mangle.index("--on-port 15008") < established < mangle.index("--on-port 15006")
-    assert "-A PREROUTING -j ISTIO_PRERT" not in text.split("*nat")[1]  # no nat inbound
+    assert "-A PREROUTING -j ISTIO_PRERT" not in text.split("*nat")[1].split("*raw")[0]
     assert "REDIRECT --to-ports 15001" in text
+    # Istio 1.21-1.23's DNS capture: UDP only, no mark exemption, no raw table
+    assert "-A ISTIO_OUTPUT ! -o lo -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in text
+    assert "--dport 53 -m mark" not in text and "*raw" not in text
 
 
 def test_host_probe_ip_is_configurable() -> None:
@@ -76,7 +91,23 @@ def test_nftables_script_declares_tables_chains_and_rules() -> None:
         "add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1"
         " meta mark & 0x00000fff != 0x00000539 counter redirect to :15001" in lines
     )
-    assert not any("istio-ambient-raw" in line for line in lines)  # raw is DNS-only
+    # DNS capture as istio-cni writes it (redirect to ztunnel's 15053, conntrack zone 1)
+    assert (
+        'add rule inet istio-ambient-nat istio-output oifname != "lo"'
+        " meta mark & 0x00000fff != 0x00000539 udp dport 53 counter redirect to :15053" in lines
+    )
+    assert (
+        "add rule inet istio-ambient-nat istio-output ip daddr != 127.0.0.1 tcp dport 53"
+        " meta mark & 0x00000fff != 0x00000539 counter redirect to :15053" in lines
+    )
+    assert (
+        "add rule inet istio-ambient-raw istio-output udp dport 53"
+        " meta mark & 0x00000fff == 0x00000539 counter ct zone set 1" in lines
+    )
+    assert (
+        "add rule inet istio-ambient-raw istio-prerouting udp sport 53"
+        " meta mark & 0x00000fff != 0x00000539 counter ct zone set 1" in lines
+    )
 
 
 def test_policy_routes() -> None:
@@ -163,10 +194,39 @@ def test_expected_nft_rules_include_base_chain_hooks() -> None:
     assert expected[("istio-ambient-mangle", "output")][0] == (
         "type route hook output priority mangle; policy accept;"
     )
-    assert len(expected) == 8  # 2 tables x (2 base + 2 istio chains)
+    assert len(expected) == 12  # 3 tables x (2 base + 2 istio chains)
 
 
 # ---------------------------------------------------------------- sidecar (istio-iptables)
+
+
+def test_sidecar_dns_capture_is_istio_iptables_redirect_dns() -> None:
+    """istio-iptables --redirect-dns (its dns-uid-gid golden), with the uid exemption."""
+    text = sidecar_rules.render_sidecar("uid", dns_servers=["10.96.0.2"])
+    nat, raw = text.split("*raw")
+    assert "-A OUTPUT -j ISTIO_OUTPUT\n" in nat  # all protocols, not only TCP
+    assert nat.index("-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS") < nat.index(
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN"
+    )
+    dns_nat = [line for line in nat.splitlines() if line.startswith("-A ISTIO_OUTPUT_DNS")]
+    assert dns_nat == [
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.2/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.2/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+    ]
+    assert [line for line in raw.splitlines() if line.startswith("-A ")] == [
+        "-A OUTPUT -j ISTIO_OUTPUT_DNS",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --uid-owner 1337 -j CT --zone 2",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j CT --zone 1",
+        "-A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --gid-owner 1337 -j CT --zone 2",
+        "-A PREROUTING -j ISTIO_INBOUND",
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.2/32 -p udp -m udp --dport 53 -j CT --zone 2",
+        "-A ISTIO_INBOUND -s 10.96.0.2/32 -p udp -m udp --sport 53 -j CT --zone 1",
+    ]
+    assert "ISTIO_OUTPUT_DNS" not in sidecar_rules.render_sidecar("uid")  # off without servers
+
 
 SIDECAR_UID_OUTPUT = """\
 -A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN

@@ -16,6 +16,9 @@ from testbed.mesh.config import (
     ConfigWatcher,
     LocalConfig,
     NetworkAddress,
+    SerdeTag,
+    SerdeYamlDumper,
+    SerdeYamlLoader,
     StringMatch,
     watch,
 )
@@ -96,20 +99,20 @@ policies:
   namespace: default
   scope: Namespace
   action: Allow
-  rules: [[[{namespaces: [{Exact: default}]}]]]
+  rules: [[[{namespaces: [!Exact default]}]]]
 - name: other-ns
   namespace: other
   scope: Namespace
   action: Allow
-  rules: [[[{principals: ["*"]}]]]
+  rules: [[[{principals: [!Presence []]}]]]
 - name: sleep-only
   namespace: default
   scope: WorkloadSelector
   action: Allow
   dryRun: false
   rules:
-  - - - principals: [{Prefix: "cluster.local/ns/default/sa/"}]
-        notPrincipals: ["*/sa/evil"]
+  - - - principals: [!Prefix "cluster.local/ns/default/sa/"]
+        notPrincipals: [!Suffix /sa/evil]
 """
 
 
@@ -123,6 +126,14 @@ def config_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(config_file: Path) -> LocalConfig:
     return LocalConfig.load(config_file)
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=SerdeYamlLoader)
+
+
+def _dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=SerdeYamlDumper)
 
 
 def _write_invalid(path: Path, tmp_path: Path) -> None:
@@ -207,20 +218,26 @@ def test_string_match_forms() -> None:
 
 def test_dump_yaml_round_trips_in_ztunnel_shape(config: LocalConfig) -> None:
     dumped = config.dump_yaml()
-    data = yaml.safe_load(dumped)
-    assert LocalConfig.model_validate(data) == config
+    data = _load(dumped)
+    assert LocalConfig.from_yaml(dumped) == config
     httpbin = data["workloads"][1]
     assert httpbin["services"] == {"default/httpbin.default.svc.cluster.local": {8000: 80}}
     assert httpbin["serviceAccount"] == "httpbin"
     assert "networkMode" not in httpbin  # defaults are left out...
     assert data["policies"][0]["dryRun"] is False  # ...except those ztunnel requires
-    assert data["policies"][3]["rules"][0][0][0]["notPrincipals"] == [{"Suffix": "/sa/evil"}]
+    (((sleep_only,),),) = data["policies"][3]["rules"]
+    assert sleep_only["notPrincipals"] == [SerdeTag("Suffix", "/sa/evil")]
+    assert data["policies"][2]["rules"] == [[[{"principals": [SerdeTag("Presence")]}]]]
     assert data["services"][0]["vips"] == ["/10.96.0.10"]
 
 
 def test_load_json(tmp_path: Path) -> None:
     path = tmp_path / "mesh.json"
-    path.write_text(json.dumps(yaml.safe_load(CLUSTER_YAML)))
+    # serde_json's form: string matches as maps, {"Exact": s}.
+    config = LocalConfig.from_yaml(CLUSTER_YAML)
+    data = config.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    assert data["policies"][1]["rules"] == [[[{"namespaces": [{"Exact": "default"}]}]]]
+    path.write_text(json.dumps(data))
     config = LocalConfig.load(path)
     service = config.service_by_vip("10.96.0.10", 8000)
     assert service is not None and service.ports == {8000: 80, 9000: 0}
@@ -270,10 +287,10 @@ def test_load_json(tmp_path: Path) -> None:
 def test_load_errors_name_file_and_field(
     tmp_path: Path, mutate: Callable[[dict[str, Any]], None], message: str
 ) -> None:
-    data = yaml.safe_load(CLUSTER_YAML)
+    data = _load(CLUSTER_YAML)
     mutate(data)
     path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(_dump(data))
     with pytest.raises(ConfigError, match=f"^{path}: .*{message}"):
         LocalConfig.load(path)
 
@@ -292,9 +309,9 @@ def test_empty_file_is_an_empty_config(tmp_path: Path) -> None:
 
 
 def _new_version(path: Path, tmp_path: Path, node: str) -> None:
-    data = yaml.safe_load(CLUSTER_YAML)
+    data = _load(CLUSTER_YAML)
     data["workloads"][0]["node"] = node
-    (tmp_path / "next.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "next.yaml").write_text(_dump(data))
     os.replace(tmp_path / "next.yaml", path)  # atomic, as a writer should replace it
 
 
@@ -336,3 +353,111 @@ def test_async_watch_reloads(config_file: Path, tmp_path: Path) -> None:
     reloaded = asyncio.run(scenario())
     sleep = reloaded.workload_by_ip("10.0.1.2")
     assert sleep is not None and sleep.node == "node-y"
+
+
+POLICY_YAML = """
+policies:
+- name: p
+  namespace: default
+  scope: Namespace
+  action: Allow
+  dryRun: false
+  rules: [[[{principals: [MATCH]}]]]
+"""
+
+
+@pytest.mark.parametrize(
+    ("match", "expected"),
+    [
+        ("!Exact cluster.local/ns/a", StringMatch(kind="Exact", value="cluster.local/ns/a")),
+        ("!Prefix 'a: b'", StringMatch(kind="Prefix", value="a: b")),
+        ("!Suffix '123'", StringMatch(kind="Suffix", value="123")),
+        ("!Presence []", StringMatch(kind="Presence")),
+        ("!Presence ", StringMatch(kind="Presence")),  # serde_yaml reads an empty value too
+    ],
+)
+def test_yaml_string_matches_are_serde_yaml_tags(match: str, expected: StringMatch) -> None:
+    config = LocalConfig.from_yaml(POLICY_YAML.replace("MATCH", match))
+    assert config.policies[0].rules[0][0][0].principals == [expected]
+
+
+@pytest.mark.parametrize(
+    ("match", "message"),
+    [
+        # What serde_yaml rejects (and with it the whole file) is rejected here as well.
+        ("{Exact: x}", r"principals\[0\]: expected a string match in serde_yaml's tagged form"),
+        ("'*'", r"principals\[0\]: expected a string match in serde_yaml's tagged form"),
+        ("!Presence x", r"not valid yaml: !Presence takes no value(.|\n)*line 8"),
+        ("!Exact [x]", r"not valid yaml: !Exact takes a string"),
+        ("!Regex x", r"not valid yaml: could not determine a constructor for the tag '!Regex'"),
+    ],
+)
+def test_yaml_string_match_in_another_form_is_an_error(match: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^f.yaml: (policies.0..rules.0..0..0..)?{message}"):
+        LocalConfig.from_yaml(POLICY_YAML.replace("MATCH", match), "f.yaml")
+
+
+def test_dump_writes_tags_as_serde_yaml_does() -> None:
+    matches = [
+        StringMatch(kind="Exact", value="default"),
+        StringMatch(kind="Prefix", value="true"),  # untagged it would read as a bool: quoted
+        StringMatch(kind="Presence"),
+    ]
+    policy = {"name": "p", "namespace": "d", "scope": "Global", "action": "Deny"}
+    policy["rules"] = [[[{"namespaces": matches}]]]  # type: ignore[list-item]
+    text = LocalConfig.model_validate({"policies": [policy]}).dump_yaml()
+    assert "- !Exact default\n" in text
+    assert "- !Prefix 'true'\n" in text
+    assert "- !Presence []\n" in text
+
+
+SERVICE_FIELDS_YAML = """
+services:
+- name: s
+  namespace: default
+  hostname: s.default.svc.cluster.local
+  vips: [/10.96.0.30]
+  cidrVips: [{network: "", cidr: 10.96.128.0/24}]
+  ports: {80: 8080}
+  weightedWaypoints:
+  - {destination: {destination: /10.0.3.2, hboneMtlsPort: 15008}, weight: 90}
+  - {destination: {destination: default/wp2.default.svc.cluster.local, hboneMtlsPort: 15008},
+     weight: 10}
+  loadBalancer: {routingPreferences: [Zone, Node], mode: Failover, healthPolicy: AllowAll}
+"""
+
+
+def test_service_fields_of_istios_ztunnel_are_accepted_and_kept() -> None:
+    config = LocalConfig.from_yaml(SERVICE_FIELDS_YAML)
+    (service,) = config.services
+    assert [(str(c.cidr), c.network) for c in service.cidr_vips] == [("10.96.128.0/24", "")]
+    assert [w.weight for w in service.weighted_waypoints] == [90, 10]
+    assert service.weighted_waypoints[1].destination.destination == (
+        "default/wp2.default.svc.cluster.local"
+    )
+    assert service.load_balancer is not None
+    assert (service.load_balancer.mode, service.load_balancer.routing_preferences) == (
+        "Failover", ["Zone", "Node"],
+    )  # fmt: skip
+    assert LocalConfig.from_yaml(config.dump_yaml()) == config
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("healthPolicy: AllowAll", "", r"loadBalancer\.healthPolicy: Field required"),
+        ("mode: Failover", "mode: Random", r"loadBalancer\.mode: Input should be 'Standard'"),
+        ("weight: 90", "weight: -1", r"weightedWaypoints\[0\]\.weight: Input should be greater"),
+        ('network: ""', "net: x", r"cidrVips\[0\]\.network: Field required"),
+    ],
+)
+def test_service_field_errors_name_the_field(old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^s.yaml: services\\[0\\]\\.{message}"):
+        LocalConfig.from_yaml(SERVICE_FIELDS_YAML.replace(old, new), "s.yaml")
+
+
+def test_a_partial_locality_is_written_whole() -> None:
+    # ztunnel's Locality has no serde defaults: region, zone and subzone must all be there.
+    workload = {"workloadIps": ["10.0.0.1"], "namespace": "d", "locality": {"zone": "z1"}}
+    data = _load(LocalConfig.model_validate({"workloads": [workload]}).dump_yaml())
+    assert data["workloads"][0]["locality"] == {"region": "", "zone": "z1", "subzone": ""}

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from testbed.mesh import podsockets
+from testbed.mesh import dns, podsockets
 from testbed.mesh.config import Workload
 from testbed.mesh.hbone import HboneClient, HboneServer
 from testbed.mesh.ztunnel import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
@@ -140,6 +140,8 @@ class PodProxy:
             raise
         for sock, handler in ((out_sock, outbound), (plain_sock, inbound_plaintext)):
             self._accepting.append(asyncio.ensure_future(self._accept_loop(sock, handler)))
+        zone = lambda: dns.proxy_zone(self.mesh.config, self.workload.namespace)  # noqa: E731
+        self._accepting.append(asyncio.ensure_future(dns.serve_in_netns(self.netns_fd, zone)))
 
     async def stop(self) -> None:
         """Stop accepting and close the HBONE server (resetting its streams); outbound and
