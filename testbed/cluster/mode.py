@@ -44,3 +44,7 @@ class RedirectMode(Protocol):
 
     def describe_pod(self, pod: Pod) -> str:
         """What the mode installed in a pod (rules), for the shell and inspect."""
+
+    @property
+    def captures_dns(self) -> bool:
+        """Pods' DNS goes to their proxy (port 15053), else to the cluster DNS service."""

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from testbed.experiment.analysis import BASELINE_MODE
@@ -186,7 +187,7 @@ def line_figure(
     return _save(fig, axes, title, path)
 
 
-def _save(fig: plt.Figure, axes: object, title: str, path: Path) -> Path:
+def _save(fig: Figure, axes: object, title: str, path: Path) -> Path:
     handles, labels = fig.axes[0].get_legend_handles_labels()
     return _finish(
         fig, handles, labels, legend_title="mode", title=title, right=0.9, top=0.95, path=path
@@ -194,7 +195,7 @@ def _save(fig: plt.Figure, axes: object, title: str, path: Path) -> Path:
 
 
 def _finish(
-    fig: plt.Figure,
+    fig: Figure,
     handles: list[Artist],
     labels: list[str],
     *,
@@ -250,7 +251,7 @@ def waterfall_figure(table: pd.DataFrame, *, unit: str, title: str, path: Path) 
     )
 
 
-def _unique_legend(fig: plt.Figure) -> tuple[list[Artist], list[str]]:
+def _unique_legend(fig: Figure) -> tuple[list[Artist], list[str]]:
     seen: dict[str, Artist] = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):

@@ -26,7 +26,9 @@ def case_row(
     return row
 
 
-def measurement_rows(base: Mapping[str, Any], measured: Sequence[MeasurementLike]) -> list[dict]:
+def measurement_rows(
+    base: Mapping[str, Any], measured: Sequence[MeasurementLike]
+) -> list[dict[str, Any]]:
     rows = []
     for item in measured:
         row = {**base, "metric": item.metric, "value": float(item.value), "unit": item.unit}

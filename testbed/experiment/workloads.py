@@ -14,10 +14,15 @@ from testbed.experiment.cases import Case
 
 
 class MeasurementLike(Protocol):
-    metric: str
-    value: float
-    unit: str
-    labels: dict[str, str]
+    # read-only members, so that frozen dataclasses (testbed.measure.rows.Measurement) match
+    @property
+    def metric(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def unit(self) -> str: ...
+    @property
+    def labels(self) -> dict[str, str]: ...
 
 
 WorkloadFunction = Callable[[Any, Any, Case, Path | None], Sequence[MeasurementLike]]

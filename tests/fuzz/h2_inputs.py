@@ -96,22 +96,25 @@ def _frame(draw: st.DrawFn) -> bytes:
     kind = draw(st.one_of(st.sampled_from(sorted(_payload_of)), st.integers(10, 255)))
     payload = draw(_payload_of.get(kind, st.binary(max_size=16)))
     length = draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFFFF)))
-    return h2_frame(kind, draw(_flags), draw(_stream_ids), payload, length)
+    frame: bytes = h2_frame(kind, draw(_flags), draw(_stream_ids), payload, length)
+    return frame
 
 
 def _continuation_flood(count: int) -> bytes:
     """HEADERS without END_HEADERS, then `count` CONTINUATIONs that never end the block."""
-    first = h2_frame(HEADERS, END_STREAM, 1, _HPACK_GET)
-    return first + h2_frame(CONTINUATION, 0, 1, b"\x40\x01a\x01b") * count
+    first: bytes = h2_frame(HEADERS, END_STREAM, 1, _HPACK_GET)
+    flood: bytes = h2_frame(CONTINUATION, 0, 1, b"\x40\x01a\x01b") * count
+    return first + flood
 
 
 def _open_then_reset(extra: bytes) -> bytes:
-    return (
+    opened: bytes = (
         h2_frame(HEADERS, END_HEADERS, 1, _HPACK_CONNECT)
         + h2_frame(DATA, 0, 1, b"half")
         + h2_frame(RST_STREAM, 0, 1, (8).to_bytes(4, "big"))
         + extra
     )
+    return opened
 
 
 _window_overflow = st.just(

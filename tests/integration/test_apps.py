@@ -39,7 +39,7 @@ def inspect_apps(root: Path, name: str) -> dict[str, dict[str, Any]]:
     return {app["pod"]: app for app in inspect_json(root, name)["apps"]}
 
 
-def test_declared_apps_run_from_up_to_down_and_a_crash_is_reported(runs_root: Path):
+def test_declared_apps_run_from_up_to_down_and_a_crash_is_reported(runs_root: Path) -> None:
     name = "a" + uuid.uuid4().hex[:7]
     up = cli(runs_root, "up", TOPOLOGY, "--name", name, "--detach")
     assert up.returncode == 0, up.stderr
@@ -83,7 +83,7 @@ def ended(pid: int, start_time: int, timeout: float = 5.0) -> bool:
     return True
 
 
-def test_shell_curl_resolves_pod_and_service_names(runs_root: Path):
+def test_shell_curl_resolves_pod_and_service_names(runs_root: Path) -> None:
     typed = "curl client http://web:8080/hello\nclient curl http://front/\napps\nexit\n"
     done = cli(runs_root, "up", TOPOLOGY, "--name", "a" + uuid.uuid4().hex[:7], input=typed)
     assert done.returncode == 0, done.stderr
@@ -93,7 +93,7 @@ def test_shell_curl_resolves_pod_and_service_names(runs_root: Path):
     assert "exited 3" in out  # the `apps` table
 
 
-def test_reviews_answer_through_the_waypoint_in_inpod(runs_root: Path):
+def test_reviews_answer_through_the_waypoint_in_inpod(runs_root: Path) -> None:
     """topologies/reviews_waypoint.py's own instructions, verbatim."""
     typed = (
         "curl productpage http://reviews:9080/\n"
@@ -111,7 +111,7 @@ def test_reviews_answer_through_the_waypoint_in_inpod(runs_root: Path):
     assert replies[2].startswith("403") and "RBAC: access denied" in replies[2], replies[2]
 
 
-def test_the_readme_tour_works_verbatim(runs_root: Path):
+def test_the_readme_tour_works_verbatim(runs_root: Path) -> None:
     """README "A tour" on two_nodes (its `client ping server2` pings until Ctrl-C, as in
     Mininet: `ping A B` pings 3 times): the declared apps (HTTP echo on port 80) leave the
     ports of the shell's `iperf` free."""

@@ -17,14 +17,14 @@ TESTBED = [sys.executable, "-m", "testbed.cli"]
 BROKEN = str(Path(__file__).with_name("topo_broken.py"))
 
 
-def cli(root: Path, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def cli(root: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TESTBED, "--root", str(root), *args],
+        input=input,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        **kwargs,  # type: ignore[arg-type]
     )
 
 

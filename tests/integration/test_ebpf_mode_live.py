@@ -133,8 +133,8 @@ def test_programs_sit_on_the_right_devices(cluster: Cluster) -> None:
     outsider = cluster.pods["outsider"]
     node2 = cluster.nodes["node2"].netns
     assert bpfload.attached_programs(node2, outsider.spec.host_ifname, "ingress") == []
-    for node, ztunnel in mode.ztunnels.items():
-        node_ns = cluster.nodes[node].netns
+    for node_name, ztunnel in mode.ztunnels.items():
+        node_ns = cluster.nodes[node_name].netns
         dev = ztunnel.pod.spec.host_ifname
         assert bpfload.attached_programs(node_ns, dev, "ingress") == ["ztunnel_host_ingress"]
         assert bpfload.attached_programs(ztunnel.pod.netns, "eth0", "ingress") == ["ztunnel_tproxy"]
@@ -159,7 +159,7 @@ def test_unenrolled_pod_is_not_redirected_and_can_come_back(cluster: Cluster) ->
         mode.enroll(server1)
     assert server1.ip in {e.ip for e in mode.datapaths["node1"].enrolled()}
     assert greeting(outsider, server1.ip) == f"server1 {outsider.ip}"
-    assert counter(mode, "node1", "istio_tcp_connections_closed_total", **plain) >= 1
+    assert counter(mode, "node1", "istio_tcp_connections_closed_total", 1, **plain) >= 1
 
 
 def test_teardown_leaves_no_program_pin_or_mount(runs_root: Path) -> None:

@@ -190,7 +190,7 @@ def test_a_token_gets_no_certificate_for_another_nodes_pods(lab: Lab) -> None:
     client = "spiffe://cluster.local/ns/default/sa/client"  # only on node1
 
     def refused(dump: dict[str, Any]) -> bool:
-        states = {c["identity"]: c["state"] for c in dump.get("certificates", [])}
+        states: dict[str, str] = {c["identity"]: c["state"] for c in dump.get("certificates", [])}
         return states.get(client, "").startswith("Unavailable")
 
     dump = running.config_dump(until=refused)

@@ -23,6 +23,7 @@ from testbed.cluster import Cluster, load_topology
 from testbed.netlab import RunManifest
 from testbed.netlab.nsutil import netns_path
 from testbed.netlab.reap import NetnsId, opened_netns, pids_in
+from testbed.redirect import create_mode
 
 TESTBED = [sys.executable, "-m", "testbed.cli"]
 DAEMONS = [  # (pod or node, shell command): the ways a user leaves something running
@@ -66,7 +67,9 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
 def test_cluster_stop_ends_daemons_in_pods_and_nodes(
     runs_root: Path, bystander: subprocess.Popen[bytes]
 ) -> None:
-    cluster = Cluster(load_topology("two_nodes"), name=fresh_name(), root=runs_root).start()
+    cluster = Cluster(
+        load_topology("two_nodes"), create_mode("none"), name=fresh_name(), root=runs_root
+    ).start()
     assert cluster.lab is not None
     try:
         with namespaces_of(cluster.lab.manifest) as owned:
@@ -88,7 +91,9 @@ CRASHING = """
 import sys, time
 from pathlib import Path
 from testbed.cluster import Cluster, load_topology
-Cluster(load_topology("two_nodes"), name=sys.argv[1], root=Path(sys.argv[2])).start()
+from testbed.redirect import create_mode
+topology = load_topology("two_nodes")
+Cluster(topology, create_mode("none"), name=sys.argv[1], root=Path(sys.argv[2])).start()
 print("up", flush=True)
 time.sleep(600)
 """

@@ -77,7 +77,9 @@ def traced(
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_walk_matches_the_mode(traced: tuple[Cluster, dict[str, TraceResult]], placement: str):
+def test_walk_matches_the_mode(
+    traced: tuple[Cluster, dict[str, TraceResult]], placement: str
+) -> None:
     _, results = traced
     result = results[placement]
     assert result.outcome.ok, result.text()
@@ -89,7 +91,9 @@ def test_walk_matches_the_mode(traced: tuple[Cluster, dict[str, TraceResult]], p
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_only_matched_rules_appear(traced: tuple[Cluster, dict[str, TraceResult]], placement: str):
+def test_only_matched_rules_appear(
+    traced: tuple[Cluster, dict[str, TraceResult]], placement: str
+) -> None:
     _, results = traced
     rules = [h for h in results[placement].hops if h.kind == "netfilter"]
     assert all(h.data["packets"] > 0 for h in rules)
@@ -100,7 +104,7 @@ def test_only_matched_rules_appear(traced: tuple[Cluster, dict[str, TraceResult]
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_diagram_renders(
     traced: tuple[Cluster, dict[str, TraceResult]], placement: str, tmp_path: Path
-):
+) -> None:
     _, results = traced
     result = results[placement]
     svg = result.write_diagram(tmp_path / "walk.svg").read_text()
@@ -113,7 +117,9 @@ def test_diagram_renders(
     assert sorted(set(labels) & set(range(1, arrows + 1))) == list(range(1, arrows + 1))
 
 
-def test_two_traces_at_once_keep_their_evidence(traced: tuple[Cluster, dict[str, TraceResult]]):
+def test_two_traces_at_once_keep_their_evidence(
+    traced: tuple[Cluster, dict[str, TraceResult]],
+) -> None:
     cluster, _ = traced
     client, server = cluster.pair("cross-node")
     results: list[TraceResult] = []
@@ -129,10 +135,10 @@ def test_two_traces_at_once_keep_their_evidence(traced: tuple[Cluster, dict[str,
         thread.join()
     assert len(results) == 2 and all(r.outcome.ok for r in results)
     for result in results:  # nat rules see a connection's first packet: one each, never both
-        traced = tracing_usable() and not any(client.netns.name in n for n in result.notes)
+        nft_traced = tracing_usable() and not any(client.netns.name in n for n in result.notes)
         for hop in result.hops:
             if hop.kind == "netfilter" and "REDIRECT -> 15001" in hop.detail:
-                assert hop.data["traced_packets"] == (1 if traced else 0), result.text()
+                assert hop.data["traced_packets"] == (1 if nft_traced else 0), result.text()
     for mine, other in (results, results[::-1]):
         theirs = {other.outcome.source, _endpoint(other.outcome.seen_by_app)}
         for hop in mine.hops:
@@ -147,7 +153,7 @@ def _endpoint(text: str | None) -> tuple[str, int]:
     return host, int(port)
 
 
-def test_deleted_rule_shows_as_a_difference(traced: tuple[Cluster, dict[str, TraceResult]]):
+def test_deleted_rule_shows_as_a_difference(traced: tuple[Cluster, dict[str, TraceResult]]) -> None:
     """Without the client ztunnel pod's TPROXY to 15001 the captured connection (always a
     new one, unlike pooled HBONE) reaches no socket there."""
     cluster, _ = traced
@@ -169,7 +175,7 @@ def test_deleted_rule_shows_as_a_difference(traced: tuple[Cluster, dict[str, Tra
     assert "TPROXY -> 15001" not in "\n".join(h.detail for h in result.hops)
 
 
-def test_waypoint_is_on_the_walk(module_root: Path, tmp_path: Path):
+def test_waypoint_is_on_the_walk(module_root: Path, tmp_path: Path) -> None:
     """inpod with a waypoint in front of a service: client REDIRECT, the waypoint's L7 hop,
     the server's ztunnel inbound, the app (the trace's own listener, which reports the peer
     it saw: the topology's HTTP echo apps are left out)."""

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from test_experiment_fakes import (
@@ -170,7 +170,7 @@ def test_pinned_host_keeps_the_pod_attributes() -> None:
 
     client, server = apply_pinning("split", Pod(), Pod())
     assert isinstance(server, PinnedHost) and server.ip == "10.0.0.1"
-    assert server.spawn(["sockperf", "server"], label="s") == [
+    assert cast(Any, server.spawn(["sockperf", "server"], label="s")) == [
         "taskset",
         "-c",
         "1",

@@ -367,7 +367,7 @@ def test_parse_http_load_report() -> None:
     values = _rows_by_metric(rows)
     assert values["http_p50"] == (0.593, "ms")
     assert values["http_p999"] == (8.062, "ms")
-    assert values["http_mean"] == (pytest.approx(1.131728), "ms")
+    assert values["http_mean"] == pytest.approx((1.131728, "ms"))
     assert values["achieved_qps"] == (500.0, "req/s")
     assert (values["errors"], values["requests"]) == ((5.0, "count"), (502.0, "count"))
     assert {row.labels["protocol"] for row in rows} == {"http/1.1"}
@@ -411,7 +411,7 @@ def test_schedule_counts_requests_exactly() -> None:
     claims = list(iter(schedule.claim, None))
     assert len(claims) == 130
     assert [recorded for _, recorded in claims].count(True) == 100
-    assert claims[30] == (pytest.approx(1000.3), True) and claims[29][1] is False
+    assert claims[30] == pytest.approx((1000.3, True)) and claims[29][1] is False
     assert claims[1][0] - claims[0][0] == pytest.approx(0.01)
 
 

@@ -15,6 +15,7 @@ from testbed.experiment.cases import Case
 from testbed.experiment.compare import compare_runs
 from testbed.experiment.rows import case_row, measurement_rows
 from testbed.experiment.store import RunStore
+from testbed.experiment.workloads import WORKLOADS
 from testbed.kube import job
 from testbed.kube.importer import RowsError, import_rows
 from testbed.measure.rows import Measurement
@@ -51,7 +52,7 @@ def job_rows(monkeypatch: pytest.MonkeyPatch, value: float) -> list[dict[str, An
     with socket.create_server(("127.0.0.1", 0)) as listener:
         server = job.RemoteServer("127.0.0.1", "server")
         server.port = listener.getsockname()[1]  # type: ignore[attr-defined]
-        monkeypatch.setitem(job.WORKLOADS, "tcp_stream", fake_stream(value))
+        monkeypatch.setitem(WORKLOADS, "tcp_stream", fake_stream(value))
         rows = []
         for rep in (1, 2, 3):
             rows += job.run_case(

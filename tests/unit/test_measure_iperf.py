@@ -24,7 +24,7 @@ def test_two_streams_report() -> None:
 
 def test_reverse_report_uses_what_the_receiver_got() -> None:
     got = values((FIXTURES / "iperf3_reverse.json").read_text())
-    assert got["throughput"] == (pytest.approx(9256991769.321), "bit/s")
+    assert got["throughput"] == pytest.approx((9256991769.321, "bit/s"))
     assert got["cpu_server"][0] == pytest.approx(99.84093928799587)
 
 

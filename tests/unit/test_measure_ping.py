@@ -29,7 +29,7 @@ def test_partial_loss() -> None:
     got = values("ping_loss.txt")
     assert got["packet_loss"] == (50.0, "percent")
     assert got["rtt_samples"] == (4.0, "count")
-    assert got["rtt_max"] == (pytest.approx(153.0), "us")
+    assert got["rtt_max"] == pytest.approx((153.0, "us"))
 
 
 def test_no_reply_is_full_loss_without_rtt_rows() -> None:

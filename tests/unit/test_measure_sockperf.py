@@ -28,7 +28,7 @@ def test_full_rtt_report_gives_round_trip_rows() -> None:
     assert got["rtt_p99.99"] == (530.654, "us")
     assert got["rtt_p99.999"] == (1470.346, "us")
     assert got["rtt_samples"] == (20210.0, "count")
-    assert got["request_rate"] == (pytest.approx(20210 / 0.550), "req/s")
+    assert got["request_rate"] == pytest.approx((20210 / 0.550, "req/s"))
 
 
 def test_default_report_is_named_half_rtt() -> None:

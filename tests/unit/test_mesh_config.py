@@ -385,8 +385,8 @@ def test_dump_writes_tags_as_serde_yaml_does() -> None:
         StringMatch(kind="Prefix", value="true"),  # untagged it would read as a bool: quoted
         StringMatch(kind="Presence"),
     ]
-    policy = {"name": "p", "namespace": "d", "scope": "Global", "action": "Deny"}
-    policy["rules"] = [[[{"namespaces": matches}]]]  # type: ignore[list-item]
+    policy: dict[str, object] = {"name": "p", "namespace": "d", "scope": "Global", "action": "Deny"}
+    policy["rules"] = [[[{"namespaces": matches}]]]
     text = LocalConfig.model_validate({"policies": [policy]}).dump_yaml()
     assert "- !Exact default\n" in text
     assert "- !Prefix 'true'\n" in text

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_experiment_fakes import SMALL_SPEC, FakeClusterFactory, fake_runner, load_fake_spec
@@ -88,7 +89,7 @@ def test_report_gives_proxy_cpu_per_1000_requests(report_path: Path) -> None:
 
 
 def test_proxy_cpu_per_1000_rps_sums_proxies_over_the_achieved_rate() -> None:
-    case = {"mode": "inpod", "placement": "same-node", "workload": "http_fixed_qps"}
+    case: dict[str, Any] = {"mode": "inpod", "placement": "same-node", "workload": "http_fixed_qps"}
     case |= {"connections": 4, "qps": 2000, "duration": 2, "repetition": 1, "status": "ok"}
     cpu = [("ztunnel-node1", 30.0), ("ztunnel-node2", 50.0)]
     rows = [{**case, "metric": "cpu_percent", "value": v, "process": p} for p, v in cpu]

@@ -28,7 +28,7 @@ COMMIT
 SAVE_AFTER = SAVE_BEFORE.replace("[2:120]", "[3:180]").replace("[4:240]", "[5:300]")
 
 
-def test_rule_hits_are_counter_deltas_without_plain_jumps():
+def test_rule_hits_are_counter_deltas_without_plain_jumps() -> None:
     hits = netfilter.rule_hits(
         netfilter.parse_iptables_save(SAVE_BEFORE), netfilter.parse_iptables_save(SAVE_AFTER)
     )
@@ -38,7 +38,7 @@ def test_rule_hits_are_counter_deltas_without_plain_jumps():
     assert hit.target == "REDIRECT -> 15001"
 
 
-def test_missing_rules_are_reported():
+def test_missing_rules_are_reported() -> None:
     after = SAVE_BEFORE.replace("[0:0] -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT\n", "")
     gone = netfilter.missing_rules(
         netfilter.parse_iptables_save(SAVE_BEFORE), netfilter.parse_iptables_save(after)
@@ -97,7 +97,7 @@ def _nft(packets: int) -> str:
     )
 
 
-def test_nft_counters_skip_iptables_nft_tables_and_find_the_hook():
+def test_nft_counters_skip_iptables_nft_tables_and_find_the_hook() -> None:
     before, after = netfilter.parse_nft_json(_nft(1)), netfilter.parse_nft_json(_nft(2))
     assert [r.table for r in after] == ["inet istio-ambient-nat"]
     (hit,) = netfilter.rule_hits(before, after)
@@ -115,7 +115,7 @@ CONNTRACK = (
 )
 
 
-def test_conntrack_entries_and_nat():
+def test_conntrack_entries_and_nat() -> None:
     redirected, hbone = conntrack.parse_entries(CONNTRACK)
     assert redirected.nat == "REDIRECT 10.244.2.2:8080 -> 127.0.0.1:15001"
     assert redirected.mark == 0x111 and redirected.state == "TIME_WAIT"
@@ -125,7 +125,7 @@ def test_conntrack_entries_and_nat():
     assert conntrack.new_entries([hbone], [redirected, hbone]) == [redirected]
 
 
-def test_link_deltas_carry_tunnel_vni():
+def test_link_deltas_carry_tunnel_vni() -> None:
     def dump(rx: int) -> str:
         return json.dumps(
             [
@@ -142,7 +142,7 @@ def test_link_deltas_carry_tunnel_vni():
     assert delta.rx_packets == 3 and delta.label == "vxlan istioout VNI 1001"
 
 
-def test_connection_records_from_a_recorded_sample():
+def test_connection_records_from_a_recorded_sample() -> None:
     records = proxies.parse_connections((FIXTURES / "trace_connections.json").read_text())
     assert [r.id for r in records] == [41, 42, 43]
     assert records[0].upstream == "10.244.2.2:15008" and records[1].closed is None
@@ -170,12 +170,12 @@ def test_connection_records_from_a_recorded_sample():
         ('{"connections": [{"id": "7"}]}', r"connections\[0\]\.id: expected int"),
     ],
 )
-def test_bad_connection_records_name_the_field(body: str, message: str):
+def test_bad_connection_records_name_the_field(body: str, message: str) -> None:
     with pytest.raises(proxies.RecordError, match=message):
         proxies.parse_connections(body)
 
 
-def test_metric_deltas():
+def test_metric_deltas() -> None:
     page = (
         'istio_tcp_connections_opened_total{reporter="source",source_workload="client"} 3\n'
         "# HELP other\nistio_requests_total 9\n"
@@ -251,7 +251,7 @@ INPOD_WALK = [
 ]
 
 
-def test_expected_walk_matches_and_reports_differences():
+def test_expected_walk_matches_and_reports_differences() -> None:
     assert expected.differences(_result(list(INPOD_WALK))) == []
     broken = _result(INPOD_WALK[1:], ok=False)
     found = expected.differences(broken)
@@ -267,12 +267,12 @@ def test_expected_walk_matches_and_reports_differences():
     assert expected.differences(_result([*INPOD_WALK, extra]))[0].startswith("unexpected")
 
 
-def test_text_walk_numbers_hops():
+def test_text_walk_numbers_hops() -> None:
     text = text_walk(_result(list(INPOD_WALK)).hops)
     assert text.splitlines()[0] == "1. client: OUTPUT nat ISTIO_OUTPUT REDIRECT -> 15001 (1 packet)"
 
 
-def test_diagram_arrows_follow_the_walk_and_colour_mtls():
+def test_diagram_arrows_follow_the_walk_and_colour_mtls() -> None:
     result = _result(list(INPOD_WALK))
     moves = segments(result)
     assert [(a, b) for a, b, _, _ in moves] == [
@@ -287,12 +287,12 @@ def test_diagram_arrows_follow_the_walk_and_colour_mtls():
     assert len(edges) == len(moves)
 
 
-def test_diagram_refuses_other_formats(tmp_path: Path):
+def test_diagram_refuses_other_formats(tmp_path: Path) -> None:
     with pytest.raises(DiagramError, match=r"\.svg or \.png"):
         render(_result(list(INPOD_WALK)), tmp_path / "walk.pdf")
 
 
-def test_nftrace_events_of_the_trace_port_only():
+def test_nftrace_events_of_the_trace_port_only() -> None:
     from testbed.trace import nftrace
 
     text = (FIXTURES / "trace_xtables_monitor.txt").read_text()
@@ -307,7 +307,7 @@ def test_nftrace_events_of_the_trace_port_only():
     assert nftrace.packets_meeting(rule, events) == 1
 
 
-def test_nftrace_table_marks_both_directions_of_the_port():
+def test_nftrace_table_marks_both_directions_of_the_port() -> None:
     from testbed.trace import nftrace
 
     script = nftrace.rules_script(21111)
@@ -316,7 +316,7 @@ def test_nftrace_table_marks_both_directions_of_the_port():
     assert "tcp sport 21111" in script and "tcp dport 21111" in script
 
 
-def test_trace_request_is_http_of_the_trace_size():
+def test_trace_request_is_http_of_the_trace_size() -> None:
     from testbed.trace import probe
 
     raw = probe.request_bytes("10.96.0.10", "abc123", probe.request_size(23001))

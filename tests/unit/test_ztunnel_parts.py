@@ -66,6 +66,7 @@ def test_peer_identity_needs_spiffe_in_the_trust_domain() -> None:
 def test_labels_name_both_ends_and_security() -> None:
     mesh, topology = state()
     client = mesh.config.workload_by_uid("default-client")
+    assert client is not None
     route = decide_outbound(mesh.config, (topology.services["web"].vip, 80), mesh.pick)
     assert isinstance(route, Hbone)
     labels = traffic_labels("source", source=client, source_principal=client.identity.uri,
