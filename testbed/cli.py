@@ -30,9 +30,10 @@ class UsageError(TestbedError):
 # -- doctor ---------------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed.netlab.features import detect_features
+    from testbed.redirect.istio_ztunnel import detect_istio_ztunnel
     from testbed.trace import detect_tracing
 
-    features = detect_features() + detect_tracing()
+    features = [*detect_features(), *detect_tracing(), detect_istio_ztunnel()]
     if args.json:
         print(json.dumps([f.as_dict() for f in features], indent=2))
     else:

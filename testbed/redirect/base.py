@@ -117,6 +117,7 @@ class Proxy:
     process: ManagedProcess
     reads_mesh_config: bool = True  # serves the digest of the config it runs on /config_dump
     companions: list[ManagedProcess] = field(default_factory=list)  # must stay up with it
+    env: dict[str, str] | None = None  # extra environment (Istio's ztunnel is set up by it)
 
     def check_running(self) -> None:
         for process in (self.process, *self.companions):
@@ -298,9 +299,10 @@ class MeshMode(Mode):
         kind: str,
         reads_mesh_config: bool = True,
         companions: Sequence[ManagedProcess] = (),
+        env: dict[str, str] | None = None,
     ) -> Proxy:
-        process = pod.spawn(argv, label=kind)
-        proxy = Proxy(pod, argv, kind, process, reads_mesh_config, list(companions))
+        process = pod.spawn(argv, label=kind, env=env)
+        proxy = Proxy(pod, argv, kind, process, reads_mesh_config, list(companions), env)
         self.proxies[label] = proxy
         return proxy
 
@@ -313,7 +315,7 @@ class MeshMode(Mode):
         """Kill the proxy and start it again; returns once the new one is ready."""
         proxy = self.proxies[label]
         proxy.process.terminate()
-        proxy.process = proxy.pod.spawn(proxy.argv, label=proxy.kind)
+        proxy.process = proxy.pod.spawn(proxy.argv, label=proxy.kind, env=proxy.env)
         self.await_ready([proxy])
 
     def await_ready(self, proxies: Iterable[Proxy], timeout: float = START_TIMEOUT) -> None:
