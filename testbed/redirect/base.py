@@ -99,7 +99,9 @@ def http_get(pod: Pod, port: int, path: str, timeout: float = 2.0) -> tuple[int,
     with pod.netns.entered():
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     with sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
