@@ -9,6 +9,7 @@ implementations. Every pod runs a server that greets with "<pod> <peer ip>".
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from podapps import GreetingServer, greeting
+from podapps import APP_PORT, GreetingServer, greeting
 
 from testbed.cluster import Cluster, Pod, load_topology
 from testbed.measure.iperf import run_throughput
@@ -140,3 +141,38 @@ def test_l4_deny_policy_denies(mesh: Mesh, direction: str) -> None:
     with policy(mesh, "deny-caller", action="DENY", selector={"app": "server"}, rules=deny):
         assert greeting(client, server.ip, timeout=3.0) is None
     assert greeting(client, server.ip) == f"{server.name} {client.ip}"
+
+
+def our_connections(mesh: Mesh, node: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = json.loads(
+        http_get(mesh.mode.ztunnels[node].pod, 15000, "/connections")[1]
+    )["connections"]
+    return records
+
+
+@pytest.mark.parametrize("mesh", ["mixed"], indirect=True)  # ours on node2 only there
+def test_mixed_fleet_tunnels_hbone_between_the_two_implementations(mesh: Mesh) -> None:
+    client, server1, server2 = mesh.pod("client"), mesh.pod("server1"), mesh.pod("server2")
+    identity = "spiffe://cluster.local/ns/default/sa/{}".format
+    # node1 (Istio's) -> node2 (ours): ours terminated Istio's HBONE on 15008.
+    assert greeting(client, server2.ip) == f"server2 {client.ip}"
+    inbound = [r for r in our_connections(mesh, "node2") if r["direction"] == "inbound"]
+    assert any(
+        r["listener"] == 15008 and r["path"] == "hbone" and r["src_identity"] == identity("client")
+        and r["verdict"] == "allow"
+        for r in inbound
+    ), inbound  # fmt: skip
+    # node2 (ours) -> node1 (Istio's): ours opened HBONE to Istio's 15008, Istio's counts it.
+    name = "istio_tcp_connections_opened_total"
+    before = counter(mesh.metrics("node1"), name, reporter="destination")
+    assert greeting(server2, server1.ip) == f"server1 {server2.ip}"
+    outbound = [r for r in our_connections(mesh, "node2") if r["direction"] == "outbound"]
+    assert any(
+        r["path"] == "hbone" and r["connect_target"] == f"{server1.ip}:{APP_PORT}"
+        and r["upstream"] == f"{server1.ip}:15008"
+        for r in outbound
+    ), outbound  # fmt: skip
+    deadline = time.monotonic() + 5.0
+    while counter(mesh.metrics("node1"), name, reporter="destination") <= before:
+        assert time.monotonic() < deadline, mesh.metrics("node1")[-3000:]
+        time.sleep(0.1)
