@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,15 @@ def policy(mesh: Mesh, name: str, **spec: Any) -> Iterator[None]:
         mesh.mode.update_policies(topology)
 
 
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def counter(text: str, name: str, **labels: str) -> float:
     """The sum of a metric's samples that carry `labels`."""
     total = 0.0
@@ -140,6 +149,16 @@ def test_l4_deny_policy_denies(mesh: Mesh, direction: str) -> None:
     deny = [{"principals": [f"cluster.local/ns/default/sa/{account}"]}]
     with policy(mesh, "deny-caller", action="DENY", selector={"app": "server"}, rules=deny):
         assert greeting(client, server.ip, timeout=3.0) is None
+        enforcer = server.node
+        if enforcer in mesh.mode.istio_binaries:  # Istio's ztunnel logs whose policy it was
+            assert eventually(
+                lambda: "explicitly denied by: default/deny-caller"
+                in mesh.mode.ztunnels[enforcer].process.output()
+            )
+        else:
+            assert eventually(
+                lambda: any(r["verdict"] == "deny" for r in our_connections(mesh, enforcer))
+            )
     assert greeting(client, server.ip) == f"{server.name} {client.ip}"
 
 
