@@ -85,7 +85,7 @@ def _problem(model: type[ModeOptions], error: ErrorDetails) -> str:
         return f"unknown option {option!r}; " + (
             f"expected one of {known}" if known else "it takes no options"
         )
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")  # a validator's own message
     expected = message.removeprefix("Input should be ")
     problem = f"expected {expected}" if expected != message else message
     return f"option {option} {error['input']!r}: {problem}"
