@@ -459,7 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_kube_commands(sub)
 
     p = sub.add_parser("bench", help="none vs modes vs a native mTLS proxy, in one sitting")
-    p.add_argument("--modes", default="inpod", help="comma-separated modes (default: inpod)")
+    p.add_argument(
+        "--modes",
+        default="inpod",
+        help="comma-separated modes (default: inpod); inpod+istio-ztunnel: inpod with Istio's "
+        "ztunnel, the binary named by TESTBED_ZTUNNEL",
+    )
     p.add_argument("--reps", type=int, help="interleaved repetitions (default 5; quick: 2)")
     p.add_argument("--quick", action="store_true", help="1 s per figure: under 2 minutes")
     p.add_argument("--pinning", choices=["none", "split"], default="none",

@@ -9,6 +9,7 @@ import pytest
 from testbed.redirect import ModeError, create_mode
 from testbed.redirect.inpod import InPodMode
 from testbed.redirect.istio_ztunnel import binaries_by_node, version_line, ztunnel_env
+from testbed.redirect.registry import create_labelled_mode
 
 
 @pytest.fixture
@@ -78,3 +79,17 @@ def test_doctor_line(binary: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         True,
         f"TESTBED_ZTUNNEL={binary}: client version: fake-1.0",
     )
+
+
+def test_bench_label_takes_the_binary_from_testbed_ztunnel(
+    binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TESTBED_ZTUNNEL", raising=False)
+    with pytest.raises(ModeError, match="set TESTBED_ZTUNNEL"):
+        create_labelled_mode("inpod+istio-ztunnel")
+    with pytest.raises(ModeError, match="only inpod\\+istio-ztunnel"):
+        create_labelled_mode("legacy+istio-ztunnel")
+    monkeypatch.setenv("TESTBED_ZTUNNEL", str(binary))
+    mode = create_labelled_mode("inpod+istio-ztunnel")
+    assert mode.facts()["ztunnel"] == str(binary)
+    assert "ztunnel" not in create_labelled_mode("inpod").facts()
