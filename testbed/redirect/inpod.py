@@ -138,12 +138,6 @@ class InPodMode(NodeZtunnelMode):
         for node in self.istio_binaries:
             self.restart_ztunnel(node)
 
-    def proxy_pids(self) -> dict[str, int]:
-        pids = super().proxy_pids()
-        if self.ca_process is not None and self.ca_process.poll() is None:
-            pids["ca-service"] = self.ca_process.pid
-        return pids
-
     def found_facts(self) -> dict[str, str]:
         if not self.istio_binaries:
             return {}

@@ -103,8 +103,11 @@ def test_the_chosen_nodes_run_istios_ztunnel(mesh: Mesh) -> None:
     assert sorted(mesh.mode.istio_binaries) == istio_nodes
     for node, proxy in mesh.mode.ztunnels.items():
         assert (proxy.argv == [BINARY]) == (node in istio_nodes)
-    pids = mesh.mode.proxy_pids()
-    assert {"ca-service", "ztunnel-node1", "ztunnel-node2"} <= set(pids)
+    assert {"ztunnel-node1", "ztunnel-node2"} <= set(mesh.mode.proxy_pids())
+    # The CA service is a process of the run (pid and log in its manifest), not a proxy.
+    lab = mesh.cluster.lab
+    assert lab is not None and mesh.mode.ca_process in lab.processes
+    assert mesh.mode.ca_process.label == "istiod-ca-service"
     # Istio's admin port lists the pods our CNI agent handed it over ZDS.
     proxy = mesh.mode.ztunnels["node1"]
     status, body = http_get(proxy.pod, 15000, "/config_dump")
