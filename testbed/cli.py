@@ -30,9 +30,10 @@ class UsageError(TestbedError):
 # -- doctor ---------------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed.netlab.features import detect_features
+    from testbed.redirect.istio_ztunnel import detect_istio_ztunnel
     from testbed.trace import detect_tracing
 
-    features = detect_features() + detect_tracing()
+    features = [*detect_features(), *detect_tracing(), detect_istio_ztunnel()]
     if args.json:
         print(json.dumps([f.as_dict() for f in features], indent=2))
     else:
@@ -476,7 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_kube_commands(sub)
 
     p = sub.add_parser("bench", help="none vs modes vs a native mTLS proxy, in one sitting")
-    p.add_argument("--modes", default="inpod", help="comma-separated modes (default: inpod)")
+    p.add_argument(
+        "--modes",
+        default="inpod",
+        help="comma-separated modes (default: inpod); inpod+istio-ztunnel: inpod with Istio's "
+        "ztunnel, the binary named by TESTBED_ZTUNNEL",
+    )
     p.add_argument("--reps", type=int, help="interleaved repetitions (default 5; quick: 2)")
     p.add_argument("--quick", action="store_true", help="1 s per figure: under 2 minutes")
     p.add_argument("--pinning", choices=["none", "split"], default="none",

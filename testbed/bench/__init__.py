@@ -43,7 +43,7 @@ from testbed.measure.rr import run_crr, run_rr
 from testbed.netlab import NetlabError
 from testbed.netlab.errors import TestbedError
 from testbed.netlab.manifest import RUNS_ROOT
-from testbed.redirect import create_mode
+from testbed.redirect.registry import create_labelled_mode
 
 NATIVE = "native"
 IPERF_PORT, RR_PORT, HTTP_PORT = 5201, 7777, 8080
@@ -86,6 +86,8 @@ class BenchOptions:
             raise BenchError(f"--pinning {self.pinning!r}: expected one of {', '.join(PINNINGS)}")
         if "none" in self.modes or NATIVE in self.modes:
             raise BenchError("--modes: none and the native peer are always measured")
+        for mode in self.modes:
+            create_labelled_mode(mode)  # a bad label (or a missing binary): one error, now
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,9 @@ def measure_arm(
 
 @contextmanager
 def _cluster(mode: str, options: BenchOptions) -> Iterator[Cluster]:
-    name = f"{options.name_prefix}-{mode}"[:12]
-    cluster = Cluster(load_topology("two_nodes"), create_mode(mode), name=name, root=options.root)
+    name = f"{options.name_prefix}-{mode}".replace("+", "-")[:12]
+    topology = load_topology("two_nodes")
+    cluster = Cluster(topology, create_labelled_mode(mode), name=name, root=options.root)
     cluster.start()
     try:
         yield cluster

@@ -85,7 +85,7 @@ def _problem(model: type[ModeOptions], error: ErrorDetails) -> str:
         return f"unknown option {option!r}; " + (
             f"expected one of {known}" if known else "it takes no options"
         )
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")  # a validator's own message
     expected = message.removeprefix("Input should be ")
     problem = f"expected {expected}" if expected != message else message
     return f"option {option} {error['input']!r}: {problem}"
@@ -99,7 +99,9 @@ def http_get(pod: Pod, port: int, path: str, timeout: float = 2.0) -> tuple[int,
     with pod.netns.entered():
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     with sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -117,6 +119,7 @@ class Proxy:
     process: ManagedProcess
     reads_mesh_config: bool = True  # serves the digest of the config it runs on /config_dump
     companions: list[ManagedProcess] = field(default_factory=list)  # must stay up with it
+    env: dict[str, str] | None = None  # extra environment (Istio's ztunnel is set up by it)
 
     def check_running(self) -> None:
         for process in (self.process, *self.companions):
@@ -298,9 +301,10 @@ class MeshMode(Mode):
         kind: str,
         reads_mesh_config: bool = True,
         companions: Sequence[ManagedProcess] = (),
+        env: dict[str, str] | None = None,
     ) -> Proxy:
-        process = pod.spawn(argv, label=kind)
-        proxy = Proxy(pod, argv, kind, process, reads_mesh_config, list(companions))
+        process = pod.spawn(argv, label=kind, env=env)
+        proxy = Proxy(pod, argv, kind, process, reads_mesh_config, list(companions), env)
         self.proxies[label] = proxy
         return proxy
 
@@ -313,7 +317,7 @@ class MeshMode(Mode):
         """Kill the proxy and start it again; returns once the new one is ready."""
         proxy = self.proxies[label]
         proxy.process.terminate()
-        proxy.process = proxy.pod.spawn(proxy.argv, label=proxy.kind)
+        proxy.process = proxy.pod.spawn(proxy.argv, label=proxy.kind, env=proxy.env)
         self.await_ready([proxy])
 
     def await_ready(self, proxies: Iterable[Proxy], timeout: float = START_TIMEOUT) -> None:

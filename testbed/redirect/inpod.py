@@ -13,7 +13,10 @@ certificates under `<run dir>/mesh/`; `update_policies()` rewrites the config af
 topology's policies changed and returns once every ztunnel has loaded it.
 
 Options (InPodOptions): `inpod_variant` redirect (default) | tproxy | nftables;
-`trust_domain` (default cluster.local).
+`trust_domain` (default cluster.local); `ztunnel` PATH (Istio's ztunnel binary on every node)
+or node1:PATH[,node2:PATH] (on those nodes; the others run ours): testbed.redirect.istio_ztunnel.
+With it, the CA service (testbed.mesh.ca_service) runs once per testbed in the istiod pod
+(istio-system) and a config push restarts Istio's ztunnels, which read their config at start.
 """
 
 from __future__ import annotations
@@ -22,14 +25,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import field_validator
+
+from testbed.cluster.mode import ModeError
 from testbed.mesh import zds
+from testbed.mesh.ca_service import CaServicePlan
 from testbed.netlab import ManagedProcess
-from testbed.redirect import inpod_rules
+from testbed.redirect import inpod_rules, istio_ztunnel
 from testbed.redirect.agent_process import AgentClient
-from testbed.redirect.base import MeshOptions, NodeZtunnelMode
+from testbed.redirect.base import ZTUNNEL_NAMESPACE, MeshOptions, NodeZtunnelMode, Proxy
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
+    from testbed.cluster.model import Topology
+
+ISTIOD_POD = "istiod"
 
 # variant option -> (iptables variant, backend)
 VARIANTS: dict[str, tuple[inpod_rules.Variant, inpod_rules.Backend]] = {
@@ -41,6 +51,17 @@ VARIANTS: dict[str, tuple[inpod_rules.Variant, inpod_rules.Backend]] = {
 
 class InPodOptions(MeshOptions):
     inpod_variant: Literal["redirect", "tproxy", "nftables"] = "redirect"
+    ztunnel: str | None = None  # Istio's ztunnel binary: PATH or node1:PATH[,node2:PATH]
+
+    @field_validator("ztunnel")
+    @classmethod
+    def _executable(cls, value: str | None) -> str | None:
+        if value is not None:
+            istio_ztunnel.parse_ztunnel_option(value)
+        return value
+
+    def facts(self) -> dict[str, str]:
+        return {key: value for key, value in super().facts().items() if value != "None"}
 
 
 class InPodMode(NodeZtunnelMode):
@@ -57,8 +78,71 @@ class InPodMode(NodeZtunnelMode):
         self.agents: dict[str, AgentClient] = {}  # by node
         self.agent_processes: dict[str, ManagedProcess] = {}
         self.zds_sockets: dict[str, Path] = {}
+        self.istio_binaries: dict[str, Path] = {}  # nodes running Istio's ztunnel
+        self.ca_plan: CaServicePlan | None = None
+        self.ca_process: ManagedProcess | None = None
 
     # -- install ------------------------------------------------------------------------
+    def prepare(self, cluster: Cluster) -> None:
+        """With Istio's ztunnel on some node: the CA service it gets certificates from."""
+        try:
+            self.istio_binaries = istio_ztunnel.binaries_by_node(
+                self.options.ztunnel, list(cluster.nodes)
+            )
+        except ValueError as e:
+            raise ModeError(
+                f"mode {self.name}: option ztunnel {self.options.ztunnel!r}: {e}"
+            ) from None
+        if self.istio_binaries:
+            self._start_ca_service(cluster)
+
+    def _start_ca_service(self, cluster: Cluster) -> None:
+        """Once per testbed, in the istiod pod on the first node, on the underlay."""
+        pod = cluster.add_system_pod(
+            next(iter(cluster.nodes)),
+            ISTIOD_POD,
+            namespace=ZTUNNEL_NAMESPACE,
+            service_account=ISTIOD_POD,
+            labels={"app": ISTIOD_POD},
+        )
+        folder = self.lab.add_dir(self.mesh.directory / ISTIOD_POD)
+        plan = CaServicePlan.prepare(
+            folder, self.mesh.ca, self.mesh.config_path, list(cluster.nodes), pod.ip
+        )
+        self.ca_process = pod.spawn(plan.argv(), label="ca-service")
+        plan.await_ready(pod.netns, self.ca_process)
+        self.ca_plan = plan
+
+    def _start_ztunnel(self, node: str, pod: Pod) -> Proxy:
+        if node not in self.istio_binaries or self.ca_plan is None:
+            return super()._start_ztunnel(node, pod)
+        env = istio_ztunnel.ztunnel_env(
+            node,
+            config=self.mesh.config_path,
+            zds_socket=self.zds_sockets[node],
+            trust_domain=self.trust_domain,
+            ca_env=self.ca_plan.ztunnel_env(node),
+        )
+        argv = [str(self.istio_binaries[node])]
+        companions = [*self.ztunnel_companions(node)]
+        if self.ca_process is not None:
+            companions.append(self.ca_process)
+        return self.start_proxy(
+            f"ztunnel-{node}", pod, argv, kind="ztunnel", reads_mesh_config=False,
+            companions=companions, env=env,
+        )  # fmt: skip
+
+    def push_config(self, topology: Topology | None = None) -> None:
+        """Ours load the new config; Istio's read it only at start, so they restart."""
+        super().push_config(topology)
+        for node in self.istio_binaries:
+            self.restart_ztunnel(node)
+
+    def found_facts(self) -> dict[str, str]:
+        if not self.istio_binaries:
+            return {}
+        return {"istio_ztunnel_nodes": ",".join(sorted(self.istio_binaries))}
+
     def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
         """The node's CNI agent, serving ZDS on a socket the ztunnel connects to."""
         zds_socket = self.lab.add_socket(self.mesh.directory / f"zds-{node}.sock")

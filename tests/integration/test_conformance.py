@@ -47,15 +47,19 @@ REVIEWS_PORT = 9080  # the reviews services' port (target 8080, the echo server'
 SPLIT_REQUESTS = 500
 
 Case = tuple[str, dict[str, Any]]  # (mode, options)
+ISTIO_ZTUNNEL = os.environ.get("TESTBED_ZTUNNEL", "")
 
 
 def mode_cases() -> dict[str, Case]:
     """Test id -> case: every registered mode, once per variant (inpod-redirect, ...)."""
-    return {
+    cases: dict[str, Case] = {
         key: (name, options)
         for name, cls in MODES.items()
         for key, options in cls.variants().items()
     }
+    if ISTIO_ZTUNNEL:  # Istio's own ztunnel on every node (testbed.redirect.istio_ztunnel)
+        cases["inpod-istio-ztunnel"] = ("inpod", {"ztunnel": ISTIO_ZTUNNEL})
+    return cases
 
 
 def waypoint_cases() -> dict[str, Case]:
@@ -235,7 +239,12 @@ def test_uncaptured_and_captured_pods_reach_each_other(mesh: Mesh) -> None:
     assert greeting(client, outsider.ip) == f"outsider {client.ip}"
 
 
-def test_enrolment_changes_leave_other_connections_alone(mesh: Mesh) -> None:
+def test_enrolment_changes_leave_other_connections_alone(
+    mesh: Mesh, request: pytest.FixtureRequest
+) -> None:
+    if mesh.key == "inpod-istio-ztunnel":
+        reason = "Istio's ztunnel reads its local config at start: a push restarts it and cuts"
+        request.applymarker(pytest.mark.xfail(strict=True, raises=OSError, reason=reason))
     client, server1, server2 = mesh.pod("client"), mesh.pod("server1"), mesh.pod("server2")
     mode = mesh.cluster.mode
     sent = hashlib.sha256()
