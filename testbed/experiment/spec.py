@@ -131,6 +131,8 @@ class ExperimentSpec(_Strict):
     duration: PositiveInt = 5
     http_payload: PositiveInt = 1024
     sample_interval: PositiveFloat = 0.5
+    # One traced walk per mode and placement for the report (testbed.experiment.walks).
+    trace: bool = True
 
     @field_validator("topology", mode="before")
     @classmethod
