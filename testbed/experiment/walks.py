@@ -116,7 +116,9 @@ def walks_section(run_dir: Path, metadata: dict[str, Any]) -> str:
     """Per mode (in the spec's order): its diagrams and text walks, and the traces that
     failed; empty when the run traced nothing."""
     parts: list[str] = []
-    for label, info in metadata.get("modes", {}).items():
+    modes = metadata.get("modes", {})
+    for label in _spec_order(metadata):
+        info = modes[label]
         stems = [str(s) for s in info.get("walks", [])]
         notes = [str(n) for n in info.get("walk_notes", [])]
         if not stems and not notes:
@@ -135,6 +137,15 @@ def walks_section(run_dir: Path, metadata: dict[str, Any]) -> str:
         "its numbers are in the sections above.\n"
     )
     return "\n".join([SECTION_HEADING + "\n", intro, *parts]) + "\n"
+
+
+def _spec_order(metadata: dict[str, Any]) -> list[str]:
+    """The mode labels as the spec lists them (metadata.json stores its keys sorted)."""
+    modes = metadata.get("modes", {})
+    listed = [str(m.get("label", "")) for m in metadata.get("spec", {}).get("modes", [])]
+    return [label for label in listed if label in modes] + [
+        label for label in modes if label not in listed
+    ]
 
 
 def _walk_entry(run_dir: Path, stem: str) -> str:

@@ -108,11 +108,12 @@ def write_fixture_walks(run_dir: Path) -> dict[str, Any]:
         (run_dir / "walks" / f"{stem}.txt").write_text(f"trace of {stem}\n1. hop\n")
         (run_dir / "figures" / f"{stem}.png").write_bytes(PNG_MAGIC)
     notes = {"none": [], "inpod": ["walk-inpod-x-waypoint: trace failed: boom"]}
-    return {
+    return {  # as metadata.json holds them: modes sorted, the spec's order in "spec"
         "modes": {
             label: {"mode": label, "walks": stems[label], "walk_notes": notes[label]}
-            for label in ("none", "inpod")
-        }
+            for label in ("inpod", "none")
+        },
+        "spec": {"modes": [{"mode": "none", "label": "none"}, {"mode": "inpod", "label": "inpod"}]},
     }
 
 
