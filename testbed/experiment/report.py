@@ -30,6 +30,7 @@ from testbed.experiment.plots import (
 )
 from testbed.experiment.published import published_section
 from testbed.experiment.store import RunStore
+from testbed.experiment.walks import walks_section
 from testbed.results import load
 
 REPORT_NAME = "report.md"
@@ -389,10 +390,12 @@ def write_report(run_dir: Path) -> Path:
     frame = load(run_dir)
     series = label_paths(frame)  # the per-mode sections: one series per mode and path
     modes = mode_order(series)
-    parts = [_header(RunStore(run_dir).read_metadata(), frame)]
+    metadata = RunStore(run_dir).read_metadata()
+    parts = [_header(metadata, frame)]
     parts.append(_where_the_time_goes(frame, mode_order(frame), run_dir))
     parts.append(published_section(frame))
     parts += [section(series, modes, run_dir) for section in SECTIONS]
+    parts.append(walks_section(run_dir, metadata))
     parts.append(_failures(frame))
     path = run_dir / REPORT_NAME
     path.write_text("\n".join(part for part in parts if part))

@@ -67,6 +67,7 @@ def finish_metadata(metadata: dict[str, Any], outcome: RunOutcome, status: str) 
         metadata["modes"][label]["cluster_run"] = cluster_run
     for label, error in outcome.cluster_errors.items():
         metadata["modes"][label]["cluster_error"] = error
+    _walk_metadata(metadata, outcome)
     return {
         **metadata,
         "status": status,
@@ -75,6 +76,15 @@ def finish_metadata(metadata: dict[str, Any], outcome: RunOutcome, status: str) 
         "cases_failed": outcome.cases_failed,
         "fallbacks": _fallbacks(outcome.mode_facts),
     }
+
+
+def _walk_metadata(metadata: dict[str, Any], outcome: RunOutcome) -> None:
+    """Which walks each mode's trace wrote (the report's "How each mode moves a
+    connection") and the traces that failed."""
+    for label, stems in outcome.walks.items():
+        metadata["modes"][label]["walks"] = stems
+    for label, notes in outcome.walk_notes.items():
+        metadata["modes"][label]["walk_notes"] = notes
 
 
 def execute(spec_path: Path, spec: ExperimentSpec, store: RunStore, runner: Runner) -> RunOutcome:

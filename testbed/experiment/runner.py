@@ -31,6 +31,7 @@ from testbed.experiment.progress import RunProgress
 from testbed.experiment.rows import case_row, failed_row, measurement_rows
 from testbed.experiment.spec import ExperimentSpec, ModeSpec
 from testbed.experiment.store import RunStore
+from testbed.experiment.walks import Tracer, real_tracer, trace_mode_walks
 from testbed.experiment.workloads import WORKLOADS, MeasurementLike, WorkloadFunction
 
 
@@ -91,6 +92,8 @@ class RunOutcome:
     mode_facts: dict[str, dict[str, str]] = field(default_factory=dict)
     cluster_runs: dict[str, str] = field(default_factory=dict)  # mode label -> its run name
     cluster_errors: dict[str, str] = field(default_factory=dict)  # failed build or teardown
+    walks: dict[str, list[str]] = field(default_factory=dict)  # mode label -> walk stems
+    walk_notes: dict[str, list[str]] = field(default_factory=dict)  # traces that failed
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Runner:
         workloads: Mapping[str, WorkloadFunction] = WORKLOADS,
         paths: PathControl | None = None,
         show_progress: bool = True,
+        tracer: Tracer = real_tracer,
     ) -> None:
         self.spec = spec
         self.store = store
@@ -122,6 +126,7 @@ class Runner:
         self.workloads = workloads
         self.paths: PathControl = paths or ClusterPaths()
         self.show_progress = show_progress
+        self.tracer = tracer
         self.outcome = RunOutcome()
         self.context = {
             "experiment": spec.name,
@@ -160,6 +165,9 @@ class Runner:
                 self.outcome.mode_facts[mode.label] = facts
                 progress.advance(CLUSTER_BUILD_SECONDS, cases=0)
                 sitting = Sitting(cluster)
+                if self.spec.trace:
+                    progress.describe(f"{mode.label}: tracing one connection per placement")
+                    self._trace_walks(mode, sitting, paths)
                 for case in cases:
                     progress.describe(case.describe())
                     if case.path != sitting.path:
@@ -175,6 +183,23 @@ class Runner:
             self._record_failed(cases[done:], facts, error)
             left = cases[done:]
             progress.advance(sum(map(case_seconds, left)), cases=len(left), status=error)
+
+    def _trace_walks(self, mode: ModeSpec, sitting: Sitting, paths: Sequence[str]) -> None:
+        """The report's walks of this mode. Before the first measured case, on purpose: the
+        trace's connections, listeners and path switches then cannot disturb a measurement
+        (the first case switches to its own path itself, sitting.path stays unset)."""
+        cluster = sitting.cluster
+        found = trace_mode_walks(
+            cluster,
+            mode.label,
+            self.store.path,
+            waypoint="waypoint" in paths,
+            switch=lambda path, servers: self.paths.switch(cluster, path, servers),
+            destination=lambda path, server: self.paths.destination(cluster, path, server),
+            tracer=self.tracer,
+        )
+        self.outcome.walks[mode.label] = found.stems
+        self.outcome.walk_notes[mode.label] = found.notes
 
     def _pairs(self, sitting: Sitting) -> dict[str, tuple[Any, Any]]:
         """Client and server pods of every placement of the spec."""

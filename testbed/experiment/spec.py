@@ -113,7 +113,8 @@ class ExperimentSpec(_Strict):
     -> msg_sizes, http_fixed_qps and http_crr -> connections x qps. paths: direct (mode
     none), capture, hbone, waypoint (L7 modes only); a mode runs the paths that apply to it,
     all on one cluster. warmup and duration are whole seconds per case; every case runs
-    `repetitions` times, each mode on a fresh cluster.
+    `repetitions` times, each mode on a fresh cluster. trace: one traced walk per mode and
+    placement for the report, before the first case (testbed.experiment.walks).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -131,6 +132,8 @@ class ExperimentSpec(_Strict):
     duration: PositiveInt = 5
     http_payload: PositiveInt = 1024
     sample_interval: PositiveFloat = 0.5
+    # One traced walk per mode and placement for the report (testbed.experiment.walks).
+    trace: bool = True
 
     @field_validator("topology", mode="before")
     @classmethod

@@ -21,7 +21,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_spec(
-    folder: Path, modes: list[str], *, repetitions: int = 2, name: str = "it", extra: str = ""
+    folder: Path,
+    modes: list[str],
+    *,
+    repetitions: int = 2,
+    name: str = "it",
+    extra: str = "",
+    trace: bool = False,  # the walks have a test of their own; the rest stays quick
 ) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(
@@ -34,6 +40,7 @@ def write_spec(
         repetitions: {repetitions}
         warmup: 0
         duration: 1
+        trace: {str(trace).lower()}
         """)
         + extra
     )
@@ -86,6 +93,36 @@ def test_small_experiment_with_two_modes(tmp_path: Path) -> None:
     )
     check_run(run_dir, modes, 2)
     assert "ratio to none" in (run_dir / "report.md").read_text()
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_how_each_mode_moves_a_connection(tmp_path: Path) -> None:
+    modes = ["none", "inpod"]
+    if "inpod" not in available_modes():
+        pytest.skip("mode inpod is not available on this machine")
+    spec = write_spec(tmp_path, modes, repetitions=1, name="walks", trace=True)
+    run_dir = run_experiment(
+        spec, results_dir=tmp_path / "results", report=True, show_progress=False
+    )
+    report = (run_dir / "report.md").read_text()
+    section = report[report.index("## How each mode moves a connection") :]
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    for mode in modes:
+        assert metadata["modes"][mode]["walk_notes"] == []
+        for placement in ("same-node", "cross-node"):
+            stem = f"walk-{mode}-{placement}"
+            png = (run_dir / "figures" / f"{stem}.png").read_bytes()
+            assert png.startswith(PNG_MAGIC) and len(png) > 1000
+            svg = (run_dir / "figures" / f"{stem}.svg").read_text()
+            assert "<svg" in svg
+            walk = (run_dir / "walks" / f"{stem}.txt").read_text()
+            assert f"mode {mode}, {placement}: connected" in walk
+            assert section.count(f"#### {stem}\n") == 1
+            assert f"![{stem}](figures/{stem}.png)" in section
+    assert "15001" in (run_dir / "walks" / "walk-inpod-cross-node.txt").read_text()
+    check_run(run_dir, modes, 1)  # the traces took nothing from the measured cases
 
 
 def test_failing_case_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from testbed.experiment.cases import Case
 from testbed.experiment.runner import Runner
 from testbed.experiment.spec import ExperimentSpec, load_spec
 from testbed.experiment.store import RunStore
+from testbed.experiment.walks import real_tracer
 from testbed.measure.resources import ResourceSampler
 from testbed.measure.rows import Measurement
 
@@ -175,7 +176,11 @@ def fake_runner(
     factory: FakeClusterFactory,
     workloads: dict[str, Any] | None = None,
     paths: FakePaths | None = None,
+    tracer: Any | None = None,
 ) -> Runner:
+    # A fake cluster has nothing to trace: tests that do not pass a tracer trace nothing.
+    if tracer is None:
+        spec = spec.model_copy(update={"trace": False})
     return Runner(
         spec,
         store,
@@ -184,4 +189,5 @@ def fake_runner(
         workloads=workloads or FAKE_WORKLOADS,
         paths=paths or FakePaths(),
         show_progress=False,
+        tracer=tracer or real_tracer,
     )
