@@ -213,9 +213,10 @@ def belongs_to(
     targets = {record.original_dst or "", record.connect_target or "", record.upstream or ""}
     if not targets & destinations:
         return False
-    return request_bytes in (record.bytes_received, record.bytes_sent) or not (
-        record.bytes_received or record.bytes_sent
-    )
+    carried = (record.bytes_received, record.bytes_sent)
+    # a refused connection carries nothing; an open one (another trace's, in flight) is
+    # not counted yet and could belong to anyone
+    return request_bytes in carried or (record.closed is not None and not any(carried))
 
 
 def behind_l7(
@@ -227,7 +228,8 @@ def behind_l7(
     started, ended = window
     targets = {record.original_dst or "", record.connect_target or "", record.upstream or ""}
     return (
-        peer_ip in l7_ips
+        record.direction == "inbound"  # the hop after a proxy takes the connection it opened
+        and peer_ip in l7_ips
         and started - 0.5 <= record.opened <= ended + 0.5
         and bool(targets & destinations)
     )

@@ -25,6 +25,7 @@ from testbed.trace.snapshot import Snapshot, take_all
 from testbed.trace.walk import Diff, Hop, Place, metric_hop, number, place_hops, record_hop
 
 SETTLE = 0.3  # proxies close their records and counters settle after the close
+RECORDS_TIMEOUT = 3.0  # at most this long for the proxies' records of the trace to close
 
 
 class TraceError(TestbedError):
@@ -214,6 +215,7 @@ def trace(target: HasInventory | dict[str, Any], src: str, dst: str) -> TraceRes
         with probe.listening(endpoints) as listener:
             outcome = probe.connect_once(sock, (goal.ip, goal.port))
             time.sleep(SETTLE)
+            _await_records_closed(namespaces, before, outcome.started)
         after = take_all(namespaces, before)
     finally:
         sock.close()
@@ -355,19 +357,23 @@ def _trace_records(
             )
         ]
     # Past an L7 proxy the request carries the proxy's own headers (x-request-id...), so its
-    # size no longer names the trace: the next hop's records are matched by the L7 proxy's
-    # address as their peer, the time window and the destination instead.
+    # size no longer names the trace: the next hop's record is matched by the L7 proxy's
+    # address as its peer, the time window and the destination instead. Two traces through
+    # one L7 proxy at once leave two such records that nothing tells apart: neither is taken.
     l7_ips = {p.ip for p in places if p.ip and any(r.path == "l7" for r in found.get(p.name, []))}
     for place in places:
         now = after[place.name].proxy.records
         if now is None or not l7_ips:
             continue
         taken = {r.id for r in found.get(place.name, [])}
-        for r in proxies.new_records(before[place.name].proxy.records or [], now):
-            if r.id not in taken and proxies.behind_l7(
-                r, l7_ips=l7_ips, destinations=destinations, window=window
-            ):
-                found.setdefault(place.name, []).append(r)
+        candidates = [
+            r
+            for r in proxies.new_records(before[place.name].proxy.records or [], now)
+            if r.id not in taken
+            and proxies.behind_l7(r, l7_ips=l7_ips, destinations=destinations, window=window)
+        ]
+        if len(candidates) == 1:
+            found.setdefault(place.name, []).extend(candidates)
     return found
 
 
@@ -376,6 +382,25 @@ def _endpoint(text: str | None) -> tuple[str, int] | None:
         return None
     host, _, port = text.rpartition(":")
     return (host.strip("[]"), int(port)) if port.isdigit() else None
+
+
+def _await_records_closed(
+    namespaces: dict[str, Netns], before: dict[str, Snapshot], started: float
+) -> None:
+    """Until every proxy record opened since the trace started is closed (bounded): a record
+    is matched to its trace by the bytes it carried, which it reports when it closes."""
+    deadline = time.monotonic() + RECORDS_TIMEOUT
+    while time.monotonic() < deadline:
+        still_open = False
+        for name, netns in namespaces.items():
+            if before[name].proxy.records is None:
+                continue
+            since = max((r.id for r in before[name].proxy.records or []), default=0)
+            records = proxies.read_proxy(netns, since).records or []
+            still_open |= any(r.closed is None and r.opened >= started - 0.5 for r in records)
+        if not still_open:
+            return
+        time.sleep(0.1)
 
 
 def _flow_keys(

