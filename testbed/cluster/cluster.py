@@ -19,6 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Unpack
+
 from testbed.cluster import build, clusterdns
 from testbed.cluster.apps import RunningApp, app_state, start_apps
 from testbed.cluster.kubeproxy import render_service_rules
@@ -35,6 +37,7 @@ from testbed.cluster.model import (
     service_endpoints,
 )
 from testbed.netlab import Lab, ManagedProcess, Netns
+from testbed.netlab.host import RunOptions, SpawnOptions
 from testbed.netlab.interrupt import raise_if_requested
 from testbed.netlab.manifest import RUNS_ROOT, check_run_name
 from testbed.netlab.process import NetlabError
@@ -69,27 +72,15 @@ class Pod:
         return f"Pod({self.name} {self.ip} on {self.node})"
 
     def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
+        self, argv: Sequence[str], **options: Unpack[RunOptions]
     ) -> subprocess.CompletedProcess[str]:
-        return self.netns.run(
-            in_pod(self.netns.name, argv), timeout=timeout, check=check, input=input
-        )
+        return self.netns.run(in_pod(self.netns.name, argv), **options)
 
     def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        label: str,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
+        self, argv: Sequence[str], *, label: str, **options: Unpack[SpawnOptions]
     ) -> ManagedProcess:
         return self.netns.spawn(
-            in_pod(self.netns.name, argv), label=f"{self.name}-{label}", env=env, pass_fds=pass_fds
+            in_pod(self.netns.name, argv), label=f"{self.name}-{label}", **options
         )
 
 

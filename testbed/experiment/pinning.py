@@ -10,7 +10,9 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from testbed.netlab.host import Host, Process
+from typing_extensions import Unpack
+
+from testbed.netlab.host import Host, Process, RunOptions, SpawnOptions
 
 SPLIT_CPUS = {"client": 0, "server": 1}
 
@@ -30,24 +32,12 @@ class PinnedHost:
         return ["taskset", "-c", str(self.cpu), *argv]
 
     def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
+        self, argv: Sequence[str], **options: Unpack[RunOptions]
     ) -> subprocess.CompletedProcess[str]:
-        return self._host.run(self._pinned(argv), timeout=timeout, check=check, input=input)
+        return self._host.run(self._pinned(argv), **options)
 
-    def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        label: str,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> Process:
-        return self._host.spawn(self._pinned(argv), label=label, env=env, pass_fds=pass_fds)
+    def spawn(self, argv: Sequence[str], *, label: str, **options: Unpack[SpawnOptions]) -> Process:
+        return self._host.spawn(self._pinned(argv), label=label, **options)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)

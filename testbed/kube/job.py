@@ -25,9 +25,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from typing_extensions import Unpack
+
 from testbed.experiment.cases import Case, separate_warmup
 from testbed.experiment.rows import case_row, failed_row, measurement_rows
 from testbed.experiment.workloads import WORKLOADS
+from testbed.netlab.host import DEFAULT_TIMEOUT, RunOptions, SpawnOptions
 
 PLATFORM = "kubernetes"
 PROBE_TIMEOUT = 2.0
@@ -70,26 +73,21 @@ class ContainerHost:
     """The Job's container as a measure Host: commands run directly in it."""
 
     def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
+        self, argv: Sequence[str], **options: Unpack[RunOptions]
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=check, input=input
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=options.get("timeout", DEFAULT_TIMEOUT),
+            check=options.get("check", True),
+            input=options.get("input"),
         )
 
     def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        label: str,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
+        self, argv: Sequence[str], *, label: str, **options: Unpack[SpawnOptions]
     ) -> LocalProcess:
-        return LocalProcess(argv, env)
+        return LocalProcess(argv, options.get("env"))
 
 
 class AlreadyServing:
@@ -121,22 +119,12 @@ class RemoteServer:
         self.listening: set[int] = set()  # ports seen listening: the servers run on
 
     def spawn(
-        self,
-        argv: Sequence[str],
-        *,
-        label: str,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
+        self, argv: Sequence[str], *, label: str, **options: Unpack[SpawnOptions]
     ) -> AlreadyServing:
         return AlreadyServing()
 
     def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float | None = 60.0,
-        check: bool = True,
-        input: str | None = None,
+        self, argv: Sequence[str], **options: Unpack[RunOptions]
     ) -> subprocess.CompletedProcess[str]:
         words = list(argv)
         if words[:2] != ["ss", "-H"] or not words[-1].startswith(":"):

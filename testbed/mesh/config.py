@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import yaml
 from pydantic import (
@@ -58,6 +58,7 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 HBONE_PORT = 15008
 WATCH_INTERVAL_S = 0.5
 V = TypeVar("V")
+C = TypeVar("C")  # what a ReloadCheck loads
 
 
 class ConfigError(TestbedError):
@@ -663,12 +664,21 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
-class _ReloadCheck:
-    """Loads the file again when its signature changes; keeps the old config if invalid."""
+class ReloadCheck(Generic[C]):
+    """Loads the file again when its signature changes; keeps the previous version when the
+    new one is invalid (a process never runs half a config). `what` names it in that log."""
 
-    def __init__(self, path: Path, on_change: Callable[[LocalConfig], None]):
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[Path], C],
+        on_change: Callable[[C], None],
+        what: str = "config",
+    ):
         self.path = path
+        self.load = load
         self.on_change = on_change
+        self.what = what
         self.signature = file_signature(path)
 
     def poll(self) -> None:
@@ -677,9 +687,9 @@ class _ReloadCheck:
             return
         self.signature = signature
         try:
-            config = LocalConfig.load(self.path)
+            config = self.load(self.path)
         except ConfigError as e:
-            log.error("keeping the previous mesh config: %s", e)
+            log.error("keeping the previous %s: %s", self.what, e)
             return
         self.on_change(config)
 
@@ -693,7 +703,7 @@ class ConfigWatcher:
         on_change: Callable[[LocalConfig], None],
         interval: float = WATCH_INTERVAL_S,
     ):
-        self._check = _ReloadCheck(path, on_change)
+        self._check = ReloadCheck(path, LocalConfig.load, on_change, "mesh config")
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"watch {path}", daemon=True)

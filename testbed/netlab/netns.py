@@ -10,6 +10,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from testbed.netlab import nsutil
+from testbed.netlab.host import DEFAULT_TIMEOUT
 from testbed.netlab.process import ManagedProcess, run_command, start_process
 
 SpawnHook = Callable[[str, Sequence[str]], Path]
@@ -38,7 +39,7 @@ class Netns:
         self,
         argv: Sequence[str],
         *,
-        timeout: float | None = 60.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         check: bool = True,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,6 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from testbed.mesh import zds
 from testbed.netlab.errors import TestbedError
@@ -90,12 +89,7 @@ class CniAgent:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # ------------------------------------------------------------ public operations

@@ -4,15 +4,13 @@ previous version when the new one is invalid (a proxy never runs half a config).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from testbed.mesh.config import ConfigError, file_signature
+from testbed.mesh.config import ReloadCheck
 
-log = logging.getLogger(__name__)
 INTERVAL = 0.5
 T = TypeVar("T")
 
@@ -28,16 +26,7 @@ class Watched(Generic[T]):
 
 async def watch(watched: Watched[T], interval: float = INTERVAL) -> None:
     """Poll until cancelled."""
-    last = file_signature(watched.path)
+    check = ReloadCheck(watched.path, watched.load, watched.on_change)
     while True:
         await asyncio.sleep(interval)
-        current = file_signature(watched.path)
-        if current == last or current is None:
-            continue
-        last = current
-        try:
-            config = watched.load(watched.path)
-        except ConfigError as exc:
-            log.error("keeping the previous config: %s", exc)
-            continue
-        watched.on_change(config)
+        check.poll()

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 from testbed.mesh.ztunnel.app import Ztunnel
 from testbed.mesh.ztunnel.process import main
 
 if __name__ == "__main__":
-    main(
-        sys.argv[1:],
-        "testbed.mesh.ztunnel",
-        Ztunnel,
-        {"zds-socket": "the node agent's ZDS socket"},
-        __doc__,
-    )
+    main("testbed.mesh.ztunnel", Ztunnel, {"zds-socket": "the node agent's ZDS socket"}, __doc__)

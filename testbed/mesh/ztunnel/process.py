@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,6 @@ class ZtunnelProcess(ProxyProcess):
 
 
 def main(
-    argv: Sequence[str],
     module: str,
     make: Callable[[argparse.Namespace], ZtunnelProcess],
     extra: dict[str, str],
@@ -83,7 +83,7 @@ def main(
     optional: dict[str, str] | None = None,
 ) -> None:
     """`python -m <module> --config --certs --node` plus `extra` options (name -> help) and
-    `optional` file options (name -> help; absent: None)."""
+    `optional` file options (name -> help; absent: None), parsed from sys.argv."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--config", type=Path, required=True, help="mesh config (local YAML)")
     parser.add_argument("--certs", type=Path, required=True, help="workload certificate folder")
@@ -94,4 +94,4 @@ def main(
         parser.add_argument(f"--{name}", type=Path, default=None, help=text)
     shape = module.rsplit(".", 1)[-1]
     prefix = "ztunnel" if shape == "ztunnel" else f"ztunnel-{shape}"
-    shell.main(parser, argv, make, lambda args: f"{prefix}-{args.node}")
+    shell.main(parser, sys.argv[1:], make, lambda args: f"{prefix}-{args.node}")

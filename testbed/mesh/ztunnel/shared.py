@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from contextvars import ContextVar
 
 from testbed.mesh.config import LocalConfig
@@ -171,7 +170,6 @@ async def _serve_hbone(pod: PodProxy, conn: socket.socket) -> None:
 
 if __name__ == "__main__":
     main(
-        sys.argv[1:],
         "testbed.mesh.ztunnel.shared",
         SharedZtunnel,
         {"ztunnel-ip": "this ztunnel pod's address"},

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,6 @@ class Sidecar(ZtunnelProcess):
 
 if __name__ == "__main__":
     main(
-        sys.argv[1:],
         "testbed.mesh.ztunnel.sidecar",
         Sidecar,
         {"uid": "the workload's uid in the mesh config"},
