@@ -118,7 +118,8 @@ def started_as(arm: Arm) -> Iterator[None]:
 
 @contextmanager
 def built(arm: Arm, pin_ztunnels: str | None) -> Iterator[Target]:
-    cluster = Cluster(load_topology("two_nodes"), create_mode(arm.mode), name=f"hbone-{arm.name[:6]}")
+    mode = create_mode(arm.mode)
+    cluster = Cluster(load_topology("two_nodes"), mode, name=f"hbone-{arm.name[:6]}")
     with started_as(arm):
         cluster.start()
     try:

@@ -13,7 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
-# Kernel options the modes and link shaping depend on (DESIGN.md sections 3 and 4).
+# Kernel options the modes and link shaping depend on (docs/architecture.md).
 KERNEL_FEATURES = {
     "geneve": "CONFIG_GENEVE",
     "vxlan": "CONFIG_VXLAN",

@@ -1,6 +1,6 @@
 """CPU pinning of the client and server workloads, by prefixing their commands with taskset.
 
-Waking a process on the other vCPU costs ~40 us here (DESIGN.md section 8), so unpinned
+Waking a process on the other vCPU costs ~40 us on a 2-vCPU machine (sockperf), so unpinned
 latency is bimodal; "split" keeps client and server each on its own CPU.
 """
 

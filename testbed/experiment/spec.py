@@ -30,7 +30,7 @@ from testbed.netlab.errors import TestbedError
 from testbed.redirect import registry
 
 Workload = Literal["tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps", "http_crr"]
-# How far into the mesh a case's traffic goes (DESIGN.md section 7): `direct` is mode none;
+# How far into the mesh a case's traffic goes (docs/architecture.md): `direct` is mode none;
 # `capture` redirects the client's traffic to its proxy with the server out of the mesh
 # (plain TCP passthrough); `hbone` has both ends enrolled; `waypoint` adds a waypoint.
 DataPath = Literal["direct", "capture", "hbone", "waypoint"]

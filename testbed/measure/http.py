@@ -1,4 +1,4 @@
-"""HTTP at a fixed request rate (DESIGN section 7, Istio's method): the project's `http_echo`
+"""HTTP at a fixed request rate (Istio's method): the project's `http_echo`
 in the server host, `http_load` (open model, free of coordinated omission) in the client host."""
 
 from __future__ import annotations

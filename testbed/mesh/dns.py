@@ -8,7 +8,7 @@ netns with SO_MARK 0x539).
 
 The cluster DNS service answers fully qualified names only, as kube-dns does for a resolver
 that has already applied its search list. ztunnel's proxy also expands a name through the
-pod's search list (DESIGN.md 4.5: `<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc.cluster.local`),
+pod's search list (as Istio's ztunnel does: `<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc.cluster.local`),
 in the order a resolver with that `ndots` would try them.
 
     python -m testbed.mesh.dns --config zone.json --listen 10.244.1.2:53

@@ -1,4 +1,4 @@
-"""Mode `ebpf`: Istio ambient's experimental eBPF redirection (Istio 1.18-1.20, DESIGN.md 4.3).
+"""Mode `ebpf`: Istio ambient's experimental eBPF redirection (Istio 1.18-1.20).
 
 Per node, a ztunnel pod (istio-system/ztunnel, started by testbed.redirect.base)
 running one ztunnel in the "shared netns" shape (testbed.mesh.ztunnel.shared, as in legacy

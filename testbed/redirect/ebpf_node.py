@@ -1,4 +1,4 @@
-"""The ebpf datapath of one node (DESIGN.md 4.3): programs, maps and ztunnel's routing.
+"""The ebpf datapath of one node (docs/architecture.md): programs, maps and ztunnel's routing.
 
 `NodeDatapath.install` loads one copy of the programs for the node, fills the host and
 ztunnel maps, attaches `ztunnel_host_ingress` to ztunnel's host-side veth and

@@ -1,4 +1,4 @@
-"""Mode `inpod`: Istio ambient's current redirection (DESIGN.md 4.1).
+"""Mode `inpod`: Istio ambient's current redirection (docs/architecture.md).
 
 Per node: a ztunnel process in its own pod namespace (istio-system/ztunnel) and a CNI agent
 process (testbed.redirect.agent_process, in the node's namespace) serving ZDS on a unix

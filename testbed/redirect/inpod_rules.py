@@ -1,4 +1,4 @@
-"""Pod-netns capture rules of Istio's ambient "inpod" mode (DESIGN.md 4.1).
+"""Pod-netns capture rules of Istio's ambient "inpod" mode (docs/architecture.md).
 
 Three rule sets, each exactly as Istio's CNI agent writes them into a pod's netns:
 - iptables, REDIRECT variant (Istio 1.24+, the default),
@@ -8,7 +8,7 @@ All share the policy routing that lets TPROXY'd / connmarked packets reach local
 
 The rules are written in the canonical form that `iptables-save` and `nft list ruleset`
 print, so that a rule set read back from a namespace compares equal to the reference.
-All three capture the pod's DNS to ztunnel's DNS proxy on 15053 (DESIGN.md 4.5) as
+All three capture the pod's DNS to ztunnel's DNS proxy on 15053 (docs/architecture.md) as
 istio-cni does by default: REDIRECT and nftables as Istio 1.24+ (UDP and TCP 53, ztunnel's
 own marked queries exempt and put in conntrack zone 1 by raw-table rules so they never
 collide with the app's), TPROXY as Istio 1.21-1.23 (UDP 53 only).

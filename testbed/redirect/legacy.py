@@ -1,4 +1,4 @@
-"""Mode `legacy`: Istio ambient's node-level redirection of Istio 1.15-1.20 (DESIGN.md 4.2).
+"""Mode `legacy`: Istio ambient's node-level redirection of Istio 1.15-1.20 (docs/architecture.md).
 
 Per node, a ztunnel pod (istio-system/ztunnel) joined to the node by two tunnels, `istioin`
 (VNI 1000) and `istioout` (VNI 1001). The node's iptables mark TCP from enrolled pods (the
@@ -95,7 +95,7 @@ def _set_sysctls(ns: Netns, values: dict[str, int]) -> None:
 
 
 def install_node_plumbing(node_ns: Netns, ztunnel_ns: Netns, facts: lr.NodeFacts) -> None:
-    """Everything of DESIGN.md 4.2 for one node, in Istio's order: node rules and ipset,
+    """Everything of docs/architecture.md for one node, in Istio's order: node rules and ipset,
     tunnels on both sides, sysctls, node routing, then TPROXY and routing in the ztunnel."""
     lr.install_node_rules(node_ns, facts)
     for ns, tunnels in ((node_ns, lr.node_tunnels(facts)), (ztunnel_ns, lr.ztunnel_tunnels(facts))):

@@ -1,4 +1,4 @@
-"""Node-level rules of Istio's legacy ambient redirection (Istio 1.15-1.20, DESIGN.md 4.2).
+"""Node-level rules of Istio's legacy ambient redirection (Istio 1.15-1.20, docs/architecture.md).
 
 Two places are configured, as Istio's CNI agent (`cni/pkg/ambient`, release-1.20) did:
 

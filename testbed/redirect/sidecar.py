@@ -1,4 +1,4 @@
-"""Mode `sidecar`: Istio's classic data plane, one proxy per pod (DESIGN.md 4.4).
+"""Mode `sidecar`: Istio's classic data plane, one proxy per pod (docs/architecture.md).
 
 Each captured pod gets istio-iptables rules (testbed.redirect.sidecar_rules, the proxy's own
 sockets exempted by mark 0x539) and its own proxy process inside its namespace: the ztunnel

@@ -1,4 +1,4 @@
-"""Pod-netns capture rules of Istio's sidecar mode (istio-iptables defaults, DESIGN.md 4.4).
+"""Pod-netns capture rules of Istio's sidecar mode (istio-iptables defaults, docs/architecture.md).
 
 Inbound TCP goes to the sidecar's 15006 (except 15008 and the proxy's own 15020/15021/
 15090), outbound TCP to 15001. The proxy's own traffic is told apart by its owner uid/gid

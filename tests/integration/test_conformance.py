@@ -1,4 +1,4 @@
-"""One conformance suite for every redirection mode (DESIGN.md section 4).
+"""One conformance suite for every redirection mode (docs/architecture.md).
 
 Each mode (each variant of it) gets one cluster for the whole module: on node1 a client and
 server1, on node2 server2 and an `outsider` that stays out of the mesh

@@ -1,4 +1,4 @@
-"""Legacy-mode plumbing (DESIGN.md 4.2) on a real two-node cluster, with a stand-in proxy.
+"""Legacy-mode plumbing (docs/architecture.md) on a real two-node cluster, with a stand-in proxy.
 
 The node rules, tunnels and TPROXY rules are installed on a cluster built without a mesh;
 in each ztunnel pod a stand-in relay (IP_TRANSPARENT listeners on 15001/15006/15008 that

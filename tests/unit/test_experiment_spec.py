@@ -9,7 +9,7 @@ from testbed.experiment.cases import estimated_seconds, mode_cases
 from testbed.experiment.spec import DATA_PATHS, SpecError, load_spec
 from testbed.redirect import available_modes
 
-# Every mode the design knows (DESIGN.md section 4), whatever this machine has.
+# Every mode the design knows (docs/architecture.md), whatever this machine has.
 ALL_MODES = ["none", "sidecar", "inpod", "legacy", "ebpf"]
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"

@@ -1,4 +1,4 @@
-"""Legacy-mode rule rendering and read-back parsing (DESIGN.md 4.2), without any namespace."""
+"""Legacy-mode rule rendering and read-back parsing, without any namespace."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""waypoint: the L7 proxy of Istio's ambient mesh (DESIGN.md section 6).
+"""waypoint: the L7 proxy of Istio's ambient mesh (see docs/architecture.md).
 
 A waypoint is a pod with its own identity. Source ztunnels send HBONE to its 15008 with the
 original service VIP:port as the CONNECT target; it terminates HBONE, handles HTTP/1.1 (h11)

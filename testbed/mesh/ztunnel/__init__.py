@@ -1,4 +1,4 @@
-"""ztunnel: the per-node L4 proxy of Istio's ambient mesh (DESIGN.md section 5), inpod mode.
+"""ztunnel: the per-node L4 proxy of Istio's ambient mesh (docs/architecture.md), inpod mode.
 
 One process per node, in its own pod namespace. The node's CNI agent hands it each enrolled
 pod's netns over ZDS; for each pod it opens 15001 (outbound capture), 15006 (plaintext

@@ -1,5 +1,5 @@
 """The ztunnel's outbound decision, as a pure function of the mesh config and the original
-destination (DESIGN.md section 5): refuse it, send it via a waypoint, tunnel it over HBONE to
+destination (docs/architecture.md): refuse it, send it via a waypoint, tunnel it over HBONE to
 the destination pod, or pass it through as plain TCP.
 
     ztunnel port (15001/15006/15008)       -> Refuse (it would loop)

@@ -1,4 +1,4 @@
-"""ztunnel in the "shared netns" shape of Istio's legacy ambient mode (DESIGN.md 4.2).
+"""ztunnel in the "shared netns" shape of Istio's legacy ambient mode (docs/architecture.md).
 
 One process in the ztunnel pod's own namespace serves every mesh workload of its node. The
 node's rules and the TPROXY rules in this namespace deliver captured connections to three

@@ -1,4 +1,4 @@
-"""The sidecar (DESIGN.md 4.4): one proxy per pod, inside the pod's namespace, serving that
+"""The sidecar (docs/architecture.md): one proxy per pod, inside the pod's namespace, serving that
 one workload with ztunnel's L4 handlers and, for HTTP, the waypoint's L7 pipeline
 (testbed.mesh.ztunnel.sidecar_l7), as Istio's Envoy sidecars do.
 

@@ -1,4 +1,4 @@
-/* Maps shared by the ebpf redirection programs (DESIGN.md 4.3).
+/* Maps shared by the ebpf redirection programs (docs/architecture.md).
  *
  * Value layouts are mirrored byte for byte by testbed/redirect/bpfmaps.py, which fills
  * the maps through bpftool; keep the two in step. Addresses are in network byte order,

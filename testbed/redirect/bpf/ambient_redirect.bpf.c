@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* tc programs of the ebpf redirection mode (DESIGN.md 4.3), written for this project.
+/* tc programs of the ebpf redirection mode (docs/architecture.md), written for this project.
  *
  * Per node, one copy of this object is loaded with its own maps:
  *   app_outbound          pod host-side veth, ingress: an enrolled pod's TCP goes to ztunnel
