@@ -16,7 +16,6 @@ ztunnel per node in its own pod (istio-system/ztunnel); a mode adds its node plu
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ from testbed.mesh.ztunnel import ADMIN_PORT, READY_PORT
 from testbed.mesh.ztunnel.state import config_digest
 from testbed.netlab import Lab, ManagedProcess
 from testbed.netlab.errors import TestbedError
+from testbed.netlab.http import http_get as netns_http_get
 from testbed.redirect.control import ControlPlane, is_captured
 
 if TYPE_CHECKING:
@@ -96,17 +96,7 @@ def _problem(model: type[ModeOptions], error: ErrorDetails) -> str:
 
 def http_get(pod: Pod, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """GET http://127.0.0.1:<port><path> inside `pod`'s namespace: (status, body)."""
-    with pod.netns.entered():
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    with sock:
-        sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    return netns_http_get(pod.netns, port, path, timeout=timeout)
 
 
 @dataclass

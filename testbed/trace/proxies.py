@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.netlab import Netns
 from testbed.netlab.errors import TestbedError
+from testbed.netlab.http import http_get as netns_http_get
 
 ADMIN_PORT = 15000
 METRICS_PORT = 15020
@@ -109,21 +109,9 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def http_get(netns: Netns, port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
-    """GET http://host:port/path inside `netns`: (status, body); OSError if nothing answers."""
-    with netns.entered():
-        sock = socket.create_connection((host, port), timeout=HTTP_TIMEOUT)
-    with sock:
-        sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise OSError(f"not an HTTP response from {host}:{port} in {netns.name}")
-    return int(status_line[1]), body.decode("utf-8", errors="replace")
+    """GET http://host:port/path inside `netns`: (status, body text); OSError if nothing answers."""
+    status, body = netns_http_get(netns, port, path, host=host, timeout=HTTP_TIMEOUT)
+    return status, body.decode("utf-8", errors="replace")
 
 
 @dataclass
