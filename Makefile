@@ -32,9 +32,9 @@ report: setup
 	$(TESTBED) report $(RUN)
 
 lint: python-env
-	$(VENV)/bin/ruff check testbed tests topologies
-	$(VENV)/bin/ruff format --check testbed tests topologies
-	$(VENV)/bin/mypy testbed tests
+	$(VENV)/bin/ruff check testbed tests topologies scripts
+	$(VENV)/bin/ruff format --check testbed tests topologies scripts
+	$(VENV)/bin/mypy testbed tests scripts
 
 # Every fuzz target for FUZZ_INPUTS inputs (default 100,000), each at most FUZZ_SECONDS;
 # new seeds land in tests/fuzz/corpus/. atheris is optional: without it, hypothesis runs all.
