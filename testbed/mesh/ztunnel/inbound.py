@@ -31,6 +31,7 @@ from testbed.mesh.hbone import (
 from testbed.mesh.hbone.connect import format_address
 from testbed.mesh.metrics import TrafficLabels
 from testbed.mesh.proxy.connections import ConnectionRecord
+from testbed.mesh.proxy.connections import Path as RecordPath
 from testbed.mesh.waypoint.via import from_waypoint
 from testbed.mesh.ztunnel import HBONE_PORT, INBOUND_PLAINTEXT_PORT, ZTUNNEL_PORTS
 from testbed.mesh.ztunnel.enforce import OpenConnection
@@ -105,6 +106,26 @@ async def connect_app(pod: PodProxy, dest: Address, source_ip: str) -> socket.so
     )
 
 
+def _inbound_record(
+    pod: PodProxy,
+    listener: int,
+    peer: Address,
+    dest: Address,
+    path: RecordPath,
+    src_identity: str | None,
+) -> ConnectionRecord:
+    """The connection record of traffic to this pod's app: the pod is the destination."""
+    return pod.mesh.connections.open(
+        listener=listener,
+        direction="inbound",
+        peer=peer,
+        original_dst=dest,
+        path=path,
+        src_identity=src_identity,
+        dst_identity=pod.workload.identity.uri,
+    )
+
+
 class HboneInbound:
     """The `on_connect` of the pod's HBONE server."""
 
@@ -115,16 +136,8 @@ class HboneInbound:
         pod = self.pod
         dest = request.authority
         peer = request.peer_address
-        record = pod.mesh.connections.open(
-            listener=HBONE_PORT,
-            direction="inbound",
-            peer=peer,
-            original_dst=dest,
-            path="hbone",
-            src_identity=request.peer_identity,
-            dst_identity=pod.workload.identity.uri,
-            connect_target=format_address(dest),
-        )
+        record = _inbound_record(pod, HBONE_PORT, peer, dest, "hbone", request.peer_identity)
+        record.connect_target = format_address(dest)
         # Policy sees the TCP peer; the app sees the original client (`forwarded`).
         client_ip = (request.forwarded_for or peer)[0]
         labels = _labels(pod, client_ip, request.peer_identity, mtls=True)
@@ -186,14 +199,7 @@ class HboneInbound:
 
 async def serve_inbound_plaintext(pod: PodProxy, client: socket.socket, peer: Address) -> None:
     dest = destination_of(client, INBOUND_PLAINTEXT_PORT)
-    record = pod.mesh.connections.open(
-        listener=INBOUND_PLAINTEXT_PORT,
-        direction="inbound",
-        peer=peer,
-        original_dst=dest,
-        path="plaintext",
-        dst_identity=pod.workload.identity.uri,
-    )
+    record = _inbound_record(pod, INBOUND_PLAINTEXT_PORT, peer, dest, "plaintext", None)
     if dest[0] != pod.ip or dest[1] in ZTUNNEL_PORTS:
         pod.mesh.connections.refuse(record, "not for this pod's app")
         reset_socket(client)
