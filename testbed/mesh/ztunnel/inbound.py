@@ -31,7 +31,6 @@ from testbed.mesh.hbone import (
 from testbed.mesh.hbone.connect import format_address
 from testbed.mesh.metrics import TrafficLabels
 from testbed.mesh.proxy.connections import ConnectionRecord
-from testbed.mesh.proxy.connections import Path as RecordPath
 from testbed.mesh.waypoint.via import from_waypoint
 from testbed.mesh.ztunnel import HBONE_PORT, INBOUND_PLAINTEXT_PORT, ZTUNNEL_PORTS
 from testbed.mesh.ztunnel.enforce import OpenConnection
@@ -107,22 +106,19 @@ async def connect_app(pod: PodProxy, dest: Address, source_ip: str) -> socket.so
 
 
 def _inbound_record(
-    pod: PodProxy,
-    listener: int,
-    peer: Address,
-    dest: Address,
-    path: RecordPath,
-    src_identity: str | None,
+    pod: PodProxy, peer: Address, dest: Address, request: ConnectRequest | None
 ) -> ConnectionRecord:
-    """The connection record of traffic to this pod's app: the pod is the destination."""
+    """The connection record of traffic to this pod's app, over HBONE (the CONNECT `request`)
+    or in plaintext (none): the pod is the destination."""
     return pod.mesh.connections.open(
-        listener=listener,
+        listener=HBONE_PORT if request is not None else INBOUND_PLAINTEXT_PORT,
         direction="inbound",
         peer=peer,
         original_dst=dest,
-        path=path,
-        src_identity=src_identity,
+        path="hbone" if request is not None else "plaintext",
+        src_identity=request.peer_identity if request is not None else None,
         dst_identity=pod.workload.identity.uri,
+        connect_target=format_address(dest) if request is not None else None,
     )
 
 
@@ -136,8 +132,7 @@ class HboneInbound:
         pod = self.pod
         dest = request.authority
         peer = request.peer_address
-        record = _inbound_record(pod, HBONE_PORT, peer, dest, "hbone", request.peer_identity)
-        record.connect_target = format_address(dest)
+        record = _inbound_record(pod, peer, dest, request)
         # Policy sees the TCP peer; the app sees the original client (`forwarded`).
         client_ip = (request.forwarded_for or peer)[0]
         labels = _labels(pod, client_ip, request.peer_identity, mtls=True)
@@ -199,7 +194,7 @@ class HboneInbound:
 
 async def serve_inbound_plaintext(pod: PodProxy, client: socket.socket, peer: Address) -> None:
     dest = destination_of(client, INBOUND_PLAINTEXT_PORT)
-    record = _inbound_record(pod, INBOUND_PLAINTEXT_PORT, peer, dest, "plaintext", None)
+    record = _inbound_record(pod, peer, dest, None)
     if dest[0] != pod.ip or dest[1] in ZTUNNEL_PORTS:
         pod.mesh.connections.refuse(record, "not for this pod's app")
         reset_socket(client)
