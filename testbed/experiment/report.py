@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -49,6 +50,54 @@ GBITS = Scale(1e-9, "Gbit/s")
 MICROSECONDS = Scale(1.0, "us")
 VCPU = Scale(0.01, "vCPU, all proxies")
 MEGABYTES = Scale(1e-6, "MB RSS, all proxies")
+
+
+@dataclass(frozen=True)
+class FigureTexts:
+    """A figure's title, file name and alt text, and the heading of its section if it has
+    one; for a kind of figure that stands for several, templates of `name` and `title`."""
+
+    title: str
+    file: str
+    alt: str
+    heading: str = ""
+
+    def of(self, **names: str) -> FigureTexts:
+        return FigureTexts(**{key: text.format(**names) for key, text in asdict(self).items()})
+
+
+THROUGHPUT_BARS = FigureTexts(
+    "TCP throughput (iperf3, receiver side)",
+    "throughput.png",
+    "throughput per mode",
+    heading="## Throughput (tcp_stream)",
+)
+LATENCY_BARS = FigureTexts(
+    "{title}: latency percentiles",
+    "latency_{name}.png",
+    "{name}",
+    heading="## Latency percentiles ({name})",
+)
+PROXY_BARS = FigureTexts(
+    "Proxy {name} during the measured part of each case",
+    "proxy_{name}.png",
+    "proxy {name} per mode",
+    heading="### Proxy {name}",
+)
+WATERFALL = FigureTexts(
+    "Where the time goes: {title}", "breakdown_{name}.png", "breakdown of {title}"
+)
+CAPTURE_ALONE_INTERVALS = FigureTexts(
+    "Capture alone (capture - direct): {title}, 95 % bootstrap interval",
+    "capture_alone_{name}.png",
+    "modes compared on capture alone, {title}",
+)
+
+
+class UnitFigure(Protocol):
+    """A figure of a table of values in one unit (plots.waterfall_figure, interval_figure)."""
+
+    def __call__(self, data: pd.DataFrame, /, *, unit: str, title: str, path: Path) -> Path: ...
 
 
 def variant_label(row: pd.Series) -> str:
@@ -116,39 +165,35 @@ def _image(run_dir: Path, path: Path, alt: str) -> str:
     return f"![{alt}]({path.relative_to(run_dir)})\n"
 
 
+def _unit_figure(
+    draw: UnitFigure, data: pd.DataFrame, unit: str, texts: FigureTexts, run_dir: Path
+) -> str:
+    """Draw a figure of values in `unit` into the run's figures folder; its image line."""
+    path = draw(data, unit=unit, title=texts.title, path=run_dir / FIGURES_DIR / texts.file)
+    return _image(run_dir, path, texts.alt)
+
+
 def _throughput(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
     summary = _summary(frame[frame["workload"] == "tcp_stream"], ["throughput"], modes)
     if summary.empty:
         return ""
-    return _bar_section(
-        summary,
-        modes,
-        variant_label,
-        heading="## Throughput (tcp_stream)",
-        title="TCP throughput (iperf3, receiver side)",
-        scale=GBITS,
-        run_dir=run_dir,
-        figure="throughput.png",
-        alt="throughput per mode",
-    )
+    return _bar_section(summary, modes, variant_label, THROUGHPUT_BARS, GBITS, run_dir)
 
 
 def _bar_section(
     summary: pd.DataFrame,
     modes: list[str],
     group_of: Callable[[pd.Series], str],
-    *,
-    heading: str,
-    title: str,
+    texts: FigureTexts,
     scale: Scale,
     run_dir: Path,
-    figure: str,
-    alt: str,
 ) -> str:
     """A heading, a bar figure (a panel per placement) and the table it shows."""
-    path = run_dir / FIGURES_DIR / figure
-    bar_figure(_panels(summary, "placement"), modes, group_of, title=title, scale=scale, path=path)
-    return f"{heading}\n\n" + _image(run_dir, path, alt) + "\n" + markdown_table(summary, scale)
+    path = run_dir / FIGURES_DIR / texts.file
+    panels = _panels(summary, "placement")
+    bar_figure(panels, modes, group_of, title=texts.title, scale=scale, path=path)
+    image = _image(run_dir, path, texts.alt)
+    return f"{texts.heading}\n\n" + image + "\n" + markdown_table(summary, scale)
 
 
 def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
@@ -164,18 +209,8 @@ def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
             name = str(row["metric"]).removeprefix(f"{prefix}_")
             return f"{name} {variant_label(row)}" if several else name
 
-        text += _bar_section(
-            summary,
-            modes,
-            group,
-            heading=f"## Latency percentiles ({workload})",
-            title=f"{LATENCY_TITLE[workload]}: latency percentiles",
-            scale=MICROSECONDS,
-            run_dir=run_dir,
-            figure=f"latency_{workload}.png",
-            alt=workload,
-        )
-        text += "\n"
+        texts = LATENCY_BARS.of(name=workload, title=LATENCY_TITLE[workload])
+        text += _bar_section(summary, modes, group, texts, MICROSECONDS, run_dir) + "\n"
     return text
 
 
@@ -213,18 +248,8 @@ def _resources(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
         summary = _summary(frame, [metric], modes)
         if summary.empty:
             continue
-        text += _bar_section(
-            summary,
-            modes,
-            short_case_label,
-            heading=f"### Proxy {name}",
-            title=f"Proxy {name} during the measured part of each case",
-            scale=scale,
-            run_dir=run_dir,
-            figure=f"proxy_{name}.png",
-            alt=f"proxy {name} per mode",
-        )
-        text += "\n"
+        texts = PROXY_BARS.of(name=name)
+        text += _bar_section(summary, modes, short_case_label, texts, scale, run_dir) + "\n"
     text += _cpu_per_rate(frame, modes)
     if not text:
         return ""
@@ -319,13 +344,8 @@ def _where_the_time_goes(frame: pd.DataFrame, modes: list[str], run_dir: Path) -
         figure, table = breakdown.FIGURE_BY_NAME[name], tables[name]
         if table.empty:
             continue
-        path = waterfall_figure(
-            table,
-            unit=figure.unit,
-            title=f"Where the time goes: {figure.title}",
-            path=run_dir / FIGURES_DIR / f"breakdown_{name}.png",
-        )
-        text += _image(run_dir, path, f"breakdown of {figure.title}") + "\n"
+        texts = WATERFALL.of(name=name, title=figure.title)
+        text += _unit_figure(waterfall_figure, table, figure.unit, texts, run_dir) + "\n"
         text += breakdown_markdown(table, figure) + "\n"
     for name in TABLE_ONLY:
         if not tables[name].empty:
@@ -348,13 +368,8 @@ def _capture_alone(frame: pd.DataFrame, run_dir: Path) -> str:
         costs = breakdown.capture_costs(frame, figure)
         if costs.empty:
             continue
-        path = interval_figure(
-            costs,
-            unit=figure.unit,
-            title=f"Capture alone (capture - direct): {figure.title}, 95 % bootstrap interval",
-            path=run_dir / FIGURES_DIR / f"capture_alone_{name}.png",
-        )
-        text += _image(run_dir, path, f"modes compared on capture alone, {figure.title}")
+        texts = CAPTURE_ALONE_INTERVALS.of(name=name, title=figure.title)
+        text += _unit_figure(interval_figure, costs, figure.unit, texts, run_dir)
         for placement, part in costs.groupby("placement", sort=False):
             ranked = part.sort_values("cost")
             best = ranked.iloc[0]
