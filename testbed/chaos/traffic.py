@@ -49,7 +49,7 @@ class Op:
 
 def classify(exc: BaseException) -> Outcome:
     """A failed operation: a timeout is a hang, any other socket error a clean end."""
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
         return "hang"
     return "reset"
 
