@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from testbed.chaos.topology import WAYPOINT, ChaosTopology
 from testbed.chaos.traffic import (
@@ -45,7 +46,6 @@ from testbed.netlab.process import ManagedProcess, signal_group
 from testbed.netlab.reap import opened_netns, pids_in
 from testbed.redirect import create_mode
 from testbed.redirect.base import NodeZtunnelMode
-from testbed.redirect.inpod import InPodMode
 
 HOLD_SECONDS = 1.0  # a fault lasts this long before it is repaired
 LINK_DOWN_SECONDS = 2.0
@@ -55,6 +55,16 @@ FD_SETTLE_SECONDS = 20.0  # how long idle proxies get to close what the flows le
 POLICY = "chaos-deny-client1"
 
 ALL_FLOWS = ("bulk-node1", "bulk-node2", "bulk-cross", "http-node2", "http-waypoint")
+
+
+@runtime_checkable
+class CniAgentMode(Protocol):
+    """A mode with a CNI agent per node (inpod), known by what it has: only the registry
+    imports a mode's module."""
+
+    agent_processes: dict[str, ManagedProcess]
+
+    def restart_cni_agent(self, node: str) -> None: ...
 
 
 @dataclass
@@ -175,11 +185,12 @@ class Rig:
                   frozenset({"bulk-cross", "http-waypoint"}),
                   others("bulk-cross", "http-waypoint")),
         ]  # fmt: skip
-        if isinstance(mode, InPodMode):
+        if isinstance(mode, CniAgentMode):
+            agents = mode
             faults.append(
                 Fault("kill-cni-agent-node1", "kill-cni-agent",
-                      lambda: sigkill(mode.agent_processes["node1"]),
-                      lambda: mode.restart_cni_agent("node1"),
+                      lambda: sigkill(agents.agent_processes["node1"]),
+                      lambda: agents.restart_cni_agent("node1"),
                       frozenset(), others())
             )  # fmt: skip
         return {fault.name: fault for fault in faults}
@@ -227,7 +238,7 @@ class Rig:
     def fd_counts(self) -> dict[str, int]:
         """Open descriptors of every proxy (and inpod's CNI agents), by label."""
         pids = dict(self.mode.proxy_pids())
-        if isinstance(self.mode, InPodMode):
+        if isinstance(self.mode, CniAgentMode):
             pids |= {f"cni-agent-{n}": p.pid for n, p in self.mode.agent_processes.items()}
         counts = {}
         for label, pid in pids.items():
