@@ -79,7 +79,10 @@ def restore_snapshot(agent: CniAgent, path: str) -> None:
         pods = json.load(source)
     for pod in pods:
         info = zds.WorkloadInfo(pod["name"], pod["namespace"], pod["service_account"])
-        agent.restore(pod["uid"], info, pod["netns"])
+        try:
+            agent.restore(pod["uid"], info, pod["netns"])
+        except OSError as exc:  # the pod went away meanwhile: nothing to hand over
+            log.warning("snapshot: pod %s skipped: %s", pod["uid"], exc)
 
 
 def _read_line(conn: socket.socket) -> bytes:

@@ -231,7 +231,13 @@ def test_a_restarted_agent_sends_the_pods_it_was_given_before_serving(tmp_path: 
     ns1, ns2 = fake_netns(tmp_path, "ns1"), fake_netns(tmp_path, "ns2")
     snapshot = tmp_path / "snapshot.json"
     snapshot.write_text(
-        json.dumps([snapshot_entry("u1", INFO, ns1), snapshot_entry("u2", INFO, ns2)])
+        json.dumps(
+            [
+                snapshot_entry("u1", INFO, ns1),
+                snapshot_entry("u2", INFO, ns2),
+                snapshot_entry("gone", INFO, str(tmp_path / "deleted")),
+            ]
+        )
     )
     recorder = Recorder()
     agent = CniAgent(tmp_path / "zds.sock")
