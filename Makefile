@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup python-env test unit integration experiment bench report lint fuzz clean
+.PHONY: setup python-env test unit integration experiment bench report lint fuzz chaos clean
 
 setup:
 	@bash scripts/setup.sh
@@ -41,6 +41,11 @@ lint: python-env
 fuzz: setup
 	$(PY) -m pip install -q -e '.[fuzz]' || echo "atheris did not install: hypothesis only"
 	$(PY) tests/fuzz/run.py $(TARGETS)
+
+# Faults under load, the long version: DURATION seconds per mode (default 120) over MODES
+# (default inpod,legacy,ebpf); prints the summary, writes results/chaos/summary.json.
+chaos: setup
+	$(PY) scripts/chaos.py $(if $(DURATION),--duration $(DURATION),) $(if $(MODES),--modes $(MODES),)
 
 clean: setup
 	$(TESTBED) clean --all

@@ -25,6 +25,8 @@ name is one of the columns above is stored as fact_<name> or label_<name>.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ INTEGER_COLUMNS = ("msg_size", "parallel", "connections", "qps", "payload", "rep
 FLOAT_COLUMNS = ("duration", "warmup", "value")
 PARQUET_NAME = "results.parquet"
 CSV_NAME = "results.csv"
+PARTIAL_ROWS = Path("raw") / "rows.jsonl"  # appended as each case ends (experiment.store)
 
 
 def frame_from_rows(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -82,13 +85,27 @@ def _with_types(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def load(path: str | Path) -> pd.DataFrame:
-    """Results of a run: a run directory, or its results.parquet / results.csv."""
+    """Results of a run: a run directory, or its results.parquet / results.csv. A run that
+    never finished (the CLI was killed) has neither: its rows so far are read instead."""
     path = Path(path)
     if path.is_dir():
-        parquet = path / PARQUET_NAME
-        path = parquet if parquet.exists() else path / CSV_NAME
+        parquet, csv, partial = path / PARQUET_NAME, path / CSV_NAME, path / PARTIAL_ROWS
+        if not parquet.exists() and not csv.exists() and partial.exists():
+            return frame_from_rows(_read_rows(partial))
+        path = parquet if parquet.exists() else csv
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}")
     if path.suffix == ".csv":
         return _with_types(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]))
     return _with_types(pd.read_parquet(path))
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """JSON lines; a last line cut short by a crash is not a row."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            row = json.loads(line)
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
