@@ -61,8 +61,12 @@ def _refusal(error: OSError) -> str:
     return "closed"  # FIN, RST, or a TLS error without an alert
 
 
-def probe(sock: socket.socket, context: ssl.SSLContext, authority: str) -> str:
+def probe(
+    sock: socket.socket, context: ssl.SSLContext, authority: str, request: bytes | None = None
+) -> str:
     """Handshake over the connected `sock`, then CONNECT `authority`; the outcome (above).
+    With `request`, a 200 is followed by sending it through the tunnel, and the outcome is
+    the status line of the answer: "http 403" ("http closed" if none came).
 
     In TLS 1.3 the client's handshake ends before the server has checked the client's
     certificate, so a refusal of it arrives as an alert on the first read."""
@@ -72,33 +76,47 @@ def probe(sock: socket.socket, context: ssl.SSLContext, authority: str) -> str:
         sock.close()
         return _refusal(exc)
     with tls:
-        # h2 insists on :scheme and :path even for CONNECT; HBONE's CONNECT has neither.
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(validate_outbound_headers=False)
-        )
-        conn.initiate_connection()
-        stream_id = conn.get_next_available_stream_id()
-        conn.send_headers(
-            stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())]
-        )
         try:
-            tls.sendall(conn.data_to_send())
-            while True:
-                data = tls.recv(65536)
-                if not data:
-                    return "closed"
-                try:
-                    events = conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    return "closed"
-                for event in events:
-                    if isinstance(event, h2.events.ResponseReceived):
-                        return f"status {int(dict(event.headers)[b':status'])}"
-                    if isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                        return "closed"
-                tls.sendall(conn.data_to_send())
+            return _connect(tls, authority, request)
         except OSError as exc:
             return _refusal(exc)
+
+
+_ENDINGS = (h2.events.StreamReset, h2.events.StreamEnded, h2.events.ConnectionTerminated)
+
+
+def _connect(tls: ssl.SSLSocket, authority: str, request: bytes | None) -> str:
+    # h2 insists on :scheme and :path even for CONNECT; HBONE's CONNECT has neither.
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(validate_outbound_headers=False))
+    conn.initiate_connection()
+    stream_id = conn.get_next_available_stream_id()
+    headers = [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+    conn.send_headers(stream_id, headers)
+    tls.sendall(conn.data_to_send())
+    status: int | None = None
+    answer = b""
+    while True:
+        data = tls.recv(65536)
+        if not data:
+            return "closed" if status is None else "http closed"
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            return "closed"
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived) and status is None:
+                status = int(dict(event.headers)[b":status"])
+                if status != 200 or request is None:
+                    return f"status {status}"
+                conn.send_data(stream_id, request)
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                answer += event.data
+                if b"\r\n" in answer:
+                    return "http " + answer.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[1]
+            elif isinstance(event, _ENDINGS):
+                return "closed" if status is None else "http closed"
+        tls.sendall(conn.data_to_send())
 
 
 def plaintext_answer(sock: socket.socket, request: bytes) -> bytes:

@@ -40,14 +40,35 @@ class TestPki:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path, trust_domain: str = "cluster.local") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        trust_domain: str = "cluster.local",
+        *,
+        root: tuple[Path, Path] | None = None,
+    ) -> None:
+        """A new root, or with `root` = (CA cert, CA key) PEM files an existing one (e.g. a
+        mesh CA that `CertificateAuthority.save` wrote), to issue leaves it would not."""
         self.directory = directory
         self.trust_domain = trust_domain
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        if root is None:
+            self._key = ec.generate_private_key(ec.SECP256R1())
+            self._cert = self._self_signed(trust_domain)
+        else:
+            key = serialization.load_pem_private_key(root[1].read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{root[1]}: expected an ECDSA private key")
+            self._key = key
+            self._cert = x509.load_pem_x509_certificate(root[0].read_bytes())
+        self._name = self._cert.subject
+        directory.mkdir(parents=True, exist_ok=True)
+        self.roots = directory / "root-cert.pem"
+        self.roots.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+
+    def _self_signed(self, trust_domain: str) -> x509.Certificate:
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
         now = datetime.datetime.now(datetime.UTC)
-        self._name = name
-        self._cert = (
+        return (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(name)
@@ -58,9 +79,6 @@ class TestPki:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(self._key, hashes.SHA256())
         )
-        directory.mkdir(parents=True, exist_ok=True)
-        self.roots = directory / "root-cert.pem"
-        self.roots.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def identity(
         self,
