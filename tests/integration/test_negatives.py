@@ -23,10 +23,13 @@ Istio's answers, from istio/ztunnel:
   listens on -> 503; an identity the policy denies -> 401.
 Istio's waypoint is Envoy; ours shares the HBONE server and its TLS contexts with ztunnel, so
 it is held to the same alerts, and answers L7 policy with 403 as Envoy's RBAC filter does.
-Known differences from Istio (said here, asserted as they are): with no ALPN offered at all
-OpenSSL runs no ALPN callback, so the server closes after the handshake instead of alerting
-(rustls would go on and speak h2); plaintext bytes get no TLS alert from OpenSSL (it
-recognises an HTTP request and closes), where rustls would alert; neither reaches the app.
+Where we differ from Istio or could not check it (asserted as we behave; none reaches the
+app): with no ALPN offered at all OpenSSL runs no ALPN callback, so our server closes after
+the handshake (rustls, as we read it, carries on without ALPN and ztunnel would speak h2);
+plaintext bytes get no TLS alert from OpenSSL (it recognises an HTTP request and closes),
+where rustls answers a record it cannot parse with an alert; a CONNECT to a service port the
+service does not have gets 400 from our waypoint (not a service of the mesh); what Envoy
+answers there was not checked.
 """
 
 from __future__ import annotations

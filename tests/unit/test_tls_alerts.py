@@ -17,7 +17,15 @@ import pytest
 from hbone_support import Identities, listening_socket, run, tunnel
 from tls_probe import client_tls, plaintext_answer, probe
 
-from testbed.mesh.hbone import ConnectDecision, ConnectRequest, HboneError, HboneServer
+from testbed.mesh.hbone import (
+    ConnectDecision,
+    ConnectRequest,
+    HboneClient,
+    HboneError,
+    HboneServer,
+    server_context,
+    tls,
+)
 from testbed.mesh.hbone.testcerts import Identity, TestPki
 from testbed.mesh.hbone.tls import spiffe_refusal, spiffe_trust_domain, verify_spiffe
 
@@ -177,3 +185,34 @@ def test_refusal_reasons(ids: Identities) -> None:
     assert "trust domain 'example.org'" in str(spiffe_refusal(der, "example.org", frozenset()))
     assert spiffe_refusal(der, None, frozenset({ids.client.uri})) is None
     assert "expected" in str(spiffe_refusal(der, None, frozenset({ids.server.uri})))
+
+
+def test_without_ctypes_the_checks_still_run_after_the_handshake(
+    ids: Identities, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where OpenSSL cannot be reached, contexts build without the callbacks and the HBONE
+    client still refuses an unexpected server (after the handshake, without an alert)."""
+    monkeypatch.setattr(tls, "_openssl", lambda: None)
+    assert not verify_spiffe(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "cluster.local")
+    impostor = ids.pki.identity("ns-c", "sa-c")
+
+    async def main() -> None:
+        server = HboneServer(
+            server_context(impostor.cert, impostor.key, impostor.roots),
+            lambda request: asyncio.sleep(0, ConnectDecision.reject(401)),
+        )
+        await server.start(listening_socket())
+        client = HboneClient()
+        try:
+            with pytest.raises(HboneError, match="not one of the expected"):
+                await client.open(
+                    server.address,
+                    "127.0.0.1:9",
+                    ssl_context=ids.client_ctx(),
+                    expected_identities={ids.server.uri},
+                )
+        finally:
+            await client.close()
+            await server.close()
+
+    run(main())
