@@ -2,7 +2,7 @@
 
 Istio identifies a workload by the URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` of its
 certificate. Keys are ECDSA P-256, as Istio's own CA issues them. HBONE peers verify each other
-against the root and then check the URI SAN (not a hostname).
+against the root and check the URI SAN (not a hostname) inside the handshake (hbone.tls).
 
 The CA issues key pairs itself (`issue`, for the testbed's own proxies, which read files) and
 signs certificate signing requests (`sign_csr`, for testbed.mesh.ca_service, which speaks

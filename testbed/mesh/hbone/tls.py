@@ -44,11 +44,12 @@ SPIFFE_SCHEME = "spiffe://"
 # OpenSSL's X509_V_ERR_* codes; OpenSSL turns the code a verification ends with into the alert.
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10  # -> certificate_expired
-# Not in OpenSSL's code-to-alert table, so it becomes certificate_unknown, the alert rustls
-# sends for ztunnel's SAN errors (CertificateError::Other). OpenSSL has no code of its own for
-# "URI SAN not acceptable"; this one ("key usage does not include digital signature") never
-# reaches the peer, only the alert does, and our log line says the real reason.
-X509_V_ERR_CERTIFICATE_UNKNOWN = 43
+# OpenSSL has no code for "URI SAN not acceptable". X509_V_ERR_PERMITTED_VIOLATION ("permitted
+# subtree violation": a name outside what is allowed) is the nearest, and it is not in
+# OpenSSL's code-to-alert table, so it becomes certificate_unknown: the alert rustls sends for
+# ztunnel's SAN errors (CertificateError::Other). Only the alert reaches the peer; our log
+# line gives the real reason.
+X509_V_ERR_SAN_REFUSED = 47
 SSL_TLSEXT_ERR_OK = 0
 SSL_TLSEXT_ERR_ALERT_FATAL = 2  # OpenSSL then sends no_application_protocol
 
@@ -184,7 +185,7 @@ def _check_chain(preverify_ok: int, store: int) -> int:
     if reason is None:
         return 1
     _refusals[owner] = reason
-    lib.X509_STORE_CTX_set_error(store, X509_V_ERR_CERTIFICATE_UNKNOWN)
+    lib.X509_STORE_CTX_set_error(store, X509_V_ERR_SAN_REFUSED)
     return 0
 
 
