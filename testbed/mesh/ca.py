@@ -2,7 +2,7 @@
 
 Istio identifies a workload by the URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` of its
 certificate. Keys are ECDSA P-256, as Istio's own CA issues them. HBONE peers verify each other
-against the root and then check the URI SAN (not a hostname).
+against the root and check the URI SAN (not a hostname) inside the handshake (hbone.tls).
 
 The CA issues key pairs itself (`issue`, for the testbed's own proxies, which read files) and
 signs certificate signing requests (`sign_csr`, for testbed.mesh.ca_service, which speaks
@@ -15,7 +15,7 @@ import datetime
 import os
 import ssl
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from ipaddress import IPv4Address, IPv6Address
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from testbed.mesh.hbone.tls import client_context, server_context
 from testbed.netlab.errors import TestbedError
 
 SPIFFE_SCHEME = "spiffe://"
@@ -165,26 +166,17 @@ class IssuedCert:
         return cert, key, root
 
     def ssl_server_context(self) -> ssl.SSLContext:
-        """TLS 1.3, ALPN h2, client certificate required. Build once and reuse: it writes files."""
-        return self._context(ssl.PROTOCOL_TLS_SERVER)
+        """The HBONE server context (tls.server_context) for this key pair. Build once and
+        reuse: the ssl module loads key pairs only from files, so this writes some."""
+        return self._context(server_context)
 
     def ssl_client_context(self) -> ssl.SSLContext:
-        # HBONE checks the peer's SPIFFE URI SAN after the handshake instead of a hostname.
-        return self._context(ssl.PROTOCOL_TLS_CLIENT)
+        """The HBONE client context (tls.client_context) for this key pair."""
+        return self._context(client_context)
 
-    def _context(self, protocol: int) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(protocol)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(["h2"])
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self.root_pem.decode())
-        # The ssl module only loads key pairs from files.
+    def _context(self, make: Callable[[Path, Path, Path], ssl.SSLContext]) -> ssl.SSLContext:
         with tempfile.TemporaryDirectory(prefix="tbt-cert-") as tmp:
-            cert, key, _ = self.write(Path(tmp))
-            ctx.load_cert_chain(cert, key)
-        return ctx
+            return make(*self.write(Path(tmp)))
 
 
 class CertificateAuthority:

@@ -39,6 +39,7 @@ class ClientConnection(TunnelConnection):
         super().__init__(context)
         self.expected = expected
         self.max_streams = max_streams
+        self.tls.expect_peer(expected)  # refused during the handshake, with a TLS alert
 
     def on_established(self) -> None:
         if self.expected and not self.expected.intersection(self.peer_identities):

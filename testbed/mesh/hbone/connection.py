@@ -141,6 +141,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
             self.ready.set_exception(exc if isinstance(exc, HboneError) else HboneError(str(exc)))
         if isinstance(exc, fr.FrameError) and self.tls.established:
             self.flush()  # the GOAWAY the protocol queued
+        self._write_tls_output()  # a failed handshake leaves its TLS alert there
         if self.transport is not None:
             self.transport.close()
 
