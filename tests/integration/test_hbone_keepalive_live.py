@@ -2,10 +2,11 @@
 the proxies' environment: a pooled connection unused for the idle timeout is closed and the
 next connection opens a fresh one; a destination ztunnel frozen with SIGSTOP (TCP still
 acknowledged by its kernel, HTTP/2 silent) is detected by the source ztunnel's PING keepalive,
-which resets the client's connection and says why in its log."""
+which resets the client's connection and says why in its log and connection record."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from testbed.mesh.hbone.timers import ENV_PING_INTERVAL, ENV_PING_TIMEOUT, ENV_P
 from testbed.netlab import clean_all
 from testbed.netlab.process import signal_group
 from testbed.redirect import create_mode
+from testbed.redirect.base import http_get
 
 IDLE_PORT, FREEZE_PORT = 9310, 9311  # a closed listener's port stays taken by its thread
 PING_INTERVAL, PING_TIMEOUT, IDLE = 1.0, 2.0, 3.0
@@ -103,9 +105,12 @@ def test_a_frozen_destination_ztunnel_is_detected_and_the_client_reset(cluster: 
             waited = time.monotonic() - stopped
         assert outcome == b"reset"
         assert waited <= PING_INTERVAL + PING_TIMEOUT + SLACK
-        log = source.process.output()
-        assert f"no PING ACK within {PING_TIMEOUT:g} s" in log
+        why = f"no PING ACK within {PING_TIMEOUT:g} s"
+        assert why in source.process.output()
         assert hbone_ports(client, server) == set()  # the pool dropped it
+        records = json.loads(http_get(source.pod, 15000, "/connections")[1])["connections"]
+        (record,) = [r for r in records if r["original_dst"] == f"{server.ip}:{FREEZE_PORT}"]
+        assert record["verdict"] == "error" and why in record["reason"]
     finally:
         signal_group(frozen.process.pid, signal.SIGCONT)
         app.close()

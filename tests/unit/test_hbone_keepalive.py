@@ -58,7 +58,8 @@ def test_a_silent_server_is_detected_its_streams_reset_and_the_pool_drops_it(
             await asyncio.wait_for(client_conn.closed, 5)
             assert asyncio.get_running_loop().time() - started < 0.2 + 0.4 + 1.0
             assert "no PING ACK within 0.4 s" in (client_conn.close_reason or "")
-            assert (await asyncio.wait_for(relay, 5)).reset  # the app side was reset
+            stats = await asyncio.wait_for(relay, 5)
+            assert stats.reset and "no PING ACK" in (stats.error or "")  # the app side: reset
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(reader.read(), 5)
             writer.close()
