@@ -3,6 +3,7 @@ release of idle pooled connections (short timers; Istio's defaults are in `timer
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from testbed.mesh.hbone.timers import (
     HboneTimers,
     TimerError,
 )
+from testbed.mesh.proxy import shell
+from testbed.mesh.proxy.shell import ProxyProcess
 
 FAST = HboneTimers(ping_interval=0.2, ping_timeout=0.4)
 
@@ -225,3 +228,19 @@ def test_the_environment_overrides_the_timers() -> None:
 def test_a_bad_timer_value_names_the_variable(value: str) -> None:
     with pytest.raises(TimerError, match=f"{ENV_POOL_IDLE_TIMEOUT}=.*positive duration"):
         HboneTimers.from_env({ENV_POOL_IDLE_TIMEOUT: value})
+
+
+def test_a_proxy_with_a_bad_timer_variable_exits_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def never(args: argparse.Namespace) -> ProxyProcess:
+        raise AssertionError("the proxy must not be built")
+
+    monkeypatch.setenv(ENV_PING_TIMEOUT, "soon")
+    with pytest.raises(SystemExit) as exited:
+        shell.main(argparse.ArgumentParser(prog="ztunnel"), [], never, lambda args: "test")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"ztunnel: {ENV_PING_TIMEOUT}='soon': expected a positive duration such as 1.5, "
+        "500ms, 10s or 5m\n"
+    )
