@@ -48,10 +48,10 @@ class ClientConnection(TunnelConnection):
         max_streams: int,
         timers: HboneTimers,
     ) -> None:
-        keepalive = Settings.client(
+        settings = Settings.client(
             ping_interval=timers.ping_interval, ping_timeout=timers.ping_timeout
         )
-        super().__init__(context, keepalive)
+        super().__init__(context, settings)
         self.expected = expected
         self.max_streams = max_streams
         self.idle_timeout = timers.pool_idle_timeout
