@@ -329,6 +329,25 @@ def test_no_ack_within_20s_declares_the_peer_dead_with_goaway_no_error() -> None
     assert pair.client.keepalive(31.0) is None  # closed: no more timers
 
 
+@pytest.mark.parametrize("silent_from", [0.0, 9.99, 10.0, 10.5, 25.0, 31.7, 40.0])
+def test_with_istios_defaults_a_peer_gone_silent_is_dead_within_30s(silent_from: float) -> None:
+    pair = Pair()
+    now, due = 0.0, pair.client.keepalive(0.0)
+    try:
+        while due is not None:
+            now = due
+            due = pair.client.keepalive(now)
+            sent = pair.client.data_to_send()
+            if now < silent_from:  # the peer answers (at once) until it goes silent
+                pair.server.receive_data(sent)
+                if pair.client.receive_data(pair.server.data_to_send()):
+                    due = pair.client.keepalive(now)
+    except PeerUnresponsive:
+        assert silent_from < now <= silent_from + 30.0
+    else:
+        raise AssertionError("never declared dead")
+
+
 def test_a_stale_or_foreign_ping_ack_does_not_count() -> None:
     pair = Pair()
     pair.client.keepalive(0.0)
