@@ -28,7 +28,7 @@ from testbed.redirect import create_mode
 from testbed.redirect.base import http_get
 
 IDLE_PORT, FREEZE_PORT = 9310, 9311  # a closed listener's port stays taken by its thread
-PING_INTERVAL, PING_TIMEOUT, IDLE = 1.0, 2.0, 3.0
+PING_INTERVAL, PING_TIMEOUT, IDLE = 1.0, 3.0, 3.0
 SLACK = 5.0  # a loaded 2-vCPU machine
 
 

@@ -23,7 +23,8 @@ from testbed.mesh.hbone.timers import (
 from testbed.mesh.proxy import shell
 from testbed.mesh.proxy.shell import ProxyProcess
 
-FAST = HboneTimers(ping_interval=0.2, ping_timeout=0.4)
+# Short, yet a PING's ACK may be late by a loaded machine's scheduling delay without harm.
+FAST = HboneTimers(ping_interval=0.2, ping_timeout=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,8 @@ def test_a_silent_server_is_detected_its_streams_reset_and_the_pool_drops_it(
             server_conn.transport.pause_reading()  # alive for TCP, silent for HTTP/2
             started = asyncio.get_running_loop().time()
             await asyncio.wait_for(client_conn.closed, 5)
-            assert asyncio.get_running_loop().time() - started < 0.2 + 0.4 + 1.0
-            assert "no PING ACK within 0.4 s" in (client_conn.close_reason or "")
+            assert asyncio.get_running_loop().time() - started < 0.2 + 1.0 + 3.0
+            assert "no PING ACK within 1 s" in (client_conn.close_reason or "")
             stats = await asyncio.wait_for(relay, 5)
             assert stats.reset and "no PING ACK" in (stats.error or "")  # the app side: reset
             with pytest.raises(ConnectionResetError):
@@ -104,7 +105,7 @@ def test_an_answering_peer_keeps_the_connection_through_many_pings(ids: Identiti
         ):
             reader, writer, _ = await t.open(authority)
             (client_conn,) = t.client.connections()
-            await asyncio.sleep(2.0)  # ten intervals, idle
+            await asyncio.sleep(2.5)  # a dozen intervals, idle
             assert not client_conn.closed.done() and client_conn.close_reason is None
             assert await echo(reader, writer) == b"hello"
             assert t.client.connections() == [client_conn]
