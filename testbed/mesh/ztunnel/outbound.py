@@ -164,7 +164,9 @@ async def _tunnel(
         source_identity=source_identity.uri,
         headers=headers,
     )
-    await stream.relay(client)
+    stats = await stream.relay(client)
+    if stats.error is not None:  # the tunnel died under the stream: the record says why
+        raise HboneError(f"HBONE connection to {format_address(hop)} failed: {stats.error}")
 
 
 async def _passthrough(pod: PodProxy, client: socket.socket, address: Address) -> None:
