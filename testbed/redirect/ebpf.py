@@ -6,8 +6,11 @@ mode): IP_TRANSPARENT listeners on
 15001/15006/15008 in its own namespace, the original destination read from the local
 address, connections to apps made from the client pod's address. Instead of iptables and
 tunnels, tc programs compiled from testbed/redirect/bpf/ steer packets: an enrolled pod's
-host-side veth sends its TCP to ztunnel's veth (bpf_redirect), and inside ztunnel's
-namespace bpf_sk_assign hands each packet to ztunnel's socket (testbed.redirect.ebpf_node).
+host-side veth sends its TCP and UDP to ztunnel's veth (bpf_redirect), and inside ztunnel's
+namespace bpf_sk_assign hands each TCP packet to ztunnel's socket (testbed.redirect.ebpf_node);
+the pods' DNS (UDP 53) is captured and answered by ztunnel's DNS proxy on 15053. As Istio's
+programs do, they drop an enrolled pod's traffic while no ztunnel is attached for its node and
+pass a packet no ztunnel listener matches.
 
 Enrolling a pod puts it in its node's pod map and attaches two programs to its host-side
 veth; unenrolling removes both. Programs and maps are pinned in a bpffs the run mounts at
@@ -40,6 +43,7 @@ class EbpfOptions(MeshOptions):
 
 class EbpfMode(NodeZtunnelMode):
     name = "ebpf"
+    captures_dns = True
     Options = EbpfOptions
     options: EbpfOptions
 

@@ -27,6 +27,15 @@ def test_ztunnel_value_matches_struct_ztunnel_info() -> None:
     assert value == bytes([2, 1, 0, 0, 10, 1, 0, 9, 2, 0, 0, 0, 0, 1, 0, 0])
 
 
+def test_ztunnel_value_carries_the_capture_dns_flag() -> None:
+    value = bpfmaps.ztunnel_value(ZtunnelEntry(258, "10.1.0.9", "02:00:00:00:00:01", True))
+    assert value[-2:] == bytes([bpfmaps.CAPTURE_DNS_FLAG, 0])  # __u8 flags, __u8 pad
+
+
+def test_a_detached_ztunnel_is_ifindex_zero() -> None:
+    assert bpfmaps.ztunnel_value(bpfmaps.DETACHED) == bytes(16)
+
+
 def test_host_value_is_the_address() -> None:
     assert bpfmaps.host_value("10.1.0.1") == bytes([10, 1, 0, 1])
 

@@ -140,7 +140,7 @@ class PodProxy:
             raise
         for sock, handler in ((out_sock, outbound), (plain_sock, inbound_plaintext)):
             self._accepting.append(asyncio.ensure_future(self._accept_loop(sock, handler)))
-        zone = lambda: dns.proxy_zone(self.mesh.config, self.workload.namespace)  # noqa: E731
+        zone = lambda _peer: dns.proxy_zone(self.mesh.config, self.workload.namespace)  # noqa: E731
         self._accepting.append(asyncio.ensure_future(dns.serve_in_netns(self.netns_fd, zone)))
 
     async def stop(self) -> None:

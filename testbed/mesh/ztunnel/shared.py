@@ -3,9 +3,10 @@
 One process in the ztunnel pod's own namespace serves every mesh workload of its node. The
 node's rules and the TPROXY rules in this namespace deliver captured connections to three
 IP_TRANSPARENT listeners: 15001 (outbound, from a local pod), 15006 (plaintext inbound) and
-15008 (HBONE inbound). The original destination is the accepted socket's local address; the
-local workload is found by address: the client's for outbound, the destination's for
-inbound, whose certificate the HBONE server then presents.
+15008 (HBONE inbound), and its DNS proxy on 15053 (UDP and TCP, where the ebpf mode's rules
+send the pods' captured DNS). The original destination is the accepted socket's local
+address; the local workload is found by address: the client's for outbound, the
+destination's for inbound, whose certificate the HBONE server then presents.
 
 Per workload the in-pod handlers (testbed.mesh.ztunnel.outbound/inbound) run unchanged on a
 `PodProxy` whose "pod namespace" is ztunnel's own: connections to apps leave from the
@@ -26,6 +27,7 @@ import os
 import socket
 from contextvars import ContextVar
 
+from testbed.mesh import dns
 from testbed.mesh.config import LocalConfig
 from testbed.mesh.hbone import HboneClient, HboneServer, reset_socket
 from testbed.mesh.hbone.server import ServerConnection
@@ -96,6 +98,15 @@ class SharedZtunnel(ZtunnelProcess):
         self.ztunnel_ip: str = args.ztunnel_ip
         self.home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._listeners: list[socket.socket] = []
+        self._dns_sockets: tuple[socket.socket, socket.socket] | None = None
+
+    def dns_zone(self, client_ip: str) -> dns.Zone:
+        """What the DNS proxy answers a client: the services, through the search list of the
+        client's namespace (fully qualified names only for a client the mesh does not know)."""
+        workload = self.mesh.config.workload_by_ip(client_ip)
+        if workload is None:
+            return dns.Zone(dns.proxy_zone(self.mesh.config, "").records)
+        return dns.proxy_zone(self.mesh.config, workload.namespace)
 
     def pod_for(self, ip: str) -> PodProxy | None:
         """The local mesh workload with this address (None for any other address)."""
@@ -122,14 +133,19 @@ class SharedZtunnel(ZtunnelProcess):
             transparent_listener(port)
             for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT)
         ]
+        self._dns_sockets = dns.bind_sockets("0.0.0.0", dns.PROXY_PORT)
         self.ready = True
         log.info("ztunnel (shared) for %s serving", self.node)
 
     async def serve(self) -> None:
-        await asyncio.gather(*(self._accept_loop(sock) for sock in self._listeners))
+        assert self._dns_sockets is not None
+        await asyncio.gather(
+            dns.serve(self.dns_zone, *self._dns_sockets),
+            *(self._accept_loop(sock) for sock in self._listeners),
+        )
 
     async def stop(self) -> None:
-        for sock in self._listeners:
+        for sock in (*self._listeners, *(self._dns_sockets or ())):
             sock.close()
         await super().stop()
 
