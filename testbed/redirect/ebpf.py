@@ -16,7 +16,8 @@ Enrolling a pod puts it in its node's pod map and attaches two programs to its h
 veth; unenrolling removes both. Programs and maps are pinned in a bpffs the run mounts at
 <run dir>/bpf; teardown unpins and unmounts it.
 
-Options (EbpfOptions): `ebpf_hook` tc (default) | tcx | auto; `trust_domain` (default
+Options (EbpfOptions): `ebpf_hook` tc (default) | tcx | auto; `same_node_fast_path` true
+(default, Istio 1.20's shared ztunnel) | false, as in legacy mode; `trust_domain` (default
 cluster.local).
 tc filters are what `tc filter show` and `bpftool net show` list; tcx links (kernel 6.6+)
 are invisible to this machine's iproute2 6.1 and bpftool 7.1, hence not the default. `auto`
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from testbed.redirect import bpfload
-from testbed.redirect.base import MeshOptions, NodeZtunnelMode
+from testbed.redirect.base import NodeZtunnelMode, SharedZtunnelOptions
 from testbed.redirect.ebpf_node import DIRECTIONS, Hook, NodeDatapath
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from testbed.netlab import Netns
 
 
-class EbpfOptions(MeshOptions):
+class EbpfOptions(SharedZtunnelOptions):
     ebpf_hook: Literal["tc", "tcx", "auto"] = "tc"
 
 

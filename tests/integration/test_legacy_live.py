@@ -106,11 +106,13 @@ class Plumbed:
         return self.cluster.nodes[name].netns
 
     def enroll(self, pod: Pod) -> None:
-        lr.enroll(self.node(pod.node), pod.ip, self.facts[pod.node].host_ip)
+        ztunnel = self.ztunnels[pod.node].netns
+        lr.enroll(self.node(pod.node), ztunnel, pod.ip, self.facts[pod.node].host_ip)
         self.enrolled.append(pod.name)
 
     def unenroll(self, pod: Pod) -> None:
-        lr.unenroll(self.node(pod.node), pod.ip, self.facts[pod.node].host_ip)
+        ztunnel = self.ztunnels[pod.node].netns
+        lr.unenroll(self.node(pod.node), ztunnel, pod.ip, self.facts[pod.node].host_ip)
         self.enrolled.remove(pod.name)
 
     def enrolled_ips(self, node: str) -> list[str]:
@@ -130,9 +132,7 @@ def plumbed() -> Iterator[Plumbed]:
             pod = cluster.add_system_pod(
                 name, f"ztunnel-{name}", namespace="istio-system", service_account="ztunnel"
             )
-            facts[name] = lr.NodeFacts(
-                node.underlay_ip, pod.ip, pod.spec.host_ifname, kind, node.spec.pod_cidr
-            )
+            facts[name] = lr.NodeFacts(node.underlay_ip, pod.ip, pod.spec.host_ifname, kind)
             install_node_plumbing(node.netns, pod.netns, facts[name])
             ztunnels[name] = pod
             relays[name] = StandInRelay(pod.netns)
@@ -184,11 +184,17 @@ def test_ztunnel_rules_equal_the_reference(plumbed: Plumbed) -> None:
         ztunnel = plumbed.ztunnels[name].netns
         assert lr.installed_ztunnel_rules(ztunnel) == lr.expected_ztunnel_rules(facts)
         shown = lr.installed_routing(ztunnel, lr.ZTUNNEL_RULE_PRIORITIES)
-        assert shown["rules"] == [
-            f"20000: from all fwmark {lr.TPROXY_MARK} lookup 100",
-            f"20002: from all to {facts.pod_cidr} ipproto tcp dport 15008 lookup 100",
-            f"20003: from all fwmark {lr.ORIGINAL_SOURCE_RETURN_MARK} lookup 100",
+        local_hbone = [
+            f"20002: from all to {ip} ipproto tcp dport 15008 lookup 100"
+            for ip in plumbed.enrolled_ips(name)
         ]
+        assert sorted(shown["rules"]) == sorted(
+            [
+                f"20000: from all fwmark {lr.TPROXY_MARK} lookup 100",
+                *local_hbone,
+                f"20003: from all fwmark {lr.ORIGINAL_SOURCE_RETURN_MARK} lookup 100",
+            ]
+        )
         assert shown["table 100"] == ["local default dev lo scope host"]
 
 

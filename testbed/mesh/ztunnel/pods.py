@@ -85,6 +85,8 @@ class PodProxy:
         self.hbone_server: HboneServer | None = None
         self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()  # run on after stop (drain)
+        # a shared ztunnel with the same-node fast path: the local workload at an address
+        self.local_pod: Callable[[str], PodProxy | None] | None = None
 
     @property
     def workload(self) -> Workload:

@@ -15,7 +15,12 @@ client's address (IP_TRANSPARENT) and come back through the node's 0x210/0x040 m
 one to a workload of this same node (routed to the local table by the ztunnel-netns rule
 for port 15008) is answered over loopback.
 
-    python -m testbed.mesh.ztunnel.shared --config FILE --certs DIR --node N --ztunnel-ip IP
+With the same-node fast path on (Istio 1.20's behaviour), a connection to a workload of
+this node is handed to its inbound side in-process (testbed.mesh.ztunnel.local); off, it
+goes over HBONE to this ztunnel's own 15008 like any other.
+
+    python -m testbed.mesh.ztunnel.shared --config FILE --certs DIR --node N --ztunnel-ip IP \
+        --same-node-fast-path on|off
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from testbed.mesh import dns
@@ -55,9 +61,17 @@ _client_ip: ContextVar[str | None] = ContextVar("client_ip", default=None)
 class SharedPod(PodProxy):
     """A workload served from ztunnel's own namespace."""
 
-    def __init__(self, mesh: MeshState, uid: str, home_fd: int, ztunnel_ip: str) -> None:
+    def __init__(
+        self,
+        mesh: MeshState,
+        uid: str,
+        home_fd: int,
+        ztunnel_ip: str,
+        local_pod: Callable[[str], PodProxy | None] | None,
+    ) -> None:
         super().__init__(mesh, uid, os.dup(home_fd))
         self.ztunnel_ip = ztunnel_ip
+        self.local_pod = local_pod
         self.hbone_client = HboneClient(socket_factory=self._hbone_socket)
         self.hbone_server = HboneServer(
             mesh.certs.server_context(self.workload.identity), HboneInbound(self)
@@ -96,6 +110,7 @@ class SharedZtunnel(ZtunnelProcess):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args.config, args.certs, args.node)
         self.ztunnel_ip: str = args.ztunnel_ip
+        self.fast_path = args.same_node_fast_path == "on"
         self.home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._listeners: list[socket.socket] = []
         self._dns_sockets: tuple[socket.socket, socket.socket] | None = None
@@ -117,7 +132,8 @@ class SharedZtunnel(ZtunnelProcess):
             return None
         pod = self.pods.get(workload.uid)
         if pod is None:
-            pod = SharedPod(self.mesh, workload.uid, self.home_fd, self.ztunnel_ip)
+            local_pod = self.pod_for if self.fast_path else None
+            pod = SharedPod(self.mesh, workload.uid, self.home_fd, self.ztunnel_ip, local_pod)
             self.pods[workload.uid] = pod
         return pod
 
@@ -188,6 +204,10 @@ if __name__ == "__main__":
     main(
         "testbed.mesh.ztunnel.shared",
         SharedZtunnel,
-        {"ztunnel-ip": "this ztunnel pod's address"},
+        {
+            "ztunnel-ip": "this ztunnel pod's address",
+            "same-node-fast-path": "on: a workload of this node is served in-process (Istio"
+            " 1.20), off: over HBONE to this ztunnel's own 15008",
+        },
         __doc__,
     )
