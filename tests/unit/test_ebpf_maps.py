@@ -9,7 +9,7 @@ import pytest
 
 from testbed.redirect import bpfload, bpfmaps
 from testbed.redirect.bpfmaps import PodEntry, ZtunnelEntry
-from testbed.redirect.ebpf_node import node_sysctls, ztunnel_routing_argvs
+from testbed.redirect.ebpf_node import node_sysctls, ztunnel_dns_argv, ztunnel_routing_argvs
 
 
 def test_pod_key_is_the_address_in_network_byte_order() -> None:
@@ -113,6 +113,13 @@ def test_ztunnel_namespace_routes_marked_packets_locally() -> None:
     }
 
 
+def test_captured_dns_in_ztunnel_namespace_goes_to_the_dns_proxy() -> None:
+    assert ztunnel_dns_argv("10.1.0.9") == [
+        "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-p", "udp", "--dport", "53",
+        "-j", "DNAT", "--to-destination", "10.1.0.9:15053",
+    ]  # fmt: skip
+
+
 def test_the_c_sources_and_python_agree_on_names() -> None:
     source = (bpfload.BPF_DIR / "ambient_redirect.bpf.c").read_text()
     maps = (bpfload.BPF_DIR / "ambient_maps.h").read_text()
@@ -121,3 +128,4 @@ def test_the_c_sources_and_python_agree_on_names() -> None:
     for name in bpfmaps.MAP_NAMES:
         assert f'}} {name} SEC(".maps");' in maps
     assert "#define TPROXY_MARK 0x400" in source
+    assert f"#define ZTUNNEL_CAPTURE_DNS 0x{bpfmaps.CAPTURE_DNS_FLAG:x}" in maps
