@@ -3,10 +3,11 @@
 `NodeDatapath.install` loads one copy of the programs for the node, fills the host and
 ztunnel maps, attaches `ztunnel_host_ingress` to ztunnel's host-side veth and
 `ztunnel_tproxy` to eth0 inside ztunnel's namespace, and gives that namespace the routing
-that delivers bpf_sk_assign'ed packets locally and the DNAT that takes the pods' captured DNS
+that delivers bpf_sk_assign'ed packets locally, the DNAT that takes the pods' captured DNS
 (UDP 53, which the programs send to ztunnel's veth but do not sk-assign, as Istio's did not)
-to ztunnel's DNS proxy on 15053. `enroll`/`unenroll` add and remove one pod: its map entry
-and the two programs on its host-side veth. `detach_ztunnel`/`attach_ztunnel` empty and
+to ztunnel's DNS proxy on 15053, and forwarding for the pods' other UDP only.
+`enroll`/`unenroll` add and remove one pod: its map entry and the two programs on its
+host-side veth. `detach_ztunnel`/`attach_ztunnel` empty and
 refill the ztunnel map, as Istio's CNI does when its ztunnel goes away and comes back: in
 between, the enrolled pods' traffic is dropped. Nothing is configured outside the node's and
 ztunnel's namespaces.
@@ -57,9 +58,21 @@ def ztunnel_dns_argv(ztunnel_ip: str) -> list[str]:
     ]  # fmt: skip
 
 
+def ztunnel_forward_argvs() -> list[list[str]]:
+    """iptables rules in ztunnel's namespace: the pods' other UDP, which the programs steer
+    there and ztunnel has no listener for, is routed on (the namespace forwards it, as a
+    Kubernetes node's pods do); TCP no ztunnel socket took is dropped, never routed around
+    ztunnel."""
+    return [
+        ["-t", "filter", "-A", "FORWARD", "-i", POD_DEV, "-p", "udp", "-j", "ACCEPT"],
+        ["-t", "filter", "-A", "FORWARD", "-j", "DROP"],
+    ]
+
+
 ZTUNNEL_SYSCTLS = {
     # ztunnel's hairpinned HBONE to a pod of its own node arrives from its own address
     f"net.ipv4.conf.{POD_DEV}.accept_local": 1,
+    "net.ipv4.ip_forward": 1,  # the pods' UDP (ztunnel_forward_argvs)
 }
 
 
@@ -124,7 +137,8 @@ class NodeDatapath:
     def _route_ztunnel(self) -> None:
         for argv in ztunnel_routing_argvs():
             self.ztunnel.run(["ip", *argv])
-        self.ztunnel.run(["iptables", "-w", *ztunnel_dns_argv(self.entry.ip)])
+        for argv in [ztunnel_dns_argv(self.entry.ip), *ztunnel_forward_argvs()]:
+            self.ztunnel.run(["iptables", "-w", *argv])
         for key, value in ZTUNNEL_SYSCTLS.items():
             self.ztunnel.set_sysctl(key, value)
         for key, value in node_sysctls(self.ztunnel_host_dev).items():
