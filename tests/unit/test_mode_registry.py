@@ -121,7 +121,8 @@ def test_readme_modes_table_lists_the_registered_modes() -> None:
         ("inpod", {"inpod_variant": "ebpf"},
          "mode inpod: option inpod_variant 'ebpf': expected 'redirect', 'tproxy' or 'nftables'"),
         ("legacy", {"tunel": "vxlan"},
-         "mode legacy: unknown option 'tunel'; expected one of trust_domain, tunnel"),
+         "mode legacy: unknown option 'tunel'; expected one of trust_domain, "
+         "same_node_fast_path, tunnel"),
         ("none", {"trust_domain": "x"},
          "mode none: unknown option 'trust_domain'; it takes no options"),
     ],
