@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ PLACEMENTS = {"same-node": "server1", "cross-node": "server2"}
 REVIEWS_PORT = 9080  # the reviews services' port (target 8080, the echo server's)
 SPLIT_REQUESTS = 1000
 RETRIED_REQUESTS = 60  # to ratings, whose app answers 503 to every third request
+SILENT_CLIENT = 1.5  # s a client waits before its request: past every proxy's sniffing
 
 Case = tuple[str, dict[str, Any]]  # (mode, options)
 ISTIO_ZTUNNEL = os.environ.get("TESTBED_ZTUNNEL", "")
@@ -121,12 +123,28 @@ def reviews(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     ratings failing every third request; the pods' declared HTTP echo apps answer (the
     topology starts them)."""
     mode, options = l7_cases()[request.param]
-    cluster = Cluster(load_topology("reviews_waypoint"), create_mode(mode, options))
+    cluster = Cluster(reviews_variant(), create_mode(mode, options))
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+def reviews_variant() -> Topology:
+    """reviews_waypoint plus `raw`: an HTTP echo app behind a service whose port declares
+    appProtocol tcp (L4 even though the bytes are HTTP)."""
+    topology = load_topology("reviews_waypoint")
+    base_build = topology.build
+
+    def build() -> None:
+        base_build()
+        topology.add_pod("raw", "node2", labels={"app": "raw"}, app="http-echo", port=APP_PORT)
+        ports, declared = {REVIEWS_PORT: APP_PORT}, {REVIEWS_PORT: "tcp"}
+        topology.add_service("raw", selector={"app": "raw"}, ports=ports, app_protocols=declared)
+
+    topology.build = build  # type: ignore[method-assign]
+    return topology
 
 
 # ---------------------------------------------------------------- helpers
@@ -343,3 +361,35 @@ def test_the_app_sees_the_l7_proxy_as_its_peer(reviews: Cluster) -> None:
     peer = json.loads(reply.body)["peer"].rpartition(":")[0]
     expected = "productpage" if reviews.mode.l7_in_sidecars else "waypoint"
     assert peer == reviews.pod(expected).ip
+
+
+def echoed_request_headers(cluster: Cluster, service: str, wait: float = 0.0) -> dict[str, str]:
+    """The request headers the echo app behind `service` received for one GET from
+    productpage, sent `wait` s after the connection opened."""
+    vip = cluster.services[service].vip
+    conn = http.client.HTTPConnection(vip, REVIEWS_PORT, timeout=10)
+    conn.sock = connect(cluster.pod("productpage"), vip, REVIEWS_PORT)
+    try:
+        time.sleep(wait)
+        conn.request("GET", "/headers?format=json")
+        response = conn.getresponse()
+        assert response.status == 200
+        headers: dict[str, str] = json.loads(response.read())["headers"]
+        return headers
+    finally:
+        conn.close()
+
+
+def test_declared_tcp_port_is_l4_even_for_http(reviews: Cluster) -> None:
+    """appProtocol tcp: no L7 proxy parses the request, so none adds Envoy's headers."""
+    assert "x-request-id" in echoed_request_headers(reviews, "ratings")  # declared http: L7
+    assert "x-request-id" not in echoed_request_headers(reviews, "raw")
+
+
+def test_declared_http_port_is_l7_without_sniffing(reviews: Cluster) -> None:
+    """A client silent past the sniffing timeout (waypoint 1 s, sidecar 100 ms) makes an
+    undeclared port plain TCP; a port declared appProtocol http stays HTTP. (reviews-v2:
+    undeclared, and no L7 policy of its own, whose DENY rule on paths would refuse TCP.)"""
+    assert "x-request-id" in echoed_request_headers(reviews, "ratings", wait=SILENT_CLIENT)
+    undeclared = echoed_request_headers(reviews, "reviews-v2", wait=SILENT_CLIENT)
+    assert "x-request-id" not in undeclared
