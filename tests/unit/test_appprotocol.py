@@ -111,8 +111,8 @@ def test_proxies_look_the_declaration_up_by_service_port_or_workload_port() -> N
     # a sidecar's inbound, or a workload-addressed waypoint: the pod's target port
     ratings = config.workload_by_ip(topology.pods["ratings"].ip)
     assert ratings is not None
-    ports = [declared_protocol(l7, config, Target((ratings.workload_ips[0].compressed, p),
-                                                  None, ratings)) for p in (8080, 8081)]  # fmt: skip
+    ip = str(ratings.workload_ips[0])
+    ports = [declared_protocol(l7, config, Target((ip, p), None, ratings)) for p in (8080, 8081)]
     assert ports == ["http", None]
     plain = resolve_target(config, (topology.services["plain"].vip, 9080))
     assert plain is not None and declared_protocol(l7, config, plain) is None
