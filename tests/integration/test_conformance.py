@@ -359,7 +359,7 @@ def test_the_app_sees_the_l7_proxy_as_its_peer(reviews: Cluster) -> None:
     [reply] = reviews_requests(reviews, "/v2/peer?format=json", 1)
     assert reply.status == 200
     peer = json.loads(reply.body)["peer"].rpartition(":")[0]
-    expected = "productpage" if reviews.mode.l7_in_sidecars else "waypoint"
+    expected = "productpage" if MODES[reviews.mode.name].l7_in_sidecars else "waypoint"
     assert peer == reviews.pod(expected).ip
 
 
