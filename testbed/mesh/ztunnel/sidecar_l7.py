@@ -16,9 +16,11 @@ plain TCP); HTTP goes through an L7Proxy with the L7 policies of the destination
 access denied"), no routes and no retries, metrics reported as "destination", to that one
 app connection (opened again if the app closed it). Plain TCP is relayed as before.
 
-The L7 file (`--l7-config`, the waypoint's format) holds every route and L7 policy of the
-mesh; the sidecar applies those of the destination: routes whose parents name the service
-called, policies that target a service of this workload or, with no targets, its namespace.
+The L7 file (`--l7-config`, the waypoint's format) holds every route, L7 policy and declared
+port protocol of the mesh; the sidecar applies those of the destination: routes whose
+parents name the service called, policies that target a service of this workload or, with
+no targets, its namespace; the declaration of the port called (a workload port: that of the
+service port targeting it; Istio asks services sharing a pod port to agree on its protocol).
 """
 
 from __future__ import annotations
@@ -171,14 +173,15 @@ class SidecarL7:
         destination = destination_of(client, OUTBOUND_PORT)
         decision = decide_outbound(pod.mesh.config, destination, pod.mesh.pick)
         target = resolve_target(pod.mesh.config, destination)
-        declared = None if target is None else self.outbound.protocol_handling(target)
-        if isinstance(decision, Hbone) and target is not None and declared != "tcp":
-            http = declared == "http"  # declared HTTP: no sniffing, however late it speaks
-            protocol = await peek_protocol(client, OUTBOUND_SNIFF_TIMEOUT, http=http)
-            if protocol in HTTP:
-                assert protocol is not None
-                await self._serve_outbound_http(client, peer, destination, target, protocol)
-                return
+        if isinstance(decision, Hbone) and target is not None:
+            declared = self.outbound.protocol_handling(target)  # the port's appProtocol
+            if declared != "tcp":  # declared HTTP: no sniffing, however late it speaks
+                http = declared == "http"
+                protocol = await peek_protocol(client, OUTBOUND_SNIFF_TIMEOUT, http=http)
+                if protocol in HTTP:
+                    assert protocol is not None
+                    await self._serve_outbound_http(client, peer, destination, target, protocol)
+                    return
         await serve_outbound(pod, client, peer)
 
     async def _serve_outbound_http(
