@@ -183,6 +183,8 @@ def containers(pod: PodSpec, ports: list[int], image: str) -> tuple[list[Any], l
         name, command = APPS[port]
         if name == "http-echo":
             command = [*command, "--name", pod.name]
+        if pod.app is not None and (pod.app.kind, pod.app.port) == (name, port):
+            command = [*command, *pod.app.argv]  # the declared app's own arguments
         made.append(
             k8s.V1Container(
                 name=name,
@@ -225,13 +227,17 @@ def deployment(
 
 
 def service(svc: ServiceSpec) -> Any:
+    def app_protocol(port: int, target: int) -> str | None:
+        # the declared appProtocol; undeclared: http for the HTTP echo app's port
+        return svc.app_protocols.get(port) or ("http" if target in HTTP_PORTS else None)
+
     ports = [
         k8s.V1ServicePort(
-            name=f"{'http' if target in HTTP_PORTS else 'tcp'}-{port}",
+            name=f"{app_protocol(port, target) or 'tcp'}-{port}",
             port=port,
             target_port=target,
             protocol="TCP",
-            app_protocol="http" if target in HTTP_PORTS else None,
+            app_protocol=app_protocol(port, target),
         )
         for port, target in sorted(svc.ports.items())
     ]

@@ -146,6 +146,7 @@ class Mode:
     Options: ClassVar[type[ModeOptions]] = ModeOptions
     variant_option: ClassVar[str | None] = None  # an option whose every value is a variant
     runs_waypoints: ClassVar[bool] = False  # Istio ran waypoints with it (L7 in waypoints)
+    l7_in_sidecars: ClassVar[bool] = False  # its per-pod proxies do L7 themselves (no waypoint)
     captures_dns: ClassVar[bool] = False  # pods' DNS goes to their proxy's 15053 (else kube-dns)
     options: ModeOptions
 
