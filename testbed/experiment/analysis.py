@@ -100,7 +100,7 @@ def with_steadiness(summary: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
 
 def is_flagged(flag: object) -> bool:
     """A case whose repetitions were not steady (noisy or bimodal)."""
-    return flag in ("noisy", "bimodal")
+    return isinstance(flag, str) and flag in ("noisy", "bimodal")  # NA: not recorded
 
 
 def headline_metrics() -> str:
