@@ -400,11 +400,13 @@ class Runner:
 
     def steadiness_columns(self) -> dict[str, dict[str, str]]:
         """case_id -> the steadiness and steadiness_stop columns of its rows."""
-        columns = {}
+        columns: dict[str, dict[str, str]] = {}
         for series in self.outcome.series.values():
             flag = series.verdict(self.max_cv).flag
             for case_id in series.case_ids:
-                columns[case_id] = {"steadiness": flag, "steadiness_stop": str(series.stop)}
+                # no stop yet: the runner itself crashed (metadata status "aborted")
+                stop = series.stop or "interrupted"
+                columns[case_id] = {"steadiness": flag, "steadiness_stop": stop}
         return columns
 
     def steadiness_metadata(self) -> dict[str, Any]:
@@ -415,7 +417,7 @@ class Runner:
             verdict = found.verdict(self.max_cv)
             series[sid] = {
                 "flag": verdict.flag,
-                "stop": found.stop,
+                "stop": found.stop or "interrupted",
                 "n": verdict.n,
                 "cv": verdict.cv,
                 "gap_ratio": verdict.gap_ratio,

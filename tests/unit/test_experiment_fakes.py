@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +198,7 @@ def fake_runner(
     paths: FakePaths | None = None,
     tracer: Any | None = None,
     peers: FakePeers | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Runner:
     # A fake cluster has nothing to trace: tests that do not pass a tracer trace nothing.
     if tracer is None:
@@ -212,4 +213,5 @@ def fake_runner(
         show_progress=False,
         tracer=tracer or real_tracer,
         peer_factory=peers or FakePeers(),  # never a real HAProxy from a unit test
+        **({"clock": clock} if clock else {}),
     )

@@ -299,3 +299,27 @@ def test_a_peer_without_mode_none_is_a_spec_error(tmp_path: Path) -> None:
     text = PEER_SPEC.replace("modes: [none, inpod]", "modes: [inpod]")
     with pytest.raises(SpecError, match=r"small\.yaml: invalid experiment spec: peers: .*none"):
         load_fake_spec(tmp_path, text)
+
+
+def test_auto_budget_is_shared_by_the_modes_and_unused_time_passes_on(tmp_path: Path) -> None:
+    spec = SMALL_SPEC.replace(
+        "repetitions: 2", "repetitions: {auto: {min: 2, max: 10, budget: 20s}}"
+    )
+    ticks = iter(range(0, 10_000, 5))  # every extra repetition takes 5 s on this clock
+
+    def noisy_inpod(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        rows = fake_stream(client, server, case, raw_dir)  # none: 1 % apart, steady
+        if case.mode == "inpod":
+            return [replace(rows[0], value=(6e9, 9e9, 7e9)[case.repetition % 3])]
+        return rows
+
+    run_dir = run_fake(
+        tmp_path, spec, workloads={"tcp_stream": noisy_inpod}, clock=lambda: next(ticks)
+    )[0]
+    frame = load(run_dir).query("metric == 'throughput'")
+    reps = frame.groupby("mode")["repetition"].max().to_dict()
+    # none needs no extra repetition, so inpod may use the whole 20 s: four 5-s extras
+    assert reps == {"none": 2, "inpod": 6}
+    assert set(frame.loc[frame["mode"] == "inpod", "steadiness_stop"]) == {"budget"}
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["steadiness"]["extra_seconds"] == 20
