@@ -74,7 +74,9 @@ class Case:
             if key in ("msg_size", "parallel", "connections", "qps") and value is not None
         }
         params = " ".join(f"{key}={value}" for key, value in swept.items())
-        where = f"{self.mode} {self.path} {self.placement}"
+        # a peer's path is its own name: said once
+        series = self.mode if self.path == self.mode else f"{self.mode} {self.path}"
+        where = f"{series} {self.placement}"
         return f"{where} {self.workload} {params} rep {self.repetition}"
 
 

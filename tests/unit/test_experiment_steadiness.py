@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import get_args
 
 import pytest
 
+from testbed.experiment.spec import Workload
 from testbed.experiment.steadiness import (
     GAP_THRESHOLDS,
+    HEADLINE_METRIC,
     AutoRule,
     Verdict,
     coefficient_of_variation,
@@ -16,6 +19,7 @@ from testbed.experiment.steadiness import (
     judge,
     next_step,
 )
+from testbed.experiment.workloads import WORKLOADS
 
 # The issue's own observation: repetitions split into 2.7 and 4.3 Gbit/s.
 BIMODAL = [2.71, 4.31, 2.74, 4.28, 2.69]
@@ -92,3 +96,7 @@ def test_auto_stops_at_max() -> None:
 def test_auto_stops_at_the_budget() -> None:
     assert next_step(NOISY[:4], RULE, budget_left=2.5, next_cost=3) == "budget"
     assert next_step(NOISY[:4], RULE, budget_left=3.0, next_cost=3) is None
+
+
+def test_every_workload_has_a_headline_figure() -> None:
+    assert set(HEADLINE_METRIC) == set(get_args(Workload)) == set(WORKLOADS)
