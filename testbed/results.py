@@ -4,7 +4,8 @@ Columns (in this order, then one column per cluster fact and measurement label):
 
     experiment, run_id    the spec's name; the run directory's name
     mode                  the mode's label in the spec (the mode name unless relabelled)
-    path                  direct | capture | hbone | waypoint: how far into the mesh
+    path                  direct | capture | hbone | waypoint: how far into the mesh;
+                          native for the native peer (its mode is "native" too)
     topology              as given to load_topology(), e.g. "two_nodes"
     placement             same-node | cross-node
     workload              tcp_stream | tcp_rr | tcp_crr | http_fixed_qps | http_crr
@@ -17,6 +18,10 @@ Columns (in this order, then one column per cluster fact and measurement label):
     metric, value, unit   one measurement (empty metric and value on a failed case)
     status, error         ok | failed | interrupted, and the error text of a failed case
     started_at            UTC time the case began, its warm-up first (ISO 8601)
+    steadiness            the case's repetitions: steady | noisy | bimodal | unknown
+                          (testbed.experiment.steadiness; the same on every repetition)
+    steadiness_stop       what ended them: steady | max | budget (repetitions: auto),
+                          fixed (a count), failed, interrupted
 
 Cluster facts (testbed.cluster's Cluster.facts(), e.g. inpod_variant, tunnel) and
 measurement labels (e.g. proxy) follow as extra string columns. A fact or label whose
@@ -53,7 +58,8 @@ CASE_COLUMNS = (
     "pinning",
 )
 MEASUREMENT_COLUMNS = ("metric", "value", "unit", "status", "error", "started_at")
-COLUMNS = CASE_COLUMNS + MEASUREMENT_COLUMNS
+SERIES_COLUMNS = ("steadiness", "steadiness_stop")
+COLUMNS = CASE_COLUMNS + MEASUREMENT_COLUMNS + SERIES_COLUMNS
 INTEGER_COLUMNS = ("msg_size", "parallel", "connections", "qps", "payload", "repetition")
 FLOAT_COLUMNS = ("duration", "warmup", "value")
 PARQUET_NAME = "results.parquet"
