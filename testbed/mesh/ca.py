@@ -26,7 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from testbed.mesh.hbone.tls import client_context, server_context
+from testbed.mesh.hbone.tls import (
+    certificate_uri_sans,
+    client_context,
+    server_context,
+    uri_sans,
+)
 from testbed.netlab.errors import TestbedError
 
 SPIFFE_SCHEME = "spiffe://"
@@ -318,16 +323,8 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))
-
-
 def _root_trust_domain(cert: x509.Certificate) -> str:
-    for uri in _uri_sans(cert):
+    for uri in certificate_uri_sans(cert):
         if uri.startswith(SPIFFE_SCHEME):
             return uri.removeprefix(SPIFFE_SCHEME).rstrip("/")
     orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
@@ -338,7 +335,7 @@ def _root_trust_domain(cert: x509.Certificate) -> str:
 
 def identity_from_peer_cert(der: bytes) -> Identity | None:
     """The SPIFFE identity in a DER certificate's URI SAN, or None if it has none."""
-    for uri in _uri_sans(x509.load_der_x509_certificate(der)):
+    for uri in uri_sans(der):
         try:
             return Identity.parse(uri)
         except ValueError:

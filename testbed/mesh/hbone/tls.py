@@ -252,7 +252,7 @@ def verify_spiffe(context: ssl.SSLContext, trust_domain: str | None) -> bool:
 def cert_trust_domain(cert: Path) -> str | None:
     """The trust domain of the first SPIFFE URI SAN of a PEM certificate file."""
     leaf = x509.load_pem_x509_certificate(cert.read_bytes())
-    domains = [td for td in map(spiffe_trust_domain, _uris(leaf)) if td is not None]
+    domains = [td for td in map(spiffe_trust_domain, certificate_uri_sans(leaf)) if td is not None]
     return domains[0] if domains else None
 
 
@@ -285,10 +285,11 @@ def client_context(cert: Path, key: Path, roots: Path) -> ssl.SSLContext:
 
 def uri_sans(der_cert: bytes) -> list[str]:
     """The URI subject alternative names of a DER certificate (SPIFFE IDs)."""
-    return _uris(x509.load_der_x509_certificate(der_cert))
+    return certificate_uri_sans(x509.load_der_x509_certificate(der_cert))
 
 
-def _uris(cert: x509.Certificate) -> list[str]:
+def certificate_uri_sans(cert: x509.Certificate) -> list[str]:
+    """The URI subject alternative names of a parsed certificate."""
     try:
         extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
