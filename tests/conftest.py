@@ -1,8 +1,5 @@
-import contextlib
 import os
-import shutil
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,19 +17,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-TEST_RUNS = Path("/run/testbed-tests")
-
-
 @pytest.fixture
 def runs_root() -> Iterator[Path]:
-    """A manifest root of the test's own, outside pytest's rotating tmp dirs, so that
-    whatever a failing test leaves is still named by a manifest and cleaned here."""
-    from testbed.netlab import clean_all
+    """A manifest root of the test's own (`testruns.own_runs_root`)."""
+    from testruns import own_runs_root
 
-    root = TEST_RUNS / uuid.uuid4().hex[:12]
-    root.mkdir(parents=True)
-    yield root
-    clean_all(root)
-    shutil.rmtree(root, ignore_errors=True)
-    with contextlib.suppress(OSError):  # the last test out removes the shared folder
-        TEST_RUNS.rmdir()
+    with own_runs_root() as root:
+        yield root

@@ -7,22 +7,19 @@ which resets the client's connection and says why in its log and connection reco
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from conftest import TEST_RUNS
 from podapps import EchoServer, connect, read_line
+from testruns import own_runs_root
 
 from testbed.cluster import Pod
 from testbed.cluster.cluster import Cluster
 from testbed.cluster.loader import load_topology
 from testbed.mesh.hbone.timers import ENV_PING_INTERVAL, ENV_PING_TIMEOUT, ENV_POOL_IDLE_TIMEOUT
-from testbed.netlab import clean_all
 from testbed.netlab.process import signal_group
 from testbed.redirect import create_mode
 from testbed.redirect.base import http_get
@@ -35,9 +32,8 @@ SLACK = 5.0  # a loaded 2-vCPU machine
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """One testbed for the module (its own manifest root, as `runs_root` makes one)."""
-    root = TEST_RUNS / uuid.uuid4().hex[:12]
-    root.mkdir(parents=True)
-    with pytest.MonkeyPatch.context() as env:  # inherited by the proxy processes
+    with own_runs_root() as root, pytest.MonkeyPatch.context() as env:
+        # the environment is inherited by the proxy processes
         env.setenv(ENV_PING_INTERVAL, f"{PING_INTERVAL:g}s")
         env.setenv(ENV_PING_TIMEOUT, f"{PING_TIMEOUT:g}s")
         env.setenv(ENV_POOL_IDLE_TIMEOUT, f"{IDLE:g}s")
@@ -49,8 +45,6 @@ def cluster() -> Iterator[Cluster]:
             yield built
         finally:
             built.stop()
-            clean_all(root)
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def hbone_ports(pod: Pod, server: Pod) -> set[int]:
