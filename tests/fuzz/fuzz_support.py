@@ -203,10 +203,13 @@ def h2_probe() -> bytes:
     return h2_frame(PING, 0, 0, PING_PROBE)
 
 
-BATCH = int(os.environ.get("FUZZ_BATCH", "8" if SAVE_SEEDS else "2"))
-"""Inputs a server target sends at once, each on its own connection: the servers are
-latency-bound, so concurrent connections make 100,000 inputs affordable (and a connection
-under attack next to others is the situation the properties are about)."""
+BATCH = int(os.environ.get("FUZZ_BATCH", "16" if SAVE_SEEDS else "2"))
+"""Inputs a server target takes per hypothesis example, each on its own connection, sent
+concurrently; the server-wide properties (alive, the canary connection flows, RSS) are
+checked once per batch. Profiled: hypothesis spends ~2-4 ms per example of its own (the
+choice tree, mutations), several times the exchange itself (0.5 ms HTTP/1.1, 1.6 ms HTTP/2
+on loopback); drawing 16 inputs in one example cuts that to ~0.6-1 ms per input. And a
+connection under attack next to others is the situation the properties are about."""
 
 _pool: Any = None
 
