@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup python-env test unit integration experiment bench report lint fuzz clean
+.PHONY: setup python-env test unit integration experiment bench report lint fuzz soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -41,6 +41,11 @@ lint: python-env
 fuzz: setup
 	$(PY) -m pip install -q -e '.[fuzz]' || echo "atheris did not install: hypothesis only"
 	$(PY) tests/fuzz/run.py $(TARGETS)
+
+# make soak [DURATION=10m] [MODE=inpod]: mixed traffic + policy changes; exit 1 on a leak
+DURATION ?= 10m
+soak: setup
+	$(TESTBED) soak --duration $(DURATION) $(if $(MODE),--mode $(MODE),)
 
 clean: setup
 	$(TESTBED) clean --all

@@ -81,9 +81,7 @@ def fit_slope(times: Sequence[float], values: Sequence[float]) -> float:
     return sum((t - mean_t) * (v - mean_v) for t, v in zip(times, values, strict=True)) / spread
 
 
-def second_half(
-    times: Sequence[float], values: Sequence[float]
-) -> tuple[list[float], list[float]]:
+def second_half(times: Sequence[float], values: Sequence[float]) -> tuple[list[float], list[float]]:
     """The samples taken in the second half of the series' own time span."""
     if not times:
         return [], []

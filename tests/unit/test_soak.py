@@ -1,4 +1,5 @@
-"""The soak's leak detector (testbed.soak.leak): flat series pass, growing ones fail."""
+"""The soak's pure parts: the leak detector (testbed.soak.leak: flat series pass, growing
+ones fail), the ss parsing of the sampler, the duration option and the summary."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import random
 import pytest
 
 from testbed.soak.leak import THRESHOLDS, Threshold, fit_slope, judge, judge_rows, second_half
+from testbed.soak.report import summarize
+from testbed.soak.run import SoakError, SoakOptions, parse_duration
+from testbed.soak.sample import hbone_connections_by_pid
 
 FDS = THRESHOLDS["fds"]
 TIMES = [5.0 * i for i in range(121)]  # 10 minutes, a sample every 5 s
@@ -77,3 +81,40 @@ def test_rows_are_grouped_per_proxy_and_metric_with_their_own_thresholds() -> No
     rows += [("a", "cpu_seconds", t, t) for t in TIMES]  # cumulative: not judged
     verdicts = {(v.proxy, v.metric): v.leaks for v in judge_rows(rows)}
     assert verdicts == {("a", "fds"): False, ("b", "fds"): True, ("a", "rss_bytes"): False}
+
+
+def test_ss_lines_count_established_hbone_connections_per_process() -> None:
+    output = (
+        '0 0 10.0.1.2:40312 10.0.2.3:15008 users:(("python",pid=4242,fd=17))\n'
+        '0 0 10.0.1.2:40318 10.0.2.3:15008 users:(("python",pid=4242,fd=18))\n'
+        '0 0 10.0.1.4:51000 10.0.2.5:15008 users:(("python",pid=77,fd=9),("python",pid=78,fd=9))\n'
+    )
+    assert hbone_connections_by_pid(output) == {4242: 2, 77: 1, 78: 1}
+    assert hbone_connections_by_pid("") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("600", 600.0), ("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0)]
+)
+def test_durations_read_as_a_user_writes_them(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten", "-5m", "0", "10d"])
+def test_a_bad_duration_is_one_error_naming_it(text: str) -> None:
+    with pytest.raises(SoakError, match=f"--duration {text!r}: expected a positive number"):
+        parse_duration(text)
+
+
+def test_the_summary_names_each_leak_and_a_churn_shortfall() -> None:
+    verdicts = [
+        judge("ztunnel-node1", "fds", TIMES, [40.0 + t / 10 for t in TIMES], FDS),
+        judge("waypoint", "fds", TIMES, [40.0] * len(TIMES), FDS),
+    ]
+    counts = {"connections_churned": 9000.0, "policy_changes": 20.0}
+    text = summarize(SoakOptions(duration=600), verdicts, counts, {"http": "timed out"})
+    assert "connections churned: 9000 (errors 0); FEWER than the 10000 asked for" in text
+    assert "policy changes: 20" in text
+    assert "http: 0 steps failed, the last: timed out" in text
+    assert "ok: waypoint fds" in text
+    assert text.endswith("leaks found: 1\nLEAK: ztunnel-node1 fds grows without bound")
