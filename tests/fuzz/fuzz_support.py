@@ -233,7 +233,10 @@ class ServerProcess:
         import sys
 
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(script), *args],
+            stdin=subprocess.PIPE,  # the server ends when this closes (see end_with_parent)
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline().split()[0])
@@ -248,3 +251,16 @@ class ServerProcess:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def end_with_parent() -> None:
+    """In a server under fuzzing: exit once stdin (a pipe from the fuzzer) closes, so a
+    fuzzer killed by a timeout or Ctrl-C leaves no server behind."""
+    import sys
+    import threading
+
+    def wait() -> None:
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=wait, name="end-with-parent", daemon=True).start()
