@@ -3,8 +3,9 @@
 Two ways to run (`tests/fuzz/conftest.py` picks the hypothesis profile):
 - CI (`pytest tests`): profile "ci", derandomized, a few hundred examples per target, plus
   a replay of every seed saved in tests/fuzz/corpus/<target>/.
-- `make fuzz`: profile "fuzz", FUZZ_EXAMPLES inputs per target (100,000), random; inputs
-  that show a new outcome (an exception type, a status, an error code) are saved as seeds.
+- `make fuzz`: profile "fuzz", FUZZ_EXAMPLES examples per target (run.py: 100,000 inputs
+  over the inputs per example, BATCH for a server), random; inputs that show a new outcome
+  (an exception type, a status, an error code) are saved as seeds.
 """
 
 from __future__ import annotations
