@@ -248,7 +248,7 @@ def benchmark(reps: int, seconds: int) -> None:
 
 def report(results: dict[str, list[Sample]]) -> None:
     def median(label: str, field: str) -> float:
-        return statistics.median(getattr(sample, field) for sample in results[label])
+        return float(statistics.median(getattr(sample, field) for sample in results[label]))
 
     direct_gbps, direct_rtt = median("direct", "gbps"), median("direct", "rtt_us")
     print(f"\nmedians over {len(results['direct'])} reps: iperf3 single stream, sockperf p50 RTT")

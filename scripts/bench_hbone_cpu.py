@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import socket
 import ssl
 import sys
@@ -213,7 +214,7 @@ def cipher_cost(suite: str, mib: int = 256) -> float:
     lib = tls._openssl()
     assert lib is not None
     for ctx in (s_ctx, c_ctx):
-        pointer = tls.ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
         lib.SSL_CTX_set_ciphersuites(pointer, suite.encode())
     bios = [ssl.MemoryBIO() for _ in range(4)]
     server = s_ctx.wrap_bio(bios[0], bios[1], server_side=True)
@@ -224,7 +225,8 @@ def cipher_cost(suite: str, mib: int = 256) -> float:
                 side.do_handshake()
         bios[0].write(bios[3].read())
         bios[2].write(bios[1].read())
-    assert client.cipher() is not None and client.cipher()[0] == suite, client.cipher()
+    cipher = client.cipher()
+    assert cipher is not None and cipher[0] == suite, cipher
     block = memoryview(b"y" * CHUNK)
     buffer = bytearray(CHUNK + 65536)
     cpu0 = time.process_time()
@@ -233,7 +235,9 @@ def cipher_cost(suite: str, mib: int = 256) -> float:
         bios[0].write(bios[3].read())
         got = 0
         while got < CHUNK:
-            got += server.read(len(buffer), buffer)  # type: ignore[arg-type]
+            read = server.read(len(buffer), buffer)
+            assert isinstance(read, int)
+            got += read
     return (time.process_time() - cpu0) / (mib / 1024)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from testbed.cluster.cluster import Cluster
 from testbed.cluster.loader import load_topology
 from testbed.measure.iperf import run_throughput
+from testbed.redirect.registry import create_mode
 
 GROUPS = {
     "TLS (SSLObject read/write, MemoryBIO)": ("SSLObject", "tls.py", "ssl.py"),
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
-    with Cluster(load_topology("two_nodes"), mode="inpod", name="hbone-prof") as cluster:
+    with Cluster(load_topology("two_nodes"), create_mode("inpod"), name="hbone-prof") as cluster:
         client, server = cluster.pair("cross-node")
         result: list[float] = []
         load = threading.Thread(

@@ -32,14 +32,15 @@ _RECORD_EXIT = '"$@"; rc=$?; echo "$rc" > "$0.tmp" && mv "$0.tmp" "$0"'
 
 def app_argv(pod: str, app: AppSpec) -> list[str]:
     """The server's command line (what the pod runs, before the exit-recording shell)."""
-    port = str(app.port)
+    port, extra = str(app.port), list(app.argv)
     if app.kind == "http-echo":
-        return [sys.executable, "-m", "testbed.workloads.http_echo", "--name", pod, "--port", port]
+        echo = [sys.executable, "-m", "testbed.workloads.http_echo"]
+        return [*echo, "--name", pod, "--port", port, *extra]
     if app.kind == "iperf3":
-        return ["iperf3", "-s", "-p", port]
+        return ["iperf3", "-s", "-p", port, *extra]
     if app.kind == "sockperf":
-        return ["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", port]
-    return list(app.argv)
+        return ["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", port, *extra]
+    return extra
 
 
 class RunningApp:

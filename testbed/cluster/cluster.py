@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import Unpack
 
@@ -46,22 +46,30 @@ INVENTORY = "inventory.json"
 PLACEMENTS = ("same-node", "cross-node")
 
 
-class Node:
-    def __init__(self, spec: NodeSpec, netns: Netns) -> None:
-        self.spec = spec
+SpecT = TypeVar("SpecT", NodeSpec, PodSpec)
+
+
+class _Built(Generic[SpecT]):
+    """What the cluster built for a declaration: the spec and the namespace made for it."""
+
+    def __init__(self, spec: SpecT, netns: Netns) -> None:
+        self.spec: SpecT = spec
         self.netns = netns
         self.name = spec.name
+
+
+class Node(_Built[NodeSpec]):
+    def __init__(self, spec: NodeSpec, netns: Netns) -> None:
+        super().__init__(spec, netns)
         self.underlay_ip = spec.underlay_ip
         self.pod_count = 0
 
 
-class Pod:
+class Pod(_Built[PodSpec]):
     """A pod: a namespace with one veth to its node. Runs commands inside itself."""
 
     def __init__(self, spec: PodSpec, netns: Netns) -> None:
-        self.spec = spec
-        self.netns = netns
-        self.name = spec.name
+        super().__init__(spec, netns)
         self.ip = spec.ip
         self.node = spec.node
         self.namespace = spec.namespace

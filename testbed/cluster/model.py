@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from testbed.cluster import waypoints
+from testbed.mesh.appprotocol import APP_PROTOCOLS, AppProtocol, normalize
 from testbed.netlab.errors import TestbedError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -60,8 +61,9 @@ APP_PORTS = {"http-echo": 8080, "iperf3": 5201, "sockperf": 11111}  # the tools'
 
 @dataclass(frozen=True)
 class AppSpec:
-    """The server a pod runs from the moment the testbed is up: a named app (APP_PORTS) or
-    a command (`argv`). `port` is where it listens (None: a command that listens nowhere)."""
+    """The server a pod runs from the moment the testbed is up: a named app (APP_PORTS, with
+    `argv` its extra arguments, e.g. `http-echo --fail-every 3`) or a command (`argv`).
+    `port` is where it listens (None: a command that listens nowhere)."""
 
     kind: str  # a key of APP_PORTS, or "command"
     port: int | None = None
@@ -72,7 +74,7 @@ class AppSpec:
         return self.kind if self.kind != "command" else "cmd"
 
     def describe(self) -> str:
-        what = self.kind if self.kind != "command" else shlex.join(self.argv)
+        what = shlex.join(self.argv if self.kind == "command" else (self.kind, *self.argv))
         return what if self.port is None else f"{what} :{self.port}"
 
 
@@ -97,6 +99,8 @@ class ServiceSpec:
     ports: dict[int, int]  # service port -> target port
     vip: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # service port -> its Kubernetes appProtocol (testbed.mesh.appprotocol); absent: sniffed
+    app_protocols: dict[int, AppProtocol] = field(default_factory=dict)
 
     @property
     def hostname(self) -> str:
@@ -190,8 +194,9 @@ class Topology:
         port: int | None = None,
     ) -> str:
         """A pod on `node`. `app` is a server started in it once the mode is installed:
-        "http-echo", "iperf3", "sockperf" (each on its usual port unless `port` says), or a
-        command (a list of words or a command line) listening on `port` if one is given."""
+        "http-echo", "iperf3", "sockperf" (each on its usual port unless `port` says; words
+        after the name are its own arguments: "http-echo --fail-every 3"), or a command (a
+        list of words or a command line) listening on `port` if one is given."""
         self._check_name("pod", name)
         self._check_name("namespace", namespace)
         if name in self.pods:
@@ -216,7 +221,11 @@ class Topology:
         ports: dict[int, int] | list[int],
         namespace: str = "default",
         labels: dict[str, str] | None = None,
+        app_protocols: dict[int, str] | None = None,
     ) -> str:
+        """A ClusterIP service. `app_protocols` declares a port's protocol as Kubernetes'
+        `appProtocol` does ({9080: "http"}: HTTP without sniffing; "tcp": L4 even if the
+        bytes look like HTTP); an undeclared port is sniffed."""
         self._check_name("service", name)
         if name in self.services:
             raise self.error(f"duplicate service name {name!r}")
@@ -226,9 +235,11 @@ class Topology:
         for port in (*port_map, *port_map.values()):
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise self.error(f"service {name!r}: port {port!r} is not in 1-65535")
+        declared = self._app_protocols(name, port_map, app_protocols or {})
         self.services[name] = ServiceSpec(
-            name, namespace, dict(selector), port_map, labels=dict(labels or {})
-        )
+            name, namespace, dict(selector), port_map, labels=dict(labels or {}),
+            app_protocols=declared,
+        )  # fmt: skip
         return name
 
     def add_policy(
@@ -319,9 +330,7 @@ class Topology:
             if port is not None:
                 raise self.error(f"pod {pod!r}: port={port} without an app (set app= too)")
             return None
-        if isinstance(app, str) and app in APP_PORTS:
-            return AppSpec(app, port if port is not None else APP_PORTS[app])
-        if isinstance(app, str) and " " not in app.strip():
+        if isinstance(app, str) and " " not in app.strip() and app not in APP_PORTS:
             raise self.error(
                 f"pod {pod!r}: app {app!r} is not one of {sorted(APP_PORTS)} nor a command line "
                 "(give a command as a list of words, or a line with its arguments)"
@@ -332,7 +341,26 @@ class Topology:
             raise self.error(f"pod {pod!r}: app {app!r} is not a command line: {exc}") from None
         if not argv or not all(isinstance(word, str) and word for word in argv):
             raise self.error(f"pod {pod!r}: app {app!r}: a command needs non-empty string words")
+        if argv[0] in APP_PORTS:  # a named app with arguments of its own
+            kind = argv[0]
+            return AppSpec(kind, port if port is not None else APP_PORTS[kind], tuple(argv[1:]))
         return AppSpec("command", port, tuple(argv))
+
+    def _app_protocols(
+        self, service: str, ports: dict[int, int], declared: dict[int, str]
+    ) -> dict[int, AppProtocol]:
+        if not isinstance(declared, dict):
+            raise self.error(f"service {service!r}: app_protocols {declared!r} is not a mapping")
+        found: dict[int, AppProtocol] = {}
+        for port, value in declared.items():
+            where = f"service {service!r}: app_protocols[{port!r}]"
+            if port not in ports:
+                raise self.error(f"{where}: not a port of the service (ports: {sorted(ports)})")
+            protocol = normalize(value)
+            if protocol is None:
+                raise self.error(f"{where}: {value!r} is not one of {', '.join(APP_PROTOCOLS)}")
+            found[port] = protocol
+        return found
 
     def _policy_rule(self, policy: str, index: int, rule: dict[str, Any]) -> PolicyRule:
         unknown = set(rule) - RULE_FIELDS

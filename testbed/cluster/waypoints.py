@@ -17,7 +17,7 @@ plane's (testbed.redirect.waypoint_config); the processes are the mode's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -126,12 +126,23 @@ def declare_waypoint(
     return topology.add_pod(name, node, namespace=namespace, service_account=name, labels=labels)
 
 
-def _service_key(topology: Topology, name: str, what: str) -> str:
-    service = topology.services.get(name)
-    if service is None:
-        known = ", ".join(topology.services) or "none declared yet"
-        raise topology.error(f"{what}: unknown service {name!r} (services: {known})")
-    return f"{service.namespace}/{service.hostname}"
+@dataclass(frozen=True)
+class _ServiceKeys:
+    """The service names of one declaration (`what`) as "<namespace>/<hostname>" keys; an
+    unknown name is the topology's error, naming the declaration."""
+
+    topology: Topology
+    what: str
+
+    def __call__(self, name: str) -> str:
+        service = self.topology.services.get(name)
+        if service is None:
+            known = ", ".join(self.topology.services) or "none declared yet"
+            raise self.topology.error(f"{self.what}: unknown service {name!r} (services: {known})")
+        return f"{service.namespace}/{service.hostname}"
+
+    def of(self, names: Iterable[str]) -> list[str]:
+        return [self(name) for name in names]
 
 
 def declare_route(
@@ -142,30 +153,33 @@ def declare_route(
     rules: Sequence[Mapping[str, Any]],
 ) -> str:
     """An HTTPRoute on `services` (names); backends name services too."""
-    what = f"route {name!r}"
-    parents = [_service_key(topology, s, what) for s in services]
-    keyed = []
-    for rule in rules:
-        backends = [
-            {**b, "service": _service_key(topology, str(b.get("service")), what)}
-            for b in rule.get("backends", [])
-        ]
-        keyed.append({**rule, "backends": backends} if backends else dict(rule))
-        if rule.get("filters"):  # a mirror names a service as backends do
-            keyed[-1]["filters"] = [_mirror_keyed(topology, f, what) for f in rule["filters"]]
+    key = _ServiceKeys(topology, f"route {name!r}")
+    parents = key.of(services)
+    keyed = [_rule_keyed(rule, key) for rule in rules]
     with _as_topology_error(topology):
         topology.l7.add_route(name, namespace, parents, keyed)
     return name
 
 
-def _mirror_keyed(topology: Topology, rule_filter: Any, what: str) -> Any:
+def _rule_keyed(rule: Mapping[str, Any], key: _ServiceKeys) -> dict[str, Any]:
+    """A route rule whose backends and mirrors name their services by key."""
+    keyed = dict(rule)
+    backends = [{**b, "service": key(str(b.get("service")))} for b in rule.get("backends", [])]
+    if backends:
+        keyed["backends"] = backends
+    if rule.get("filters"):  # a mirror names a service as backends do
+        keyed["filters"] = [_mirror_keyed(f, key) for f in rule["filters"]]
+    return keyed
+
+
+def _mirror_keyed(rule_filter: Any, key: _ServiceKeys) -> Any:
     mirror = rule_filter.get("requestMirror") if isinstance(rule_filter, dict) else None
     if not isinstance(mirror, dict):
         return rule_filter
     ref = mirror.get("backendRef")
     if not isinstance(ref, dict) or "service" not in ref:
         return rule_filter
-    keyed_ref = {**ref, "service": _service_key(topology, str(ref["service"]), what)}
+    keyed_ref = {**ref, "service": key(str(ref["service"]))}
     return {**rule_filter, "requestMirror": {**mirror, "backendRef": keyed_ref}}
 
 
@@ -177,8 +191,7 @@ def declare_l7_policy(
     services: Sequence[str],
     rules: Sequence[Mapping[str, Any]],
 ) -> str:
-    what = f"L7 policy {name!r}"
-    targets = [_service_key(topology, s, what) for s in services]
+    targets = _ServiceKeys(topology, f"L7 policy {name!r}").of(services)
     data = {"name": name, "namespace": namespace, "action": action.upper(),
             "targets": targets, "rules": list(rules)}  # fmt: skip
     with _as_topology_error(topology):

@@ -10,7 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from testbed.experiment.cases import PEER_PATHS
+from testbed.experiment.steadiness import HEADLINE_METRIC
+
 BASELINE_MODE = "none"
+STEADINESS_COLUMNS = ["steadiness", "steadiness_stop"]
 PARAMETER_COLUMNS = ["msg_size", "parallel", "connections", "qps", "payload"]
 CASE_KEY = ["mode", "placement", "workload", *PARAMETER_COLUMNS]
 GROUP_KEY = [*CASE_KEY, "metric", "unit"]
@@ -31,7 +35,11 @@ def label_paths(frame: pd.DataFrame) -> pd.DataFrame:
     """One series per mode and path for the sections that compare modes: a mode's hbone
     path (none's direct) keeps the mode's name, its other paths become "<mode> <path>"."""
     frame = with_paths(frame).copy()
-    default = (frame["path"] == "hbone") | (frame["mode"] == BASELINE_MODE)
+    default = (
+        (frame["path"] == "hbone")
+        | (frame["mode"] == BASELINE_MODE)
+        | frame["path"].isin(PEER_PATHS)  # a peer has one path, named as itself
+    )
     frame["mode"] = frame["mode"].where(default, frame["mode"] + " " + frame["path"])
     return frame
 
@@ -55,17 +63,49 @@ def summarize(values: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def add_ratio_to_baseline(summary: pd.DataFrame, baseline: str = BASELINE_MODE) -> pd.DataFrame:
-    """ratio, ratio_low, ratio_high: each statistic over the baseline mode's median of the
-    same case and metric in the same run (NaN where the baseline lacks it)."""
+def add_ratio_to_baseline(
+    summary: pd.DataFrame, baseline: str = BASELINE_MODE, name: str = "ratio"
+) -> pd.DataFrame:
+    """<name>, <name>_low, <name>_high: each statistic over the baseline mode's (or a
+    peer's) median of the same case and metric in the same run (NaN where it lacks it)."""
     key = [column for column in GROUP_KEY if column != "mode"]
     reference = summary[summary["mode"] == baseline][[*key, "median"]]
     reference = reference.rename(columns={"median": "baseline_median"})
     merged = summary.merge(reference, on=key, how="left")
     base = merged["baseline_median"].where(merged["baseline_median"] != 0)
-    for column, source in (("ratio", "median"), ("ratio_low", "low"), ("ratio_high", "high")):
+    for column, source in ((name, "median"), (f"{name}_low", "low"), (f"{name}_high", "high")):
         merged[column] = merged[source] / base
     return merged.drop(columns=["baseline_median"])
+
+
+def case_steadiness(frame: pd.DataFrame) -> pd.DataFrame:
+    """CASE_KEY + steadiness + steadiness_stop, one row per case (series of repetitions);
+    empty for a run from before the steadiness columns."""
+    if not set(STEADINESS_COLUMNS) <= set(frame.columns):
+        return pd.DataFrame(columns=[*CASE_KEY, *STEADINESS_COLUMNS])
+    rows = frame[frame["steadiness"].notna()]
+    return (
+        rows.groupby(CASE_KEY, dropna=False, observed=True)[STEADINESS_COLUMNS]
+        .first()
+        .reset_index()
+    )
+
+
+def with_steadiness(summary: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """The summary with its cases' steadiness columns (NA where unknown)."""
+    flags = case_steadiness(frame)
+    summary = summary.drop(columns=[c for c in STEADINESS_COLUMNS if c in summary.columns])
+    return summary.merge(flags, on=CASE_KEY, how="left")
+
+
+def is_flagged(flag: object) -> bool:
+    """A case whose repetitions were not steady (noisy or bimodal)."""
+    return isinstance(flag, str) and flag in ("noisy", "bimodal")  # NA: not recorded
+
+
+def headline_metrics() -> str:
+    """ "tcp_stream: throughput, tcp_rr: rtt_p50, ..." for notes."""
+    return ", ".join(f"{workload} {metric}" for workload, metric in HEADLINE_METRIC.items())
 
 
 def mode_order(frame: pd.DataFrame) -> list[str]:

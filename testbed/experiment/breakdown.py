@@ -108,7 +108,7 @@ def breakdown_table(frame: pd.DataFrame, figure: Figure) -> pd.DataFrame:
     key = [c for c in CASE_KEY if c != "mode"]
     direct = medians[(medians["mode"] == BASELINE_MODE) & (medians["path"] == "direct")]
     direct = direct[[*key, "median"]].rename(columns={"median": "direct_value"})
-    meshed = medians[medians["mode"] != BASELINE_MODE]
+    meshed = medians[(medians["mode"] != BASELINE_MODE) & medians["path"].isin(PATH_ORDER)]
     wide = meshed.pivot_table(
         index=["mode", *key], columns="path", values="median", dropna=False, observed=True
     ).reset_index()

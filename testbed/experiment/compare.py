@@ -7,7 +7,9 @@ the medians differ by at least MIN_RELATIVE_CHANGE. Non-overlap makes no assumpt
 the distribution of the noise, which on 2 shared vCPUs is neither normal nor stable. With
 n repetitions per run, non-overlap happens by chance with probability 2 / C(2n, n): 0.33
 for n=2, 0.1 for n=3, 0.029 for n=4, 0.008 for n=5, printed as p for each change, so more
-repetitions give more confidence.
+repetitions give more confidence. A case whose repetitions were not steady in either run
+(noisy or bimodal: testbed.experiment.steadiness) is marked: its change is less certain
+than p says, because p assumes each run's repetitions come from one distribution.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from testbed.experiment.analysis import GROUP_KEY, label_paths, per_repetition
+from testbed.experiment.analysis import (
+    CASE_KEY,
+    GROUP_KEY,
+    case_steadiness,
+    is_flagged,
+    label_paths,
+    per_repetition,
+)
 from testbed.experiment.report import variant_label
 from testbed.results import load
 
@@ -56,19 +65,37 @@ def ranges_separate(first: Sequence[float], second: Sequence[float]) -> bool:
 
 
 def _repetition_values(run: Path) -> pd.DataFrame:
+    """GROUP_KEY + value (the repetitions' values) + steadiness (NA for older runs)."""
     frame = label_paths(load(run))
     metrics = sorted(set(frame.loc[frame["unit"] != "count", "metric"].dropna()))
     values = per_repetition(frame, metrics)
     grouped = values.groupby(GROUP_KEY, dropna=False, observed=True)["value"]
-    return grouped.agg(list).reset_index()
+    flags = case_steadiness(frame)[[*CASE_KEY, "steadiness"]]
+    return grouped.agg(list).reset_index().merge(flags, on=CASE_KEY, how="left")
+
+
+def unsteady(values: pd.DataFrame) -> int:
+    """How many cases of a run were not steady."""
+    cases = values.drop_duplicates(CASE_KEY)
+    return int(cases["steadiness"].map(is_flagged).sum())
+
+
+def steadiness_mark(flag_a: object, flag_b: object) -> str:
+    """ "A bimodal", "B noisy", "A noisy, B bimodal" or "" for a changed row."""
+    marks = [f"{run} {flag}" for run, flag in (("A", flag_a), ("B", flag_b)) if is_flagged(flag)]
+    return ", ".join(marks)
 
 
 def changes(run_a: Path, run_b: Path) -> tuple[pd.DataFrame, int]:
-    """The changed (case, metric) rows with median_a, median_b, change, p; and how many
-    (case, metric) pairs were compared."""
+    """The changed (case, metric) rows with median_a, median_b, change, p, unsteady; and
+    how many (case, metric) pairs were compared."""
     merged = _repetition_values(run_a).merge(
         _repetition_values(run_b), on=GROUP_KEY, suffixes=("_a", "_b")
     )
+    merged["unsteady"] = [
+        steadiness_mark(a, b)
+        for a, b in zip(merged["steadiness_a"], merged["steadiness_b"], strict=True)
+    ]
     enough = merged["value_a"].map(len).ge(MIN_REPETITIONS) & merged["value_b"].map(len).ge(
         MIN_REPETITIONS
     )
@@ -98,6 +125,7 @@ def _format_rows(changed: pd.DataFrame) -> list[str]:
         "median B",
         "change",
         "p",
+        "not steady",
     )
     rows = [header]
     for _, row in changed.iterrows():
@@ -113,6 +141,7 @@ def _format_rows(changed: pd.DataFrame) -> list[str]:
                 f"{row['median_b']:.4g} {row['unit']}",
                 f"{row['change']:+.1%}",
                 p,
+                row["unsteady"],
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
@@ -125,14 +154,22 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     """A text summary of the changes from run_a to run_b beyond run-to-run noise."""
     changed, compared = changes(Path(run_a), Path(run_b))
     lines = [
-        f"A: {Path(run_a).name}",
-        f"B: {Path(run_b).name}",
+        f"A: {Path(run_a).name} ({_unsteady_line(Path(run_a))})",
+        f"B: {Path(run_b).name} ({_unsteady_line(Path(run_b))})",
         f"Compared {compared} (case, metric) pairs with >= {MIN_REPETITIONS} repetitions in each "
         "run. A change is listed when the repetitions' ranges do not overlap and the medians "
         f"differ by >= {MIN_RELATIVE_CHANGE:.0%}; p is the exact two-sided Mann-Whitney "
-        "p-value (the chance of such a separation with no real change).",
+        "p-value (the chance of such a separation with no real change). 'not steady' names "
+        "the run where that case's repetitions were noisy or bimodal: trust its p less.",
         "",
     ]
     if changed.empty:
         return "\n".join([*lines, "No change beyond run-to-run noise."])
     return "\n".join([*lines, *_format_rows(changed)])
+
+
+def _unsteady_line(run: Path) -> str:
+    values = _repetition_values(run)
+    if values["steadiness"].isna().all():
+        return "steadiness not recorded"
+    return f"{unsteady(values)} of {len(values.drop_duplicates(CASE_KEY))} cases not steady"

@@ -78,6 +78,12 @@ class RunProgress:
         self._text = text
         self._progress.update(self._task, description=text)
 
+    def extend(self, seconds: float, *, cases: int) -> None:
+        """More work than planned: an extra repetition (repetitions: auto)."""
+        self._cases += cases
+        self._total += seconds
+        self._progress.update(self._task, total=self._total, cases=self._cases)
+
     def advance(self, seconds: float, *, cases: int, status: str = "") -> None:
         self._done += cases
         self._estimated_done += seconds

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
 from testbed.experiment import breakdown
 from testbed.experiment.analysis import (
     BASELINE_MODE,
+    CASE_KEY,
     PARAMETER_COLUMNS,
     add_ratio_to_baseline,
+    headline_metrics,
+    is_flagged,
     label_paths,
     mode_order,
     per_repetition,
     proxy_cpu_per_1000_rps,
     summarize,
+    with_steadiness,
 )
+from testbed.experiment.peers import NATIVE
 from testbed.experiment.plots import (
     Panel,
     Scale,
@@ -51,6 +57,54 @@ VCPU = Scale(0.01, "vCPU, all proxies")
 MEGABYTES = Scale(1e-6, "MB RSS, all proxies")
 
 
+@dataclass(frozen=True)
+class FigureTexts:
+    """A figure's title, file name and alt text, and the heading of its section if it has
+    one; for a kind of figure that stands for several, templates of `name` and `title`."""
+
+    title: str
+    file: str
+    alt: str
+    heading: str = ""
+
+    def of(self, **names: str) -> FigureTexts:
+        return FigureTexts(**{key: text.format(**names) for key, text in asdict(self).items()})
+
+
+THROUGHPUT_BARS = FigureTexts(
+    "TCP throughput (iperf3, receiver side)",
+    "throughput.png",
+    "throughput per mode",
+    heading="## Throughput (tcp_stream)",
+)
+LATENCY_BARS = FigureTexts(
+    "{title}: latency percentiles",
+    "latency_{name}.png",
+    "{name}",
+    heading="## Latency percentiles ({name})",
+)
+PROXY_BARS = FigureTexts(
+    "Proxy {name} during the measured part of each case",
+    "proxy_{name}.png",
+    "proxy {name} per mode",
+    heading="### Proxy {name}",
+)
+WATERFALL = FigureTexts(
+    "Where the time goes: {title}", "breakdown_{name}.png", "breakdown of {title}"
+)
+CAPTURE_ALONE_INTERVALS = FigureTexts(
+    "Capture alone (capture - direct): {title}, 95 % bootstrap interval",
+    "capture_alone_{name}.png",
+    "modes compared on capture alone, {title}",
+)
+
+
+class UnitFigure(Protocol):
+    """A figure of a table of values in one unit (plots.waterfall_figure, interval_figure)."""
+
+    def __call__(self, data: pd.DataFrame, /, *, unit: str, title: str, path: Path) -> Path: ...
+
+
 def variant_label(row: pd.Series) -> str:
     """The swept parameters of a summary row, e.g. "connections=16 qps=1000"."""
     parts = [f"{c}={row[c]}" for c in PARAMETER_COLUMNS if c != "payload" and pd.notna(row[c])]
@@ -71,12 +125,30 @@ def _number(value: Any, factor: float = 1.0) -> str:
     return "" if pd.isna(value) else f"{float(value) * factor:.4g}"
 
 
+# The mark of a case whose repetitions were not steady, in the tables' n column.
+UNSTEADY_MARK = "⚠"
+STOP_MEANING = {
+    "steady": "its spread came within bounds",
+    "max": "it reached the maximum repetitions",
+    "budget": "the budget for extra repetitions ran out",
+    "fixed": "the spec's fixed count",
+    "failed": "a repetition failed",
+    "interrupted": "the run was interrupted",
+}
+
+
 def markdown_table(summary: pd.DataFrame, scale: Scale) -> str:
+    """The summary as a table (a ratio to the native peer where the run has one), a mark
+    on each case that was not steady, and a note naming them under the table."""
+    native = "ratio_native" in summary.columns and bool(summary["ratio_native"].notna().any())
     header = f"| mode | placement | workload | case | metric | median ({scale.unit}) "
-    header += f"| min-max | n | ratio to {BASELINE_MODE} |\n" + "|---" * 9 + "|\n"
+    header += f"| min-max | n | ratio to {BASELINE_MODE} |"
+    header += f" ratio to {NATIVE} |" if native else ""
+    header += "\n" + "|---" * (10 if native else 9) + "|\n"
     lines = []
     for _, row in summary.iterrows():
         spread = f"{_number(row['low'], scale.factor)}-{_number(row['high'], scale.factor)}"
+        flag = row.get("steadiness")
         cells = [
             row["mode"],
             row["placement"],
@@ -85,15 +157,38 @@ def markdown_table(summary: pd.DataFrame, scale: Scale) -> str:
             row["metric"],
             _number(row["median"], scale.factor),
             spread,
-            str(row["n"]),
+            f"{row['n']} {UNSTEADY_MARK} {flag}" if is_flagged(flag) else str(row["n"]),
             _number(row["ratio"]),
+            *([_number(row["ratio_native"])] if native else []),
         ]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
-    return header + "\n".join(lines) + "\n"
+    return header + "\n".join(lines) + "\n" + steadiness_note(summary)
+
+
+def steadiness_note(summary: pd.DataFrame) -> str:
+    """Under a table: which of its cases were not steady and what ended their repetitions."""
+    if "steadiness" not in summary.columns:
+        return ""
+    flagged = summary[summary["steadiness"].map(is_flagged)].drop_duplicates(CASE_KEY)
+    if flagged.empty:
+        return ""
+    cases = "; ".join(
+        f"{row['mode']} {row['placement']} {row['workload']} {variant_label(row)}: "
+        f"{row['steadiness']}, ended as {STOP_MEANING.get(str(row['steadiness_stop']), '?')}"
+        for _, row in flagged.iterrows()
+    )
+    return (
+        f"\n{UNSTEADY_MARK} not steady over its repetitions (judged on {headline_metrics()}; "
+        "noisy: coefficient of variation above the run's threshold; bimodal: the "
+        f"repetitions form two groups): {cases}.\n"
+    )
 
 
 def _summary(frame: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
-    return _order(add_ratio_to_baseline(summarize(per_repetition(frame, metrics))), modes)
+    summary = add_ratio_to_baseline(summarize(per_repetition(frame, metrics)))
+    if NATIVE in modes:
+        summary = add_ratio_to_baseline(summary, NATIVE, name="ratio_native")
+    return _order(with_steadiness(summary, frame), modes)
 
 
 def _order(summary: pd.DataFrame, modes: list[str]) -> pd.DataFrame:
@@ -116,39 +211,35 @@ def _image(run_dir: Path, path: Path, alt: str) -> str:
     return f"![{alt}]({path.relative_to(run_dir)})\n"
 
 
+def _unit_figure(
+    draw: UnitFigure, data: pd.DataFrame, unit: str, texts: FigureTexts, run_dir: Path
+) -> str:
+    """Draw a figure of values in `unit` into the run's figures folder; its image line."""
+    path = draw(data, unit=unit, title=texts.title, path=run_dir / FIGURES_DIR / texts.file)
+    return _image(run_dir, path, texts.alt)
+
+
 def _throughput(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
     summary = _summary(frame[frame["workload"] == "tcp_stream"], ["throughput"], modes)
     if summary.empty:
         return ""
-    return _bar_section(
-        summary,
-        modes,
-        variant_label,
-        heading="## Throughput (tcp_stream)",
-        title="TCP throughput (iperf3, receiver side)",
-        scale=GBITS,
-        run_dir=run_dir,
-        figure="throughput.png",
-        alt="throughput per mode",
-    )
+    return _bar_section(summary, modes, variant_label, THROUGHPUT_BARS, GBITS, run_dir)
 
 
 def _bar_section(
     summary: pd.DataFrame,
     modes: list[str],
     group_of: Callable[[pd.Series], str],
-    *,
-    heading: str,
-    title: str,
+    texts: FigureTexts,
     scale: Scale,
     run_dir: Path,
-    figure: str,
-    alt: str,
 ) -> str:
     """A heading, a bar figure (a panel per placement) and the table it shows."""
-    path = run_dir / FIGURES_DIR / figure
-    bar_figure(_panels(summary, "placement"), modes, group_of, title=title, scale=scale, path=path)
-    return f"{heading}\n\n" + _image(run_dir, path, alt) + "\n" + markdown_table(summary, scale)
+    path = run_dir / FIGURES_DIR / texts.file
+    panels = _panels(summary, "placement")
+    bar_figure(panels, modes, group_of, title=texts.title, scale=scale, path=path)
+    image = _image(run_dir, path, texts.alt)
+    return f"{texts.heading}\n\n" + image + "\n" + markdown_table(summary, scale)
 
 
 def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
@@ -164,18 +255,8 @@ def _latency(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
             name = str(row["metric"]).removeprefix(f"{prefix}_")
             return f"{name} {variant_label(row)}" if several else name
 
-        text += _bar_section(
-            summary,
-            modes,
-            group,
-            heading=f"## Latency percentiles ({workload})",
-            title=f"{LATENCY_TITLE[workload]}: latency percentiles",
-            scale=MICROSECONDS,
-            run_dir=run_dir,
-            figure=f"latency_{workload}.png",
-            alt=workload,
-        )
-        text += "\n"
+        texts = LATENCY_BARS.of(name=workload, title=LATENCY_TITLE[workload])
+        text += _bar_section(summary, modes, group, texts, MICROSECONDS, run_dir) + "\n"
     return text
 
 
@@ -213,18 +294,8 @@ def _resources(frame: pd.DataFrame, modes: list[str], run_dir: Path) -> str:
         summary = _summary(frame, [metric], modes)
         if summary.empty:
             continue
-        text += _bar_section(
-            summary,
-            modes,
-            short_case_label,
-            heading=f"### Proxy {name}",
-            title=f"Proxy {name} during the measured part of each case",
-            scale=scale,
-            run_dir=run_dir,
-            figure=f"proxy_{name}.png",
-            alt=f"proxy {name} per mode",
-        )
-        text += "\n"
+        texts = PROXY_BARS.of(name=name)
+        text += _bar_section(summary, modes, short_case_label, texts, scale, run_dir) + "\n"
     text += _cpu_per_rate(frame, modes)
     if not text:
         return ""
@@ -239,7 +310,10 @@ def _cpu_per_rate(frame: pd.DataFrame, modes: list[str]) -> str:
     values = proxy_cpu_per_1000_rps(frame)
     if values.empty:
         return ""
-    summary = _order(add_ratio_to_baseline(summarize(values)), modes)
+    summary = add_ratio_to_baseline(summarize(values))
+    if NATIVE in modes:
+        summary = add_ratio_to_baseline(summary, NATIVE, name="ratio_native")
+    summary = _order(with_steadiness(summary, frame), modes)
     title = "### Proxy vCPU per 1000 requests/s (http_fixed_qps)\n\n"
     return title + markdown_table(summary, Scale(1.0, "vCPU")) + "\n"
 
@@ -265,10 +339,57 @@ def _header(metadata: dict[str, Any], frame: pd.DataFrame) -> str:
         "Bars and points are medians over repetitions; whiskers span the lowest to the highest "
         f"repetition. Where the run has modes besides `{BASELINE_MODE}`, each figure's lower row "
         f"divides by `{BASELINE_MODE}`'s median of the same case in this run "
-        "(1.0 = no difference).",
+        "(1.0 = no difference). Where the run has the native peer (`native`: HAProxy as an "
+        "mTLS tunnel node to node, on mode none's cluster), the tables also divide by its "
+        f"median. {UNSTEADY_MARK} marks a case whose repetitions were not steady "
+        f"(see {STEADINESS_ANCHOR}).",
         "",
     ]
     return "\n".join(lines) + "\n"
+
+
+STEADINESS_HEADING = "## Steadiness of the repetitions"
+STEADINESS_ANCHOR = f'"{STEADINESS_HEADING.removeprefix("## ")}"'
+
+
+def steadiness_section(metadata: dict[str, Any]) -> str:
+    """The rule the run judged its cases by, how many were steady, and every case that was
+    not, from metadata.json (absent in runs from before it)."""
+    found = metadata.get("steadiness")
+    if not found:
+        return ""
+    series = found.get("series", {})
+    counts: dict[str, int] = {}
+    for item in series.values():
+        counts[item["flag"]] = counts.get(item["flag"], 0) + 1
+    auto = found.get("auto")
+    rule = (
+        f"repetitions: auto, {auto['min']}-{auto['max']} per case while the CV is above "
+        f"{auto['cv']:.0%}, within a budget of {auto['budget']:g} s for extra repetitions "
+        f"({found.get('extra_seconds', 0):g} s used)"
+        if auto
+        else f"a fixed count of repetitions; CV threshold {found.get('max_cv', 0):.0%}"
+    )
+    text = (
+        f"{STEADINESS_HEADING}\n\n"
+        f"Each case is judged on its workload's headline figure ({headline_metrics()}): "
+        "noisy when the coefficient of variation over its repetitions is above the threshold, "
+        "bimodal when they form two groups (the largest gap leaving two values each side, "
+        "against the rest of the range; tested from 4 repetitions, at a 1 % false-alarm rate "
+        f"for Gaussian noise). Rule: {rule}. Cases: "
+        + ", ".join(f"{count} {flag}" for flag, count in sorted(counts.items()))
+        + ".\n"
+    )
+    flagged = {sid: item for sid, item in series.items() if is_flagged(item["flag"])}
+    if not flagged:
+        return text + "\nEvery case with two or more repetitions was steady.\n"
+    lines = ["", "| case | flag | n | CV | gap ratio | ended as |", "|---|---|---|---|---|---|"]
+    for sid, item in sorted(flagged.items()):
+        cv = "" if item["cv"] is None else f"{item['cv']:.1%}"
+        gap = "" if item["gap_ratio"] is None else f"{item['gap_ratio']:.3g}"
+        stop = STOP_MEANING.get(str(item["stop"]), str(item["stop"]))
+        lines.append(f"| {sid} | {item['flag']} | {item['n']} | {cv} | {gap} | {stop} |")
+    return text + "\n".join(lines) + "\n"
 
 
 def _failures(frame: pd.DataFrame) -> str:
@@ -319,18 +440,13 @@ def _where_the_time_goes(frame: pd.DataFrame, modes: list[str], run_dir: Path) -
         figure, table = breakdown.FIGURE_BY_NAME[name], tables[name]
         if table.empty:
             continue
-        path = waterfall_figure(
-            table,
-            unit=figure.unit,
-            title=f"Where the time goes: {figure.title}",
-            path=run_dir / FIGURES_DIR / f"breakdown_{name}.png",
-        )
-        text += _image(run_dir, path, f"breakdown of {figure.title}") + "\n"
+        texts = WATERFALL.of(name=name, title=figure.title)
+        text += _unit_figure(waterfall_figure, table, figure.unit, texts, run_dir) + "\n"
         text += breakdown_markdown(table, figure) + "\n"
     for name in TABLE_ONLY:
         if not tables[name].empty:
             text += breakdown_markdown(tables[name], breakdown.FIGURE_BY_NAME[name]) + "\n"
-    meshed = [mode for mode in modes if mode != BASELINE_MODE]
+    meshed = [mode for mode in modes if mode not in (BASELINE_MODE, NATIVE)]
     for mode in meshed:
         said = [
             breakdown.dominant_sentence(mode, tables[name], breakdown.FIGURE_BY_NAME[name])
@@ -348,13 +464,8 @@ def _capture_alone(frame: pd.DataFrame, run_dir: Path) -> str:
         costs = breakdown.capture_costs(frame, figure)
         if costs.empty:
             continue
-        path = interval_figure(
-            costs,
-            unit=figure.unit,
-            title=f"Capture alone (capture - direct): {figure.title}, 95 % bootstrap interval",
-            path=run_dir / FIGURES_DIR / f"capture_alone_{name}.png",
-        )
-        text += _image(run_dir, path, f"modes compared on capture alone, {figure.title}")
+        texts = CAPTURE_ALONE_INTERVALS.of(name=name, title=figure.title)
+        text += _unit_figure(interval_figure, costs, figure.unit, texts, run_dir)
         for placement, part in costs.groupby("placement", sort=False):
             ranked = part.sort_values("cost")
             best = ranked.iloc[0]
@@ -391,7 +502,7 @@ def write_report(run_dir: Path) -> Path:
     series = label_paths(frame)  # the per-mode sections: one series per mode and path
     modes = mode_order(series)
     metadata = RunStore(run_dir).read_metadata()
-    parts = [_header(metadata, frame)]
+    parts = [_header(metadata, frame), steadiness_section(metadata)]
     parts.append(_where_the_time_goes(frame, mode_order(frame), run_dir))
     parts.append(published_section(frame))
     parts += [section(series, modes, run_dir) for section in SECTIONS]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from testbed.experiment.environment import describe_environment
+from testbed.experiment.peers import PEER_FACTS, PEER_TOOLS
 from testbed.experiment.pinning import describe_pinning
 from testbed.experiment.runner import Runner, RunOutcome, utc_now
 from testbed.experiment.spec import ExperimentSpec, SpecError, load_spec
@@ -37,6 +39,16 @@ def _check_topology(spec_path: Path, spec: ExperimentSpec) -> None:
         raise SpecError(f"{spec_path}: topology: {exc}") from exc
 
 
+def _check_peers(spec_path: Path, spec: ExperimentSpec) -> None:
+    for peer in spec.peers:
+        tool = PEER_TOOLS[peer]
+        if shutil.which(tool) is None:
+            raise SpecError(
+                f"{spec_path}: peers: {peer} needs {tool}, not found on PATH "
+                f"(Debian: apt-get install {tool})"
+            )
+
+
 def _fallbacks(mode_facts: dict[str, dict[str, str]]) -> list[str]:
     """Facts that differ from the mode's nominal setup, e.g. tunnel=vxlan (no geneve)."""
     return sorted(
@@ -56,6 +68,7 @@ def build_metadata(
         "environment": describe_environment(),
         "pinning": describe_pinning(spec.pinning),
         "modes": {m.label: {"mode": m.mode, "options": m.options} for m in spec.modes},
+        "peers": {peer: {"on": "none", "what": PEER_FACTS[peer]} for peer in spec.peers},
         "spec": spec.model_dump(mode="json"),
     }
 
@@ -97,8 +110,9 @@ def execute(spec_path: Path, spec: ExperimentSpec, store: RunStore, runner: Runn
         outcome = runner.run()
         status = "interrupted" if outcome.interrupted else "complete"
     finally:
-        store.finalize()
-        store.write_metadata(finish_metadata(metadata, runner.outcome, status))
+        store.finalize(runner.steadiness_columns())
+        finished = finish_metadata(metadata, runner.outcome, status)
+        store.write_metadata({**finished, "steadiness": runner.steadiness_metadata()})
     return outcome
 
 
@@ -114,6 +128,7 @@ def run_experiment(
     anything is built) and ExperimentInterrupted after storing a Ctrl-C'd run."""
     spec = load_spec(spec_path, available_modes=available_modes)
     _check_topology(spec_path, spec)
+    _check_peers(spec_path, spec)
     store = RunStore.create(results_dir, spec.name)
     outcome = execute(spec_path, spec, store, Runner(spec, store, show_progress=show_progress))
     if report:

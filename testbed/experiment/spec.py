@@ -8,23 +8,28 @@ the person reading them is editing a YAML file, not Python.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from testbed.cluster.mode import ModeError
+from testbed.experiment.steadiness import DEFAULT_MAX_CV, AutoRule
 from testbed.netlab.document import DocumentError, load_document
 from testbed.netlab.errors import TestbedError
 from testbed.redirect import registry
@@ -44,6 +49,13 @@ L7_MODES = tuple(name for name, mode in registry.MODES.items() if mode.runs_wayp
 MAX_MSG_SIZE = 65536
 Placement = Literal["same-node", "cross-node"]
 Pinning = Literal["none", "split"]
+# Peers measured beside the modes, on a `none` cluster: `native` is HAProxy as an mTLS TCP
+# tunnel with the mesh's certificates on the pod -> node -> node -> pod path
+# (testbed.bench.native). Not a redirection mode: nothing is captured.
+Peer = Literal["native"]
+MAX_REPETITIONS = 30
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 class SpecError(TestbedError):
@@ -94,6 +106,57 @@ class ModeSpec(_Strict):
         return self
 
 
+def _seconds(value: object) -> object:
+    """ "90s", "5m", "1h" or a number of seconds; anything else is left for pydantic to
+    reject as "not a number"."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError("expected seconds or a duration like 90s, 5m, 1h")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return value
+
+
+class AutoRepetitions(_Strict):
+    """`repetitions: {auto: {min, max, cv, budget}}` (or `repetitions: auto` for these
+    defaults): every case runs `min` times; a case that is then not steady (CV above `cv`,
+    or bimodal: testbed.experiment.steadiness) gets one more repetition per round, up to
+    `max`, while the run's `budget` (seconds, or "90s", "5m") for extra repetitions lasts."""
+
+    min: int = Field(default=3, ge=2, le=MAX_REPETITIONS)
+    max: int = Field(default=10, ge=2, le=MAX_REPETITIONS)
+    cv: float = Field(default=DEFAULT_MAX_CV, gt=0, lt=1)
+    budget: Annotated[float, BeforeValidator(_seconds), Field(gt=0)] = 300.0
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AutoRepetitions:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+    def rule(self) -> AutoRule:
+        return AutoRule(self.min, self.max, self.cv, self.budget)
+
+
+def _unwrap_auto(value: object) -> object:
+    if value == "auto":
+        return {}
+    if isinstance(value, dict) and set(value) == {"auto"}:
+        return value["auto"] if value["auto"] is not None else {}
+    raise ValueError("expected a whole number, 'auto' or {auto: {min, max, cv, budget}}")
+
+
+def _repetitions_kind(value: object) -> str:
+    return "auto" if value == "auto" or isinstance(value, dict | AutoRepetitions) else "count"
+
+
+Repetitions = Annotated[
+    Annotated[PositiveInt, Tag("count")]
+    | Annotated[AutoRepetitions, BeforeValidator(_unwrap_auto), Tag("auto")],
+    Discriminator(_repetitions_kind),
+]
+
+
 class Sweeps(_Strict):
     """Parameter axes; each workload sweeps the ones that apply to it (see case_parameters)."""
 
@@ -126,7 +189,8 @@ class ExperimentSpec(_Strict):
     placements: list[Placement] = Field(min_length=1)
     paths: list[DataPath] = Field(default_factory=lambda: list(DEFAULT_PATHS), min_length=1)
     pinning: Pinning = "none"
-    repetitions: PositiveInt = 3
+    repetitions: Repetitions = 3
+    peers: list[Peer] = Field(default_factory=list)
     # Whole seconds: iperf3 and sockperf take nothing finer.
     warmup: NonNegativeInt = 1
     duration: PositiveInt = 5
@@ -159,6 +223,18 @@ class ExperimentSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _peers_beside_none(self) -> ExperimentSpec:
+        if self.peers and not any(mode.mode == "none" for mode in self.modes):
+            raise ValueError(
+                "peers: a peer runs on mode none's cluster, beside it; add none to modes"
+            )
+        if len(set(self.peers)) != len(self.peers):
+            raise ValueError(f"peers: each peer once (got {self.peers})")
+        if set(self.peers) & {mode.label for mode in self.modes}:
+            raise ValueError("peers: a mode's label may not be a peer's name")
+        return self
+
+    @model_validator(mode="after")
     def _paths_apply(self) -> ExperimentSpec:
         for index, mode in enumerate(self.modes):
             paths = mode.paths if mode.paths is not None else self.paths
@@ -175,6 +251,18 @@ class ExperimentSpec(_Strict):
                 )
         return self
 
+    @property
+    def first_repetitions(self) -> int:
+        """The repetitions every case runs (auto: its minimum)."""
+        reps = self.repetitions
+        return reps if isinstance(reps, int) else reps.min
+
+    @property
+    def auto(self) -> AutoRule | None:
+        """The rule for extra repetitions, or None for a fixed count."""
+        reps = self.repetitions
+        return None if isinstance(reps, int) else reps.rule()
+
     def mode_paths(self, mode: ModeSpec) -> list[str]:
         """The paths a mode runs: `direct` for none (always: it is the baseline), the
         others for a meshed mode, in DATA_PATHS order."""
@@ -185,6 +273,8 @@ class ExperimentSpec(_Strict):
 
 
 def _format_location(location: Sequence[int | str]) -> str:
+    if tuple(location[:2]) == ("repetitions", "count"):  # the tag of a plain count
+        location = ["repetitions", *location[2:]]
     text = ""
     for part in location:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))

@@ -70,9 +70,14 @@ class RunStore:
     def save_spec(self, spec_path: Path) -> None:
         (self.path / SPEC_COPY_NAME).write_text(spec_path.read_text())
 
-    def finalize(self) -> int:
-        """Write results.parquet and results.csv from the rows so far; returns the row count."""
-        frame = frame_from_rows(self.read_rows())
+    def finalize(self, columns: Mapping[str, Mapping[str, str]] | None = None) -> int:
+        """Write results.parquet and results.csv from the rows so far; returns the row count.
+
+        `columns`: case_id -> columns known only once a case's series has ended (its
+        steadiness), added to each row of that case."""
+        found = columns or {}
+        rows = [{**row, **found.get(str(row.get("case_id")), {})} for row in self.read_rows()]
+        frame = frame_from_rows(rows)
         frame.to_parquet(self.path / PARQUET_NAME, index=False)
         frame.to_csv(self.path / CSV_NAME, index=False)
         return len(frame)

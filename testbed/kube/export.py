@@ -14,10 +14,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import yaml
 from kubernetes import client as k8s
+from typing_extensions import Unpack
 
 from testbed.cluster.model import ROOT_NAMESPACE, PodSpec, ServiceSpec, Topology, service_endpoints
 from testbed.kube import istio
@@ -48,8 +49,9 @@ class ExportError(TestbedError, ValueError):
 
 @dataclass
 class Manifests:
-    """Files of an export: name -> documents, plus the README's notes."""
+    """Files of an export in `mode`: name -> documents, plus the README's notes."""
 
+    mode: ExportMode
     files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -181,6 +183,8 @@ def containers(pod: PodSpec, ports: list[int], image: str) -> tuple[list[Any], l
         name, command = APPS[port]
         if name == "http-echo":
             command = [*command, "--name", pod.name]
+        if pod.app is not None and (pod.app.kind, pod.app.port) == (name, port):
+            command = [*command, *pod.app.argv]  # the declared app's own arguments
         made.append(
             k8s.V1Container(
                 name=name,
@@ -223,13 +227,17 @@ def deployment(
 
 
 def service(svc: ServiceSpec) -> Any:
+    def app_protocol(port: int, target: int) -> str | None:
+        # the declared appProtocol; undeclared: http for the HTTP echo app's port
+        return svc.app_protocols.get(port) or ("http" if target in HTTP_PORTS else None)
+
     ports = [
         k8s.V1ServicePort(
-            name=f"{'http' if target in HTTP_PORTS else 'tcp'}-{port}",
+            name=f"{app_protocol(port, target) or 'tcp'}-{port}",
             port=port,
             target_port=target,
             protocol="TCP",
-            app_protocol="http" if target in HTTP_PORTS else None,
+            app_protocol=app_protocol(port, target),
         )
         for port, target in sorted(svc.ports.items())
     ]
@@ -255,7 +263,7 @@ def build_manifests(
 ) -> Manifests:
     """The manifests of a planned topology."""
     nodes = dict(node_map or {})
-    out = Manifests()
+    out = Manifests(mode)
     apps = [p for p in topology.pods.values() if not _is_waypoint(topology, p)]
     out.add("namespaces.yaml", [validated_core(n) for n in namespaces(topology, mode)])
     out.add("serviceaccounts.yaml", [validated_core(s) for s in service_accounts(apps)])
@@ -313,18 +321,23 @@ def _unmapped_nodes(topology: Topology, node_map: Mapping[str, str]) -> list[str
     ]
 
 
-def make_out_dir(out: Path) -> None:
+def write_folder(out: Path, texts: Mapping[str, str]) -> list[Path]:
+    """Write each named text into the folder `out` (made when missing); returns the files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot be made a folder: {exc.strerror}") from None
+    for name, text in texts.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in texts]
 
 
-def _dump_documents(documents: Sequence[dict[str, Any]]) -> str:
+def dump_documents(documents: Sequence[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(documents, sort_keys=False, explicit_start=True)
 
 
-def readme_text(topology: Topology, mode: ExportMode, manifests: Manifests) -> str:
+def readme_text(topology: Topology, manifests: Manifests) -> str:
+    mode = manifests.mode
     dataplane = "ambient (istio-cni, ztunnel)" if mode == "ambient" else "sidecar injection"
     lines = [
         f"# Topology {topology.name} for Kubernetes with Istio ({mode})",
@@ -348,26 +361,23 @@ def readme_text(topology: Topology, mode: ExportMode, manifests: Manifests) -> s
     return "\n".join(lines)
 
 
-def write_export(
-    topology: Topology,
-    out: Path,
-    *,
-    mode: ExportMode = "ambient",
-    node_map: Mapping[str, str] | None = None,
-    image: str = DEFAULT_IMAGE,
-) -> list[Path]:
+class ExportOptions(TypedDict, total=False):
+    """The keyword options of `write_export`; build_manifests gives the defaults."""
+
+    mode: ExportMode
+    node_map: Mapping[str, str] | None
+    image: str
+
+
+def write_export(topology: Topology, out: Path, **options: Unpack[ExportOptions]) -> list[Path]:
     """Write the manifests, kustomization.yaml and README.md into `out`; returns the files."""
-    manifests = build_manifests(topology, mode=mode, node_map=node_map, image=image)
-    make_out_dir(out)
-    written = []
-    for name, documents in manifests.files.items():
-        (out / name).write_text(_dump_documents(documents), encoding="utf-8")
-        written.append(out / name)
+    manifests = build_manifests(topology, **options)
+    texts = {name: dump_documents(documents) for name, documents in manifests.files.items()}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": list(manifests.files),
     }
-    (out / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
-    (out / "README.md").write_text(readme_text(topology, mode, manifests), encoding="utf-8")
-    return [*written, out / "kustomization.yaml", out / "README.md"]
+    texts["kustomization.yaml"] = yaml.safe_dump(kustomization, sort_keys=False)
+    texts["README.md"] = readme_text(topology, manifests)
+    return write_folder(out, texts)

@@ -31,6 +31,8 @@ WAYPOINT_FOR = "istio.io/waypoint-for"
 LABEL_KEYS = (DATAPLANE_MODE, USE_WAYPOINT)
 L4_SOURCE_FIELDS = ("principals", "not_principals", "namespaces", "not_namespaces",
                     "ip_blocks", "not_ip_blocks")  # fmt: skip
+L7_SOURCE_FIELDS = ("principals", "not_principals", "namespaces", "not_namespaces")
+L7_OPERATION_FIELDS = ("methods", "not_methods", "paths", "not_paths")
 
 
 @dataclass
@@ -108,16 +110,21 @@ def export_l4_policy(policy: PolicySpec) -> r.AuthorizationPolicy:
 
 def _l4_rule(rule: PolicyRule) -> r.Rule:
     source = {name: list(getattr(rule, name)) for name in L4_SOURCE_FIELDS if getattr(rule, name)}
-    operation = {
-        name: [str(p) for p in getattr(rule, name)]
-        for name in ("ports", "not_ports")
-        if getattr(rule, name)
-    }
+    operation = _port_fields(rule)
     return _rule(
         [r.From(source=r.Source(**source))] if source else None,
         [r.To(operation=r.Operation(**operation))] if operation else None,
         None,
     )
+
+
+def _port_fields(match: Any) -> dict[str, list[str]]:
+    """The ports and not_ports an L4 rule or an L7 operation sets, as Istio writes them."""
+    return {
+        name: [str(p) for p in getattr(match, name)]
+        for name in ("ports", "not_ports")
+        if getattr(match, name)
+    }
 
 
 def _rule(
@@ -137,6 +144,11 @@ def _strings(matches: Iterable[StringMatch]) -> list[str] | None:
     return items or None
 
 
+def _string_fields(model: Any, names: Iterable[str]) -> dict[str, list[str] | None]:
+    """The named string-match fields of an L7 source or operation, in Istio's forms."""
+    return {name: _strings(getattr(model, name)) for name in names}
+
+
 def export_l7_policy(topology: Topology, policy: L7Policy) -> r.AuthorizationPolicy:
     if policy.targets:
         refs = [
@@ -152,27 +164,10 @@ def export_l7_policy(topology: Topology, policy: L7Policy) -> r.AuthorizationPol
     rules = []
     for rule in policy.rules:
         sources = [
-            r.From(
-                source=r.Source(
-                    principals=_strings(s.principals),
-                    not_principals=_strings(s.not_principals),
-                    namespaces=_strings(s.namespaces),
-                    not_namespaces=_strings(s.not_namespaces),
-                )
-            )
-            for s in rule.sources
+            r.From(source=r.Source(**_string_fields(s, L7_SOURCE_FIELDS))) for s in rule.sources
         ]
         operations = [
-            r.To(
-                operation=r.Operation(
-                    ports=[str(p) for p in o.ports] or None,
-                    not_ports=[str(p) for p in o.not_ports] or None,
-                    methods=_strings(o.methods),
-                    not_methods=_strings(o.not_methods),
-                    paths=_strings(o.paths),
-                    not_paths=_strings(o.not_paths),
-                )
-            )
+            r.To(operation=r.Operation(**_port_fields(o), **_string_fields(o, L7_OPERATION_FIELDS)))
             for o in rule.to
         ]
         conditions = [

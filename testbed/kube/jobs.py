@@ -30,8 +30,9 @@ from testbed.kube.export import (
     HOSTNAME_LABEL,
     SIDECAR_INJECTION,
     ExportError,
-    make_out_dir,
+    dump_documents,
     validated_core,
+    write_folder,
 )
 from testbed.kube.istio import DATAPLANE_MODE
 from testbed.redirect import available_modes
@@ -165,11 +166,8 @@ def write_experiment(
     cases = mode_cases(spec, ModeSpec(mode=CLUSTER_MODES[mode]))
     context = {"experiment": spec.name, "run_id": RUN_ID,
                "topology": spec.topology.as_argument(), "pinning": spec.pinning}  # fmt: skip
-    make_out_dir(out)
-    written = [out / "namespace.yaml"]
-    written[0].write_text(
-        yaml.safe_dump(validated_core(_namespace(namespace, mode)), sort_keys=False)
-    )
+    namespace_doc = validated_core(_namespace(namespace, mode))
+    texts = {"namespace.yaml": yaml.safe_dump(namespace_doc, sort_keys=False)}
     for placement in spec.placements:
         client, server = placement_pair(topology, placement)
         server_name = dns_name(f"server-{placement}")
@@ -186,13 +184,10 @@ def write_experiment(
                 context,
             )
         )
-        path = out / f"{placement}.yaml"
-        docs = [validated_core(obj) for obj in objects]
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True))
-        written.append(path)
-    (out / "Containerfile").write_text(CONTAINERFILE.format(out=out, image=image))
-    (out / "README.md").write_text(_readme(spec, namespace, mode, image))
-    return [*written, out / "Containerfile", out / "README.md"]
+        texts[f"{placement}.yaml"] = dump_documents([validated_core(obj) for obj in objects])
+    texts["Containerfile"] = CONTAINERFILE.format(out=out, image=image)
+    texts["README.md"] = _readme(spec, namespace, mode, image)
+    return write_folder(out, texts)
 
 
 def _readme(spec: ExperimentSpec, namespace: str, mode: ClusterMode, image: str) -> str:

@@ -163,15 +163,16 @@ class RunningTestbed:
         from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN
         from testbed.mesh.ztunnel.state import config_digest
         from testbed.redirect.control import CONFIG_FILE, mesh_config, write_atomically
-        from testbed.redirect.waypoint_config import l7_config_for
+        from testbed.redirect.waypoint_config import app_protocols_of, l7_config_for
 
         trust_domain = self.inventory["facts"].get("trust_domain", DEFAULT_TRUST_DOMAIN)
         config = mesh_config(topology, trust_domain)
-        mesh = self.folder / MESH_FOLDER
+        mesh, declared = self.folder / MESH_FOLDER, app_protocols_of(topology)
         for spec in topology.l7.waypoints.values():
             path = mesh / f"waypoint-{spec.name}.yaml"
             if path.exists():  # the mode runs this waypoint (and owns the file)
-                write_atomically(path, l7_config_for(spec, config, topology.l7).dump_yaml())
+                l7 = l7_config_for(spec, config, topology.l7, declared)
+                write_atomically(path, l7.dump_yaml())
         write_atomically(mesh / CONFIG_FILE, config.dump_yaml())
         self._await_digest(config_digest(config))
 

@@ -58,25 +58,6 @@ def parse_http_load_json(text: str) -> list[Measurement]:
     return rows
 
 
-def http_load_argv(
-    url: str,
-    *,
-    qps: int,
-    connections: int,
-    duration: float,
-    payload: int,
-    http2: bool,
-    warmup: float,
-    new_connection: bool = False,
-) -> list[str]:
-    """The http_load command line, run with the testbed's own interpreter."""
-    argv = [*LOAD, "--url", url, "--qps", str(qps), "--connections", str(connections)]
-    argv += ["--duration", f"{duration:g}", "--payload", str(payload), "--warmup", f"{warmup:g}"]
-    if new_connection:
-        argv.append("--new-connection")
-    return [*argv, "--http2"] if http2 else argv
-
-
 def run_http_fixed_qps(
     client: Host,
     server: Host,
@@ -100,16 +81,10 @@ def run_http_fixed_qps(
     if isinstance(name, str):
         server_argv += ["--name", name]
     host = f"[{server_ip}]" if ":" in server_ip else server_ip
-    argv = http_load_argv(
-        f"http://{host}:{port}/echo",
-        qps=qps,
-        connections=connections,
-        duration=duration,
-        payload=payload,
-        http2=http2,
-        warmup=warmup,
-        new_connection=new_connection,
-    )
+    argv = [*LOAD, "--url", f"http://{host}:{port}/echo", "--qps", str(qps)]
+    argv += ["--connections", str(connections), "--duration", f"{duration:g}"]
+    argv += ["--payload", str(payload), "--warmup", f"{warmup:g}"]
+    argv += [*(["--new-connection"] if new_connection else []), *(["--http2"] if http2 else [])]
     with serving(server, server_argv, label="http-echo", port=port):
         result = run_client(client, argv, timeout=warmup + duration + CLIENT_GRACE)
     save_raw(raw_dir, "http-load.json", result.stdout)

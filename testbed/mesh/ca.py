@@ -2,7 +2,7 @@
 
 Istio identifies a workload by the URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` of its
 certificate. Keys are ECDSA P-256, as Istio's own CA issues them. HBONE peers verify each other
-against the root and then check the URI SAN (not a hostname).
+against the root and check the URI SAN (not a hostname) inside the handshake (hbone.tls).
 
 The CA issues key pairs itself (`issue`, for the testbed's own proxies, which read files) and
 signs certificate signing requests (`sign_csr`, for testbed.mesh.ca_service, which speaks
@@ -15,7 +15,7 @@ import datetime
 import os
 import ssl
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from ipaddress import IPv4Address, IPv6Address
@@ -26,6 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from testbed.mesh.hbone.tls import (
+    certificate_uri_sans,
+    client_context,
+    server_context,
+    uri_sans,
+)
 from testbed.netlab.errors import TestbedError
 
 SPIFFE_SCHEME = "spiffe://"
@@ -165,26 +171,17 @@ class IssuedCert:
         return cert, key, root
 
     def ssl_server_context(self) -> ssl.SSLContext:
-        """TLS 1.3, ALPN h2, client certificate required. Build once and reuse: it writes files."""
-        return self._context(ssl.PROTOCOL_TLS_SERVER)
+        """The HBONE server context (tls.server_context) for this key pair. Build once and
+        reuse: the ssl module loads key pairs only from files, so this writes some."""
+        return self._context(server_context)
 
     def ssl_client_context(self) -> ssl.SSLContext:
-        # HBONE checks the peer's SPIFFE URI SAN after the handshake instead of a hostname.
-        return self._context(ssl.PROTOCOL_TLS_CLIENT)
+        """The HBONE client context (tls.client_context) for this key pair."""
+        return self._context(client_context)
 
-    def _context(self, protocol: int) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(protocol)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(["h2"])
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self.root_pem.decode())
-        # The ssl module only loads key pairs from files.
+    def _context(self, make: Callable[[Path, Path, Path], ssl.SSLContext]) -> ssl.SSLContext:
         with tempfile.TemporaryDirectory(prefix="tbt-cert-") as tmp:
-            cert, key, _ = self.write(Path(tmp))
-            ctx.load_cert_chain(cert, key)
-        return ctx
+            return make(*self.write(Path(tmp)))
 
 
 class CertificateAuthority:
@@ -326,16 +323,8 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))
-
-
 def _root_trust_domain(cert: x509.Certificate) -> str:
-    for uri in _uri_sans(cert):
+    for uri in certificate_uri_sans(cert):
         if uri.startswith(SPIFFE_SCHEME):
             return uri.removeprefix(SPIFFE_SCHEME).rstrip("/")
     orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
@@ -346,7 +335,7 @@ def _root_trust_domain(cert: x509.Certificate) -> str:
 
 def identity_from_peer_cert(der: bytes) -> Identity | None:
     """The SPIFFE identity in a DER certificate's URI SAN, or None if it has none."""
-    for uri in _uri_sans(x509.load_der_x509_certificate(der)):
+    for uri in uri_sans(der):
         try:
             return Identity.parse(uri)
         except ValueError:

@@ -152,8 +152,9 @@ def _error_reply(query: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
 # ---------------------------------------------------------------- I/O driver
 
 
-ZoneSource = Callable[[], Zone]
-"""Read per query, so a config reload applies to a running server."""
+ZoneSource = Callable[[str], Zone]
+"""The zone for a query from this client address, read per query so that a config reload
+applies to a running server (a shared ztunnel answers each pod with its namespace's list)."""
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -165,7 +166,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        reply = answer(data, self.zone())
+        reply = answer(data, self.zone(str(addr[0])))
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -174,10 +175,11 @@ async def _tcp_client(
     zone: ZoneSource, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """RFC 7766: each message has a 2-byte length; garbage closes this connection only."""
+    peer = str(writer.get_extra_info("peername")[0])
     try:
         while True:
             length = struct.unpack("!H", await reader.readexactly(2))[0]
-            reply = answer(await reader.readexactly(length), zone())
+            reply = answer(await reader.readexactly(length), zone(peer))
             if reply is None:
                 break
             writer.write(struct.pack("!H", len(reply)) + reply)
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     udp, tcp = bind_sockets(host, int(port))
     print(f"dns: {len(zone.records)} names on {args.listen} (udp, tcp)", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(lambda: zone, udp, tcp))
+        asyncio.run(serve(lambda _peer: zone, udp, tcp))
     return 0
 
 

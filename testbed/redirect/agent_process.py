@@ -1,6 +1,7 @@
 """The node's CNI agent as its own process, driven over a small control socket.
 
     python -m testbed.redirect.agent_process --zds-socket PATH --control-socket PATH
+        [--snapshot FILE]
 
 It runs a `CniAgent` (ZDS towards the node's ztunnel) and takes enroll/unenroll requests
 as JSON lines on a unix stream socket, one request per connection:
@@ -12,6 +13,10 @@ as JSON lines on a unix stream socket, one request per connection:
 As a process of the run (recorded in its manifest), the agent outlives the command that
 built the cluster, keeps the enrolled pods' namespaces open for ztunnel restarts, and is
 stopped with the rest of the run. `AgentClient` is the caller's side.
+
+A restarted agent is given the pods already in the mesh (`--snapshot`: a JSON list of
+objects with the enroll request's fields), as Istio's agent lists them from the API server
+before it serves ZDS: the reconnecting ztunnel gets them in its snapshot and keeps them.
 """
 
 from __future__ import annotations
@@ -60,6 +65,24 @@ def handle(agent: CniAgent, request: dict[str, Any]) -> str:
     except (ZdsError, OSError) as exc:
         return f"{op} {request.get('uid')}: {exc}"
     return ""
+
+
+def snapshot_entry(uid: str, info: zds.WorkloadInfo, netns_path: str) -> dict[str, str]:
+    """One pod of a `--snapshot` file: the fields of its enroll request."""
+    return {"uid": uid, "name": info.name, "namespace": info.namespace,
+            "service_account": info.service_account, "netns": netns_path}  # fmt: skip
+
+
+def restore_snapshot(agent: CniAgent, path: str) -> None:
+    """The pods a `--snapshot` file names, known to the agent before it serves ZDS."""
+    with open(path, encoding="utf-8") as source:
+        pods = json.load(source)
+    for pod in pods:
+        info = zds.WorkloadInfo(pod["name"], pod["namespace"], pod["service_account"])
+        try:
+            agent.restore(pod["uid"], info, pod["netns"])
+        except OSError as exc:  # the pod went away meanwhile: nothing to hand over
+            log.warning("snapshot: pod %s skipped: %s", pod["uid"], exc)
 
 
 def _read_line(conn: socket.socket) -> bytes:
@@ -123,9 +146,7 @@ class AgentClient:
             raise AgentError(error)
 
     def enroll(self, uid: str, info: zds.WorkloadInfo, netns_path: str) -> None:
-        self._request({"op": "enroll", "uid": uid, "name": info.name,
-                       "namespace": info.namespace, "service_account": info.service_account,
-                       "netns": netns_path})  # fmt: skip
+        self._request({"op": "enroll", **snapshot_entry(uid, info, netns_path)})
 
     def unenroll(self, uid: str) -> None:
         self._request({"op": "unenroll", "uid": uid})
@@ -135,12 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m testbed.redirect.agent_process")
     parser.add_argument("--zds-socket", required=True)
     parser.add_argument("--control-socket", required=True)
+    parser.add_argument("--snapshot", help="JSON list of the pods already enrolled")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s cni-agent %(levelname)s %(message)s"
     )
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     agent = CniAgent(args.zds_socket)
+    if args.snapshot:
+        restore_snapshot(agent, args.snapshot)
     agent.start()
     try:
         with contextlib.suppress(KeyboardInterrupt):

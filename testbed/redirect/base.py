@@ -67,6 +67,14 @@ class MeshOptions(ModeOptions):
     trust_domain: str = DEFAULT_TRUST_DOMAIN
 
 
+class SharedZtunnelOptions(MeshOptions):
+    """Modes whose node ztunnel serves its pods from its own namespace (legacy, ebpf)."""
+
+    # Istio 1.20's shared ztunnel served a destination of its own node in-process (no TLS,
+    # no HBONE), unconditionally; off sends it over HBONE to the ztunnel's own 15008.
+    same_node_fast_path: bool = True
+
+
 OptionsT = TypeVar("OptionsT", bound=ModeOptions)
 
 
@@ -138,6 +146,7 @@ class Mode:
     Options: ClassVar[type[ModeOptions]] = ModeOptions
     variant_option: ClassVar[str | None] = None  # an option whose every value is a variant
     runs_waypoints: ClassVar[bool] = False  # Istio ran waypoints with it (L7 in waypoints)
+    l7_in_sidecars: ClassVar[bool] = False  # its per-pod proxies do L7 themselves (no waypoint)
     captures_dns: ClassVar[bool] = False  # pods' DNS goes to their proxy's 15053 (else kube-dns)
     options: ModeOptions
 
@@ -397,7 +406,9 @@ class NodeZtunnelMode(MeshMode):
     def ztunnel_args(self, node: str, ztunnel: Pod) -> list[str]:
         """How the node's ztunnel reaches its pods; by default (testbed.mesh.ztunnel.shared)
         it serves them from its own namespace, at its own address."""
-        return ["--ztunnel-ip", ztunnel.ip]
+        options = self.options
+        fast_path = isinstance(options, SharedZtunnelOptions) and options.same_node_fast_path
+        return ["--ztunnel-ip", ztunnel.ip, "--same-node-fast-path", "on" if fast_path else "off"]
 
     def ztunnel_companions(self, node: str) -> list[ManagedProcess]:
         """Processes the node's ztunnel needs running (inpod's CNI agent)."""

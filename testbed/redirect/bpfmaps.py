@@ -24,7 +24,8 @@ MAP_NAMES = (POD_MAP, ZTUNNEL_MAP, HOST_MAP)
 ARRAY_KEY = bytes(4)  # slot 0 of the single-entry array maps
 
 _POD_VALUE = struct.Struct("<I6s2x")  # struct pod_info
-_ZTUNNEL_VALUE = struct.Struct("<I4s6s2x")  # struct ztunnel_info
+_ZTUNNEL_VALUE = struct.Struct("<I4s6sBx")  # struct ztunnel_info
+CAPTURE_DNS_FLAG = 0x1  # ZTUNNEL_CAPTURE_DNS in ztunnel_info.flags
 _HOST_VALUE = struct.Struct("<4s")  # struct host_info
 
 
@@ -43,9 +44,13 @@ class PodEntry:
 
 @dataclass(frozen=True)
 class ZtunnelEntry:
-    ifindex: int  # ztunnel's host-side veth, node namespace
+    ifindex: int  # ztunnel's host-side veth, node namespace; 0: no ztunnel attached
     ip: str
     mac: str  # ztunnel's eth0
+    capture_dns: bool = False  # the pods' UDP 53 goes to ztunnel too
+
+
+DETACHED = ZtunnelEntry(0, "0.0.0.0", "00:00:00:00:00:00")  # an array slot cannot be deleted
 
 
 def ipv4_bytes(ip: str) -> bytes:
@@ -72,7 +77,8 @@ def pod_value(entry: PodEntry) -> bytes:
 
 
 def ztunnel_value(entry: ZtunnelEntry) -> bytes:
-    return _ZTUNNEL_VALUE.pack(entry.ifindex, ipv4_bytes(entry.ip), mac_bytes(entry.mac))
+    flags = CAPTURE_DNS_FLAG if entry.capture_dns else 0
+    return _ZTUNNEL_VALUE.pack(entry.ifindex, ipv4_bytes(entry.ip), mac_bytes(entry.mac), flags)
 
 
 def host_value(ip: str) -> bytes:

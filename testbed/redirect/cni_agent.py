@@ -123,6 +123,19 @@ class CniAgent:
         if previous is not None:
             os.close(previous.netns_fd)
 
+    def restore(self, uid: str, info: zds.WorkloadInfo, netns_path: str) -> None:
+        """A pod enrolled before this agent started (a restarted agent), sent to ztunnel in
+        the snapshot only: Istio's agent builds its snapshot of the mesh's pods before it
+        serves ZDS (ConstructInitialSnapshot), so a ztunnel that reconnects keeps them."""
+        if self._thread is not None:
+            raise RuntimeError("restore() is for pods known before start()")
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        with self._cond:
+            previous = self._pods.pop(uid, None)
+            self._pods[uid] = _Pod(info, fd)
+        if previous is not None:
+            os.close(previous.netns_fd)
+
     def unenroll(self, uid: str) -> None:
         """Forget the pod and tell ztunnel if it is connected (else the next snapshot will)."""
         with self._cond:

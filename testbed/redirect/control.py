@@ -31,7 +31,7 @@ from testbed.cluster.waypoints import WaypointSpec
 from testbed.mesh.ca import DEFAULT_TRUST_DOMAIN, CertificateAuthority, Identity
 from testbed.mesh.config import Authorization, LocalConfig, RbacMatch, Service, Workload
 from testbed.mesh.ztunnel.certs import identity_dir
-from testbed.redirect.waypoint_config import attach_topology, l7_config_for
+from testbed.redirect.waypoint_config import app_protocols_of, attach_topology, l7_config_for
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 CONFIG_FILE = "mesh-config.yaml"
@@ -195,8 +195,9 @@ class ControlPlane:
         config = mesh_config(topology, self.trust_domain, unenrolled)
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(self.config_path, config.dump_yaml())
+        declared = app_protocols_of(topology)
         for spec in topology.l7.waypoints.values():
-            l7 = l7_config_for(spec, config, topology.l7)
+            l7 = l7_config_for(spec, config, topology.l7, declared)
             write_atomically(self.waypoint_config_path(spec.name), l7.dump_yaml())
         return config
 

@@ -6,14 +6,18 @@ mode): IP_TRANSPARENT listeners on
 15001/15006/15008 in its own namespace, the original destination read from the local
 address, connections to apps made from the client pod's address. Instead of iptables and
 tunnels, tc programs compiled from testbed/redirect/bpf/ steer packets: an enrolled pod's
-host-side veth sends its TCP to ztunnel's veth (bpf_redirect), and inside ztunnel's
-namespace bpf_sk_assign hands each packet to ztunnel's socket (testbed.redirect.ebpf_node).
+host-side veth sends its TCP and UDP to ztunnel's veth (bpf_redirect), and inside ztunnel's
+namespace bpf_sk_assign hands each TCP packet to ztunnel's socket (testbed.redirect.ebpf_node);
+the pods' DNS (UDP 53) is captured and answered by ztunnel's DNS proxy on 15053. As Istio's
+programs do, they drop an enrolled pod's traffic while no ztunnel is attached for its node and
+pass a packet no ztunnel listener matches.
 
 Enrolling a pod puts it in its node's pod map and attaches two programs to its host-side
 veth; unenrolling removes both. Programs and maps are pinned in a bpffs the run mounts at
 <run dir>/bpf; teardown unpins and unmounts it.
 
-Options (EbpfOptions): `ebpf_hook` tc (default) | tcx | auto; `trust_domain` (default
+Options (EbpfOptions): `ebpf_hook` tc (default) | tcx | auto; `same_node_fast_path` true
+(default, Istio 1.20's shared ztunnel) | false, as in legacy mode; `trust_domain` (default
 cluster.local).
 tc filters are what `tc filter show` and `bpftool net show` list; tcx links (kernel 6.6+)
 are invisible to this machine's iproute2 6.1 and bpftool 7.1, hence not the default. `auto`
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from testbed.redirect import bpfload
-from testbed.redirect.base import MeshOptions, NodeZtunnelMode
+from testbed.redirect.base import NodeZtunnelMode, SharedZtunnelOptions
 from testbed.redirect.ebpf_node import DIRECTIONS, Hook, NodeDatapath
 
 if TYPE_CHECKING:
@@ -34,12 +38,13 @@ if TYPE_CHECKING:
     from testbed.netlab import Netns
 
 
-class EbpfOptions(MeshOptions):
+class EbpfOptions(SharedZtunnelOptions):
     ebpf_hook: Literal["tc", "tcx", "auto"] = "tc"
 
 
 class EbpfMode(NodeZtunnelMode):
     name = "ebpf"
+    captures_dns = True
     Options = EbpfOptions
     options: EbpfOptions
 

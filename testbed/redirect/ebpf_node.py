@@ -3,9 +3,14 @@
 `NodeDatapath.install` loads one copy of the programs for the node, fills the host and
 ztunnel maps, attaches `ztunnel_host_ingress` to ztunnel's host-side veth and
 `ztunnel_tproxy` to eth0 inside ztunnel's namespace, and gives that namespace the routing
-that delivers bpf_sk_assign'ed packets locally. `enroll`/`unenroll` add and remove one pod:
-its map entry and the two programs on its host-side veth. Nothing is configured outside
-the node's and ztunnel's namespaces.
+that delivers bpf_sk_assign'ed packets locally, the DNAT that takes the pods' captured DNS
+(UDP 53, which the programs send to ztunnel's veth but do not sk-assign, as Istio's did not)
+to ztunnel's DNS proxy on 15053, and forwarding for the pods' other UDP only.
+`enroll`/`unenroll` add and remove one pod: its map entry and the two programs on its
+host-side veth. `detach_ztunnel`/`attach_ztunnel` empty and
+refill the ztunnel map, as Istio's CNI does when its ztunnel goes away and comes back: in
+between, the enrolled pods' traffic is dropped. Nothing is configured outside the node's and
+ztunnel's namespaces.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from typing import Literal
 
 from testbed.netlab import Lab, Netns, links
 from testbed.redirect import bpfload
-from testbed.redirect.bpfmaps import PodEntry, ZtunnelEntry
+from testbed.redirect.bpfmaps import DETACHED, PodEntry, ZtunnelEntry
 from testbed.redirect.tcx import Direction
 
 TPROXY_MARK = "0x400/0xfff"  # set by ztunnel_tproxy: route to the local table
 LOCAL_TABLE = "100"
 TPROXY_RULE_PRIORITY = "20000"
 POD_DEV = "eth0"
+DNS_PROXY_PORT = 15053
 DIRECTIONS: tuple[Direction, Direction] = ("ingress", "egress")
 
 
@@ -43,9 +49,30 @@ def ztunnel_routing_argvs() -> list[list[str]]:
     ]  # fmt: skip
 
 
+def ztunnel_dns_argv(ztunnel_ip: str) -> list[str]:
+    """The iptables rule (after `iptables`) in ztunnel's namespace that hands a captured DNS
+    query to the DNS proxy; conntrack gives the answer the address the pod asked."""
+    return [
+        "-t", "nat", "-A", "PREROUTING", "-i", POD_DEV, "-p", "udp", "--dport", "53",
+        "-j", "DNAT", "--to-destination", f"{ztunnel_ip}:{DNS_PROXY_PORT}",
+    ]  # fmt: skip
+
+
+def ztunnel_forward_argvs() -> list[list[str]]:
+    """iptables rules in ztunnel's namespace: the pods' other UDP, which the programs steer
+    there and ztunnel has no listener for, is routed on (the namespace forwards it, as a
+    Kubernetes node's pods do); TCP no ztunnel socket took is dropped, never routed around
+    ztunnel."""
+    return [
+        ["-t", "filter", "-A", "FORWARD", "-i", POD_DEV, "-p", "udp", "-j", "ACCEPT"],
+        ["-t", "filter", "-A", "FORWARD", "-j", "DROP"],
+    ]
+
+
 ZTUNNEL_SYSCTLS = {
     # ztunnel's hairpinned HBONE to a pod of its own node arrives from its own address
     f"net.ipv4.conf.{POD_DEV}.accept_local": 1,
+    "net.ipv4.ip_forward": 1,  # the pods' UDP (ztunnel_forward_argvs)
 }
 
 
@@ -68,6 +95,7 @@ class NodeDatapath:
     ztunnel_host_dev: str
     loaded: bpfload.LoadedObject
     hook: Hook
+    entry: ZtunnelEntry  # what the ztunnel map holds while ztunnel is attached
 
     @classmethod
     def install(
@@ -86,21 +114,31 @@ class NodeDatapath:
     ) -> NodeDatapath:
         """Load, fill the node's maps, route ztunnel's namespace, then attach."""
         loaded = bpfload.load_object(lab, bpffs, name, obj)
-        datapath = cls(lab, node, ztunnel, ztunnel_host_dev, loaded, hook)
-        if hook == "tcx":
-            lab.add_dir(loaded.dir / "links")
         ifindex, _ = link_facts(node, ztunnel_host_dev)
         _, mac = link_facts(ztunnel, POD_DEV)
+        entry = ZtunnelEntry(ifindex, ztunnel_ip, mac, capture_dns=True)
+        datapath = cls(lab, node, ztunnel, ztunnel_host_dev, loaded, hook, entry)
+        if hook == "tcx":
+            lab.add_dir(loaded.dir / "links")
         loaded.maps.set_host(host_ip)
-        loaded.maps.set_ztunnel(ZtunnelEntry(ifindex, ztunnel_ip, mac))
+        datapath.attach_ztunnel()
         datapath._route_ztunnel()
         datapath._attach(ztunnel, POD_DEV, "ingress", "ztunnel_tproxy")
         datapath._attach(node, ztunnel_host_dev, "ingress", "ztunnel_host_ingress")
         return datapath
 
+    def attach_ztunnel(self) -> None:
+        self.loaded.maps.set_ztunnel(self.entry)
+
+    def detach_ztunnel(self) -> None:
+        """No ztunnel for the node's pods: the app programs drop their traffic."""
+        self.loaded.maps.set_ztunnel(DETACHED)
+
     def _route_ztunnel(self) -> None:
         for argv in ztunnel_routing_argvs():
             self.ztunnel.run(["ip", *argv])
+        for argv in [ztunnel_dns_argv(self.entry.ip), *ztunnel_forward_argvs()]:
+            self.ztunnel.run(["iptables", "-w", *argv])
         for key, value in ZTUNNEL_SYSCTLS.items():
             self.ztunnel.set_sysctl(key, value)
         for key, value in node_sysctls(self.ztunnel_host_dev).items():

@@ -21,6 +21,9 @@ With it, the CA service (testbed.mesh.ca_service) runs once per testbed in the i
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -32,7 +35,7 @@ from testbed.mesh import zds
 from testbed.mesh.ca_service import CaServicePlan
 from testbed.netlab import ManagedProcess
 from testbed.redirect import inpod_rules, istio_ztunnel
-from testbed.redirect.agent_process import AgentClient
+from testbed.redirect.agent_process import AgentClient, snapshot_entry
 from testbed.redirect.base import ZTUNNEL_NAMESPACE, MeshOptions, NodeZtunnelMode, Proxy
 
 if TYPE_CHECKING:
@@ -145,15 +148,41 @@ class InPodMode(NodeZtunnelMode):
 
     def install_node(self, cluster: Cluster, node: str, ztunnel: Pod) -> None:
         """The node's CNI agent, serving ZDS on a socket the ztunnel connects to."""
-        zds_socket = self.lab.add_socket(self.mesh.directory / f"zds-{node}.sock")
+        self.zds_sockets[node] = self.lab.add_socket(self.mesh.directory / f"zds-{node}.sock")
         control_socket = self.lab.add_socket(self.mesh.directory / f"cni-{node}.sock")
-        self.agent_processes[node] = cluster.nodes[node].netns.spawn(
+        self.agents[node] = AgentClient(control_socket)
+        self._spawn_agent(node)
+
+    def _spawn_agent(self, node: str, *extra: str) -> None:
+        self.agent_processes[node] = self.cluster.nodes[node].netns.spawn(
             [sys.executable, "-m", "testbed.redirect.agent_process",
-             "--zds-socket", str(zds_socket), "--control-socket", str(control_socket)],
+             "--zds-socket", str(self.zds_sockets[node]),
+             "--control-socket", self.agents[node].control_path, *extra],
             label=f"cni-agent-{node}",
         )  # fmt: skip
-        self.agents[node] = AgentClient(control_socket)
-        self.zds_sockets[node] = zds_socket
+
+    def restart_cni_agent(self, node: str) -> None:
+        """Stop the node's CNI agent (if a fault did not already) and start a new one that
+        knows the node's enrolled pods before it serves ZDS, as Istio's agent does after a
+        restart: the node's ztunnel reconnects, gets them in the snapshot and keeps them.
+        Returns once the new agent takes requests."""
+        old = self.agent_processes[node]
+        old.terminate()
+        with contextlib.suppress(FileNotFoundError):  # a killed agent leaves its socket
+            os.unlink(self.agents[node].control_path)
+        snapshot = self.lab.add_file(self.mesh.directory / f"cni-{node}-snapshot.json")
+        pods = [self.cluster.pods[name] for name in sorted(self.enrolled)]
+        entries = [
+            snapshot_entry(pod.spec.uid, _workload_info(pod), pod.netns.path)
+            for pod in pods
+            if pod.node == node
+        ]
+        snapshot.write_text(json.dumps(entries))
+        self._spawn_agent(node, "--snapshot", str(snapshot))
+        ztunnel = self.ztunnels[node]
+        ztunnel.companions = [self.agent_processes[node] if c is old else c
+                              for c in ztunnel.companions]  # fmt: skip
+        self.agents[node].wait_listening()
 
     def ztunnel_args(self, node: str, ztunnel: Pod) -> list[str]:
         """The inpod ztunnel is handed its pods' namespaces over ZDS."""
@@ -171,8 +200,7 @@ class InPodMode(NodeZtunnelMode):
     def capture(self, pod: Pod) -> None:
         """The in-pod rules, then the pod's netns handed to its node's ztunnel."""
         inpod_rules.install(pod.netns, self.rules_variant, self.backend)
-        info = zds.WorkloadInfo(pod.name, pod.namespace, pod.service_account)
-        self.agents[pod.node].enroll(pod.spec.uid, info, pod.netns.path)
+        self.agents[pod.node].enroll(pod.spec.uid, _workload_info(pod), pod.netns.path)
 
     def release(self, pod: Pod) -> None:
         """Istio's order (RemovePodFromMesh): the pod's rules go first, then ztunnel gets
@@ -184,3 +212,7 @@ class InPodMode(NodeZtunnelMode):
         if self.backend == "nftables":
             return pod.run(["nft", "list", "ruleset"]).stdout
         return pod.run(["iptables-save"]).stdout
+
+
+def _workload_info(pod: Pod) -> zds.WorkloadInfo:
+    return zds.WorkloadInfo(pod.name, pod.namespace, pod.service_account)

@@ -11,8 +11,10 @@ connections to apps made from the client pod's address.
 Istio used geneve tunnels; where the kernel has no geneve (probed in the node's namespace,
 never assumed) the same tunnels are VXLAN, and `facts()` says `tunnel=vxlan`.
 
-Options (LegacyOptions): `tunnel` auto (default) | geneve | vxlan; `trust_domain` (default
-cluster.local).
+Options (LegacyOptions): `tunnel` auto (default) | geneve | vxlan; `same_node_fast_path`
+true (default: Istio 1.20's ztunnel served a destination of its own node in-process, no TLS)
+| false (over HBONE to the ztunnel's own 15008, delivered by the ztunnel-netns rule 20002);
+`trust_domain` (default cluster.local).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from testbed.cluster.mode import ModeError
 from testbed.netlab import Netns, links
 from testbed.redirect import legacy_rules as lr
-from testbed.redirect.base import MeshOptions, NodeZtunnelMode
+from testbed.redirect.base import NodeZtunnelMode, SharedZtunnelOptions
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -114,10 +116,11 @@ def install_node_plumbing(node_ns: Netns, ztunnel_ns: Netns, facts: lr.NodeFacts
 @dataclass
 class NodeMesh:
     netns: Netns  # the node's
+    ztunnel: Netns  # its ztunnel pod's
     facts: lr.NodeFacts
 
 
-class LegacyOptions(MeshOptions):
+class LegacyOptions(SharedZtunnelOptions):
     tunnel: Literal["auto", "geneve", "vxlan"] = "auto"
 
 
@@ -145,20 +148,19 @@ class LegacyMode(NodeZtunnelMode):
             ztunnel.ip,
             ztunnel.spec.host_ifname,
             self.tunnel,
-            target.spec.pod_cidr,
         )
         install_node_plumbing(target.netns, ztunnel.netns, facts)
-        self.nodes[node] = NodeMesh(target.netns, facts)
+        self.nodes[node] = NodeMesh(target.netns, ztunnel.netns, facts)
 
     # -- pods -----------------------------------------------------------------------------
     def capture(self, pod: Pod) -> None:
-        """Into the ipset and table 100 of its node."""
+        """Into the ipset and table 100 of its node, and its ztunnel's rule 20002."""
         mesh = self.nodes[pod.node]
-        lr.enroll(mesh.netns, pod.ip, mesh.facts.host_ip)
+        lr.enroll(mesh.netns, mesh.ztunnel, pod.ip, mesh.facts.host_ip)
 
     def release(self, pod: Pod) -> None:
         mesh = self.nodes[pod.node]
-        lr.unenroll(mesh.netns, pod.ip, mesh.facts.host_ip)
+        lr.unenroll(mesh.netns, mesh.ztunnel, pod.ip, mesh.facts.host_ip)
 
     # -- facts --------------------------------------------------------------------------------
     def found_facts(self) -> dict[str, str]:

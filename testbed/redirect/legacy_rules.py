@@ -7,8 +7,10 @@ Two places are configured, as Istio's CNI agent (`cni/pkg/ambient`, release-1.20
   (straight to the ztunnel veth), ip rules 100-103, rp_filter off and accept_local on;
 - the ztunnel pod's namespace: TPROXY from the tunnel ends `pistioin`/`pistioout` to
   15008/15006/15001, the mark 0x4d3 for replies to ztunnel's original-source connections,
-  ip rules 20000/20003 and the local route table 100; plus one testbed rule (20002) that
-  delivers ztunnel's HBONE to a workload of its own node locally.
+  ip rules 20000/20003 and the local route table 100; plus one testbed rule (20002) per
+  enrolled pod that delivers ztunnel's HBONE to that pod locally, to ztunnel's own 15008
+  (used with the same-node fast path off). Only captured pods: HBONE to an uncaptured pod of
+  the node (a waypoint) must reach that pod's own 15008.
 
 The tunnels are geneve where the kernel has it and VXLAN otherwise, with the same VNIs and
 addresses either way; only the UDP port the node's rules let through differs. Rules are
@@ -45,8 +47,9 @@ ORIGINAL_SOURCE_RETURN_MARK = "0x4d3/0xfff"  # ztunnel netns: replies to spoofed
 
 INBOUND_TABLE, OUTBOUND_TABLE, PROXY_TABLE = "100", "101", "102"
 TPROXY_RULE_PRIORITY, ORIGINAL_SOURCE_RULE_PRIORITY = "20000", "20003"
-# Testbed addition: ztunnel's HBONE to a workload of its own node is delivered locally
-# (Istio's legacy ztunnel short-cut same-node traffic inside the process instead).
+# Testbed addition: ztunnel's HBONE to an enrolled pod of its own node is delivered locally
+# (Istio's legacy ztunnel short-cut same-node traffic inside the process instead), one rule
+# per enrolled pod, added and removed with it.
 LOCAL_HBONE_RULE_PRIORITY = "20002"
 NODE_RULE_PRIORITIES = ("100", "101", "102", "103")
 ZTUNNEL_RULE_PRIORITIES = (
@@ -105,7 +108,6 @@ class NodeFacts:
     ztunnel_ip: str
     ztunnel_veth: str  # host side of the ztunnel pod's veth
     tunnel: TunnelKind
-    pod_cidr: str  # the node's pods, ztunnel's included
 
     @property
     def tunnel_port(self) -> int:
@@ -276,11 +278,9 @@ def ztunnel_iptables_rules(facts: NodeFacts) -> list[Rule]:
 def ztunnel_routing(facts: NodeFacts) -> list[IpCommand]:
     host = f"{facts.host_ip}/32"
     original_source = ("fwmark", ORIGINAL_SOURCE_RETURN_MARK, "lookup", INBOUND_TABLE)
-    local_hbone = ("to", facts.pod_cidr, "ipproto", "tcp", "dport", str(HBONE_PORT))
     return [
         _rule("priority", TPROXY_RULE_PRIORITY, "fwmark", TPROXY_MARK, "lookup", INBOUND_TABLE),
         _rule("priority", ORIGINAL_SOURCE_RULE_PRIORITY, *original_source),
-        _rule("priority", LOCAL_HBONE_RULE_PRIORITY, *local_hbone, "lookup", INBOUND_TABLE),
         _route("local", "0.0.0.0/0", "dev", "lo", "table", INBOUND_TABLE),
         _route(
             "table",
@@ -297,6 +297,12 @@ def ztunnel_routing(facts: NodeFacts) -> list[IpCommand]:
         _route("table", OUTBOUND_TABLE, host, "dev", ZTUNNEL_DEV, "scope", "link"),
         _route("table", PROXY_TABLE, host, "dev", ZTUNNEL_DEV, "scope", "link"),
     ]
+
+
+def local_hbone_rule(pod_ip: str) -> IpCommand:
+    """ztunnel netns: its HBONE to this enrolled pod of its node goes to its own 15008."""
+    to = ("to", f"{pod_ip}/32", "ipproto", "tcp", "dport", str(HBONE_PORT))
+    return _rule("priority", LOCAL_HBONE_RULE_PRIORITY, *to, "lookup", INBOUND_TABLE)
 
 
 def ztunnel_tunnels(facts: NodeFacts) -> list[Tunnel]:
@@ -428,11 +434,13 @@ def install_ztunnel_rules(netns: CommandRunner, facts: NodeFacts) -> None:
         netns.run(command.argv("add"))
 
 
-def enroll(netns: CommandRunner, pod_ip: str, host_ip: str) -> None:
-    netns.run(ipset_member("add", pod_ip))
-    netns.run(pod_route(pod_ip, host_ip).argv("add"))
+def enroll(node: CommandRunner, ztunnel: CommandRunner, pod_ip: str, host_ip: str) -> None:
+    node.run(ipset_member("add", pod_ip))
+    node.run(pod_route(pod_ip, host_ip).argv("add"))
+    ztunnel.run(local_hbone_rule(pod_ip).argv("add"))
 
 
-def unenroll(netns: CommandRunner, pod_ip: str, host_ip: str) -> None:
-    netns.run(pod_route(pod_ip, host_ip).argv("del"), check=False)
-    netns.run(ipset_member("del", pod_ip))
+def unenroll(node: CommandRunner, ztunnel: CommandRunner, pod_ip: str, host_ip: str) -> None:
+    ztunnel.run(local_hbone_rule(pod_ip).argv("del"), check=False)
+    node.run(pod_route(pod_ip, host_ip).argv("del"), check=False)
+    node.run(ipset_member("del", pod_ip))

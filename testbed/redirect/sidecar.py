@@ -32,6 +32,7 @@ from testbed.redirect.rules import (
     remove_iptables_chains,
     restore_script,
 )
+from testbed.redirect.waypoint_config import app_protocols_of
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Cluster, Pod
@@ -83,6 +84,7 @@ def uninstall_rules(netns: CommandRunner) -> None:
 class SidecarMode(MeshMode):
     name = "sidecar"
     captures_dns = True
+    l7_in_sidecars = True  # Envoy sidecars: routes, retries and L7 policy in the pods' proxies
 
     def __init__(self, options: MeshOptions | None = None) -> None:
         super().__init__(options)
@@ -94,7 +96,8 @@ class SidecarMode(MeshMode):
         # Every route and L7 policy of the topology; each sidecar applies its destination's.
         self.l7_path = self.lab.add_file(self.mesh.directory / "sidecar-l7.yaml")
         l7 = cluster.topology.l7
-        sidecar_l7 = WaypointConfig(routes=l7.routes, policies=l7.policies)
+        declared = app_protocols_of(cluster.topology)  # each port's appProtocol, if declared
+        sidecar_l7 = WaypointConfig(routes=l7.routes, policies=l7.policies, app_protocols=declared)
         write_atomically(self.l7_path, sidecar_l7.dump_yaml())
         for node in cluster.nodes:
             self.certs[node] = self.lab.add_dir(self.mesh.directory / f"sidecars-{node}")

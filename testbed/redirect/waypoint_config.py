@@ -22,6 +22,7 @@ from testbed.cluster.waypoints import (
     WaypointError,
     WaypointSpec,
 )
+from testbed.mesh.appprotocol import AppProtocol
 from testbed.mesh.config import GatewayAddress, LocalConfig, NetworkAddress, Service, Workload
 from testbed.mesh.waypoint import HBONE_PORT
 from testbed.mesh.waypoint.config import WaypointConfig
@@ -84,8 +85,14 @@ def attach(
     return LocalConfig(workloads=new_workloads, services=new_services, policies=config.policies)
 
 
-def l7_config_for(spec: WaypointSpec, config: LocalConfig, decls: L7Declarations) -> WaypointConfig:
-    """The routes and policies one waypoint needs: those of the services it serves."""
+def l7_config_for(
+    spec: WaypointSpec,
+    config: LocalConfig,
+    decls: L7Declarations,
+    app_protocols: Mapping[str, Mapping[int, AppProtocol]] | None = None,
+) -> WaypointConfig:
+    """The routes, policies and declared port protocols (`app_protocols`, by service key:
+    app_protocols_of) one waypoint needs: those of the services it serves."""
     waypoint_ip = _waypoint_ip(spec, config)
     served = {
         s.key
@@ -98,7 +105,17 @@ def l7_config_for(spec: WaypointSpec, config: LocalConfig, decls: L7Declarations
         for p in decls.policies
         if served.intersection(p.targets) or (not p.targets and p.namespace == spec.namespace)
     ]
-    return WaypointConfig(routes=routes, policies=policies)
+    declared = {k: dict(v) for k, v in (app_protocols or {}).items() if k in served}
+    return WaypointConfig(routes=routes, policies=policies, app_protocols=declared)
+
+
+def app_protocols_of(topology: Topology) -> dict[str, dict[int, AppProtocol]]:
+    """Every service's declared port protocols (appProtocol), by "<ns>/<hostname>"."""
+    return {
+        f"{svc.namespace}/{svc.hostname}": dict(svc.app_protocols)
+        for svc in topology.services.values()
+        if svc.app_protocols
+    }
 
 
 def _waypoint_ip(spec: WaypointSpec, config: LocalConfig) -> str:

@@ -22,7 +22,7 @@ from testbed.cluster.loader import load_topology
 from testbed.kube.documents import parse_resources
 from testbed.kube.live import apply_to_cluster
 from testbed.measure.errors import MeasureError
-from testbed.measure.http import CLIENT_GRACE, http_load_argv, parse_http_load_json
+from testbed.measure.http import CLIENT_GRACE, LOAD, parse_http_load_json
 from testbed.measure.iperf import run_throughput
 from testbed.measure.rows import Measurement
 from testbed.measure.rr import run_crr
@@ -150,10 +150,11 @@ class Soak:
         self.counts.add("churn_errors", _value(rows, "errors"))
 
     def http(self) -> None:
-        argv = http_load_argv(
-            f"http://{self.service_ip}:{HTTP_PORT}/echo", qps=self.options.http_qps,
-            connections=4, duration=HTTP_SECONDS, payload=1024, http2=False, warmup=0,
-        )  # fmt: skip
+        # http_load alone (run_http_fixed_qps would start its own server): the reviews pods'
+        # http-echo apps answer, behind the waypoint
+        argv = [*LOAD, "--url", f"http://{self.service_ip}:{HTTP_PORT}/echo"]
+        argv += ["--qps", str(self.options.http_qps), "--connections", "4"]
+        argv += ["--duration", f"{HTTP_SECONDS:g}", "--payload", "1024", "--warmup", "0"]
         result = run_client(self.client, argv, timeout=HTTP_SECONDS + CLIENT_GRACE)
         if not result.stdout.strip():
             raise MeasureError(f"http_load exited with {result.returncode}: {result.stderr}")

@@ -117,9 +117,22 @@ APP_BEHIND_WAYPOINT = Step("server", "app", r"from (?!{client_ip}:)\d")
 _REPLACED_BY_WAYPOINT = ("outbound", r"-> {server_ip}:15008 ")
 
 
+# the same-node fast path (legacy, ebpf): the client's ztunnel hands the connection to its
+# own inbound side in-process (record path "local"), no inbound record of its own
+_SERVED_IN_PROCESS = ("server-ztunnel", "proxy", "inbound")
+
+
+def _fast_path(result: TraceResult) -> bool:
+    return any(h.kind == "proxy" and h.data.get("path") == "local" for h in result.hops)
+
+
 def _steps(result: TraceResult) -> list[Step]:
+    fast_path = _fast_path(result)
     steps = [
-        s for s in WALKS.get(walk_name(result), []) if s.placement in ("any", result.placement)
+        s
+        for s in WALKS.get(walk_name(result), [])
+        if s.placement in ("any", result.placement)
+        and not (fast_path and (s.where, s.kind, s.pattern) == _SERVED_IN_PROCESS)
     ]
     if not any(h.kind == "proxy" and h.netns.startswith("waypoint") for h in result.hops):
         return steps

@@ -11,7 +11,12 @@ shape the response:
 
 `GET /healthz` answers 200. Malformed HTTP gets 400 (431 for oversized headers) and a close.
 
-Run: python -m testbed.workloads.http_echo --port 8080 [--name POD]
+`--fail-every N` makes the app a flaky backend: every Nth request it answers (counting from 1)
+gets 503 instead, as a backend that fails a share of its requests; `GET /stats` answers the
+app's own counters as JSON (`{"requests": ..., "injected_503": ...}`), so a test can tell that
+503s happened even when a proxy's retries hid them. Neither /healthz nor /stats is counted.
+
+Run: python -m testbed.workloads.http_echo --port 8080 [--name POD] [--fail-every N]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 from urllib.parse import parse_qsl
 
@@ -78,6 +83,7 @@ class Request:
     headers: Headers
     body: bytes
     protocol: str
+    peer: str = ""  # the TCP peer "ip:port" the app saw (in the JSON description)
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ def _describe(request: Request, served_by: str) -> bytes:
         "query": query.decode("latin-1"),
         "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers},
         "body_bytes": len(request.body),
+        "peer": request.peer,
     }
     return json.dumps(description).encode() + b"\n"
 
@@ -155,6 +162,34 @@ def build_reply(request: Request, served_by: str) -> Reply:
     return Reply(status, headers, body, delay_ms / 1000.0)
 
 
+UNCOUNTED = frozenset({b"/healthz", b"/stats"})
+
+
+@dataclass
+class FaultInjector:
+    """The app's own counters, and `--fail-every N`: every Nth counted request gets 503."""
+
+    every: int = 0  # 0: never
+    requests: int = 0
+    injected: int = 0
+
+    def answer(self, request: Request, served_by: str) -> Reply:
+        """build_reply's answer, or 503 when this request is an Nth; /stats: the counters."""
+        path = request.target.partition(b"?")[0]
+        if path == b"/stats":
+            body = json.dumps({"requests": self.requests, "injected_503": self.injected})
+            headers = [(b"x-served-by", served_by.encode()), (b"content-type", b"application/json")]
+            return Reply(200, headers, body.encode() + b"\n", 0.0)
+        reply = build_reply(request, served_by)
+        if path in UNCOUNTED:
+            return reply
+        self.requests += 1
+        if self.every and self.requests % self.every == 0:
+            self.injected += 1
+            return replace(reply, status=503, body=b"injected 503\n", delay_s=0.0)
+        return reply
+
+
 def send_within_window(
     conn: h2.connection.H2Connection, stream_id: int, body: memoryview
 ) -> memoryview:
@@ -177,9 +212,10 @@ def _head_size(request: h11.Request) -> int:
 class Http1Handler:
     """One HTTP/1.1 connection: requests are answered strictly in order (keep-alive, pipelining)."""
 
-    def __init__(self, transport: asyncio.Transport, served_by: str) -> None:
+    def __init__(self, transport: asyncio.Transport, served_by: str, faults: FaultInjector) -> None:
         self.transport = transport
         self.served_by = served_by
+        self.faults = faults
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.request: h11.Request | None = None
         self.body = bytearray()
@@ -228,8 +264,9 @@ class Http1Handler:
             list(self.request.headers),
             bytes(self.body),
             "HTTP/1.1",
+            _peer(self.transport),
         )
-        reply = build_reply(request, self.served_by)
+        reply = self.faults.answer(request, self.served_by)
         self.replying = True
         if reply.delay_s > 0:
             asyncio.get_running_loop().call_later(reply.delay_s, self._send, reply)
@@ -283,9 +320,10 @@ class Http1Handler:
 class Http2Handler:
     """One HTTP/2 connection (prior knowledge, cleartext); streams are answered independently."""
 
-    def __init__(self, transport: asyncio.Transport, served_by: str) -> None:
+    def __init__(self, transport: asyncio.Transport, served_by: str, faults: FaultInjector) -> None:
         self.transport = transport
         self.served_by = served_by
+        self.faults = faults
         # Inbound headers are validated (clients may be anything); our own outbound ones are
         # well-formed by construction, and validating them costs a third of h2's CPU time.
         config = h2.config.H2Configuration(
@@ -347,8 +385,9 @@ class Http2Handler:
             [(k, v) for k, v in headers if not k.startswith(b":")],
             bytes(body),
             "HTTP/2",
+            _peer(self.transport),
         )
-        reply = build_reply(request, self.served_by)
+        reply = self.faults.answer(request, self.served_by)
         if reply.delay_s > 0:
             asyncio.get_running_loop().call_later(reply.delay_s, self._send, stream_id, reply)
         else:
@@ -389,11 +428,17 @@ class Http2Handler:
             self.transport.write(data)
 
 
+def _peer(transport: asyncio.Transport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+
+
 class EchoProtocol(asyncio.Protocol):
     """Sniffs a connection's first bytes for the HTTP/2 preface, then hands off to a handler."""
 
-    def __init__(self, served_by: str) -> None:
+    def __init__(self, served_by: str, faults: FaultInjector | None = None) -> None:
         self.served_by = served_by
+        self.faults = faults if faults is not None else FaultInjector()
         self.transport: asyncio.Transport | None = None
         self.handler: Http1Handler | Http2Handler | None = None
         self.sniffed = b""
@@ -423,9 +468,9 @@ class EchoProtocol(asyncio.Protocol):
         self.sniffed += data
         common = min(len(self.sniffed), len(H2_PREFACE))
         if self.sniffed[:common] != H2_PREFACE[:common]:
-            self.handler = Http1Handler(self.transport, self.served_by)
+            self.handler = Http1Handler(self.transport, self.served_by, self.faults)
         elif len(self.sniffed) >= len(H2_PREFACE):
-            self.handler = Http2Handler(self.transport, self.served_by)
+            self.handler = Http2Handler(self.transport, self.served_by, self.faults)
         else:
             return b""
         data, self.sniffed = self.sniffed, b""
@@ -439,11 +484,14 @@ class EchoProtocol(asyncio.Protocol):
         return True
 
 
-async def serve(host: str, port: int, served_by: str, ready: Callable[[int], None]) -> None:
+async def serve(
+    host: str, port: int, served_by: str, ready: Callable[[int], None], fail_every: int = 0
+) -> None:
     """Serve forever; `ready` gets the bound port (useful with port 0) once accepting."""
     loop = asyncio.get_running_loop()
+    faults = FaultInjector(fail_every)  # one for the process: its counters span connections
     server = await loop.create_server(
-        lambda: EchoProtocol(served_by), host, port, reuse_address=True, backlog=1024
+        lambda: EchoProtocol(served_by, faults), host, port, reuse_address=True, backlog=1024
     )
     ready(server.sockets[0].getsockname()[1])
     async with server:
@@ -459,7 +507,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("POD_NAME") or socket.gethostname(),
         help="pod name reported in x-served-by (default: $POD_NAME or the hostname)",
     )
+    parser.add_argument(
+        "--fail-every",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="answer 503 to every Nth request (counting from 1; default 0: never)",
+    )
     return parser.parse_args(argv)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -469,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"http_echo listening on {args.bind}:{port} as {args.name}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(args.bind, args.port, args.name, announce))
+        uvloop.run(serve(args.bind, args.port, args.name, announce, args.fail_every))
 
 
 if __name__ == "__main__":

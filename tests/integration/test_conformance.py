@@ -5,9 +5,10 @@ server1, on node2 server2 and an `outsider` that stays out of the mesh
 (istio.io/dataplane-mode: none). Every pod runs a server that greets with "<pod> <peer ip>"
 and answers the sha256 of what it received.
 
-Every mode that runs waypoints (L7 in waypoints, as Istio's ambient modes) also gets a
-cluster of topologies/reviews_waypoint.py, with the HTTP echo server in the reviews pods:
-the waypoint splits, matches paths and denies at L7.
+Every mode with L7 (in waypoints, as Istio's ambient modes; in the pods' own proxies, as
+sidecars) also gets a cluster of topologies/reviews_waypoint.py, with its declared HTTP echo
+apps: the waypoint (or the sidecars) splits, matches paths, denies at L7 and retries the
+503s of the flaky `ratings` backend by default.
 
 The modes come from the registry (testbed.redirect.registry): a new mode is tested here
 without any change to this file.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import http.client
+import json
 import os
 import sys
 import time
@@ -44,7 +47,9 @@ BLOCK = os.urandom(1 << 20)
 TRANSFER_MB = 4
 PLACEMENTS = {"same-node": "server1", "cross-node": "server2"}
 REVIEWS_PORT = 9080  # the reviews services' port (target 8080, the echo server's)
-SPLIT_REQUESTS = 500
+SPLIT_REQUESTS = 1000
+RETRIED_REQUESTS = 60  # to ratings, whose app answers 503 to every third request
+SILENT_CLIENT = 1.5  # s a client waits before its request: past every proxy's sniffing
 
 Case = tuple[str, dict[str, Any]]  # (mode, options)
 ISTIO_ZTUNNEL = os.environ.get("TESTBED_ZTUNNEL", "")
@@ -62,9 +67,12 @@ def mode_cases() -> dict[str, Case]:
     return cases
 
 
-def waypoint_cases() -> dict[str, Case]:
-    """Test id -> case: every registered mode that runs waypoints, with its defaults."""
-    return {name: (name, {}) for name, cls in MODES.items() if cls.runs_waypoints}
+def l7_cases() -> dict[str, Case]:
+    """Test id -> case: every registered mode with L7 (waypoints, or L7 sidecars), with its
+    defaults."""
+    return {
+        name: (name, {}) for name, cls in MODES.items() if cls.runs_waypoints or cls.l7_in_sidecars
+    }
 
 
 class ConformanceTopology(Topology):
@@ -108,18 +116,35 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
         cluster.stop()
 
 
-@pytest.fixture(scope="module", params=list(waypoint_cases()))
+@pytest.fixture(scope="module", params=list(l7_cases()))
 def reviews(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """topologies/reviews_waypoint.py: reviews split 90/10 over v1 and v2 by a waypoint,
-    `/v2...` pinned to v2, `/admin*` denied at L7; the reviews pods' declared HTTP echo app
-    answers (the topology starts it)."""
-    mode, options = waypoint_cases()[request.param]
-    cluster = Cluster(load_topology("reviews_waypoint"), create_mode(mode, options))
+    """topologies/reviews_waypoint.py: reviews split 90/10 over v1 and v2 by a waypoint (in
+    sidecar mode: by the client's sidecar), `/v2...` pinned to v2, `/admin*` denied at L7,
+    ratings failing every third request; the pods' declared HTTP echo apps answer (the
+    topology starts them)."""
+    mode, options = l7_cases()[request.param]
+    cluster = Cluster(reviews_variant(), create_mode(mode, options))
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+def reviews_variant() -> Topology:
+    """reviews_waypoint plus `raw`: an HTTP echo app behind a service whose port declares
+    appProtocol tcp (L4 even though the bytes are HTTP)."""
+    topology = load_topology("reviews_waypoint")
+    base_build = topology.build
+
+    def build() -> None:
+        base_build()
+        topology.add_pod("raw", "node2", labels={"app": "raw"}, app="http-echo", port=APP_PORT)
+        ports, declared = {REVIEWS_PORT: APP_PORT}, {REVIEWS_PORT: "tcp"}
+        topology.add_service("raw", selector={"app": "raw"}, ports=ports, app_protocols=declared)
+
+    topology.build = build  # type: ignore[method-assign]
+    return topology
 
 
 # ---------------------------------------------------------------- helpers
@@ -277,9 +302,20 @@ def test_facts_name_the_mode_and_its_fallbacks(mesh: Mesh) -> None:
 # ---------------------------------------------------------------- L7 through waypoints
 
 
-def reviews_requests(cluster: Cluster, path: str, count: int) -> list[HttpReply]:
-    vip = cluster.services["reviews"].vip
+def reviews_requests(
+    cluster: Cluster, path: str, count: int, service: str = "reviews"
+) -> list[HttpReply]:
+    """`count` GETs from productpage to `service`:9080, on one keep-alive connection."""
+    vip = cluster.services[service].vip
     return http_requests(cluster.pod("productpage"), vip, REVIEWS_PORT, path, count)
+
+
+def app_stats(pod: Pod) -> dict[str, int]:
+    """The HTTP echo app's own counters, asked inside its pod (not through the mesh)."""
+    [reply] = http_requests(pod, "127.0.0.1", APP_PORT, "/stats", 1)
+    assert reply.status == 200
+    stats: dict[str, int] = json.loads(reply.body)
+    return stats
 
 
 def test_waypoint_splits_requests_by_weight(reviews: Cluster) -> None:
@@ -287,7 +323,7 @@ def test_waypoint_splits_requests_by_weight(reviews: Cluster) -> None:
     assert {r.status for r in replies} == {200}
     served = Counter(r.served_by for r in replies)
     assert set(served) == {"reviews-v1", "reviews-v2"}, served
-    assert 23 <= served["reviews-v2"] <= 77, served  # 10 % of 500 +- 4 sd; 50/50 is 250
+    assert 62 <= served["reviews-v2"] <= 138, served  # 10 % of 1000 +- 4 sd; 50/50 is 500
 
 
 def test_waypoint_path_match_picks_v2(reviews: Cluster) -> None:
@@ -299,3 +335,61 @@ def test_waypoint_l7_deny_is_403(reviews: Cluster) -> None:
     replies = reviews_requests(reviews, "/admin/users", 3)
     assert [(r.status, r.body) for r in replies] == [(403, b"RBAC: access denied")] * 3
     assert {r.status for r in reviews_requests(reviews, "/v2/ok", 3)} == {200}
+
+
+def test_default_retries_hide_a_backend_that_answers_503(reviews: Cluster) -> None:
+    """Istio's default retry policy (2 retries, 503 among the conditions) in the waypoint
+    (in sidecar mode, the client's sidecar): every request succeeds, while the ratings app's
+    own counter shows it answered 503s (every third request it got)."""
+    ratings = reviews.pod("ratings")
+    before = app_stats(ratings)
+    replies = reviews_requests(reviews, "/ratings", RETRIED_REQUESTS, service="ratings")
+    assert [(r.status, r.served_by) for r in replies] == [(200, "ratings")] * RETRIED_REQUESTS
+    after = app_stats(ratings)
+    injected = after["injected_503"] - before["injected_503"]
+    answered = after["requests"] - before["requests"]
+    assert answered == RETRIED_REQUESTS + injected  # each 503 was tried again
+    assert injected >= RETRIED_REQUESTS // 3, (before, after)
+
+
+def test_the_app_sees_the_l7_proxy_as_its_peer(reviews: Cluster) -> None:
+    """Behind a waypoint the app sees the waypoint's address (its upstream HBONE forwards no
+    client address, as with Istio). Sidecar mode has no waypoint: the client's sidecar,
+    in the client's pod, is the peer, so the app sees the client pod's address."""
+    [reply] = reviews_requests(reviews, "/v2/peer?format=json", 1)
+    assert reply.status == 200
+    peer = json.loads(reply.body)["peer"].rpartition(":")[0]
+    expected = "productpage" if MODES[reviews.mode.name].l7_in_sidecars else "waypoint"
+    assert peer == reviews.pod(expected).ip
+
+
+def echoed_request_headers(cluster: Cluster, service: str, wait: float = 0.0) -> dict[str, str]:
+    """The request headers the echo app behind `service` received for one GET from
+    productpage, sent `wait` s after the connection opened."""
+    vip = cluster.services[service].vip
+    conn = http.client.HTTPConnection(vip, REVIEWS_PORT, timeout=10)
+    conn.sock = connect(cluster.pod("productpage"), vip, REVIEWS_PORT)
+    try:
+        time.sleep(wait)
+        conn.request("GET", "/headers?format=json")
+        response = conn.getresponse()
+        assert response.status == 200
+        headers: dict[str, str] = json.loads(response.read())["headers"]
+        return headers
+    finally:
+        conn.close()
+
+
+def test_declared_tcp_port_is_l4_even_for_http(reviews: Cluster) -> None:
+    """appProtocol tcp: no L7 proxy parses the request, so none adds Envoy's headers."""
+    assert "x-request-id" in echoed_request_headers(reviews, "ratings")  # declared http: L7
+    assert "x-request-id" not in echoed_request_headers(reviews, "raw")
+
+
+def test_declared_http_port_is_l7_without_sniffing(reviews: Cluster) -> None:
+    """A client silent past the sniffing timeout (waypoint 1 s, sidecar 100 ms) makes an
+    undeclared port plain TCP; a port declared appProtocol http stays HTTP. (reviews-v2:
+    undeclared, and no L7 policy of its own, whose DENY rule on paths would refuse TCP.)"""
+    assert "x-request-id" in echoed_request_headers(reviews, "ratings", wait=SILENT_CLIENT)
+    undeclared = echoed_request_headers(reviews, "reviews-v2", wait=SILENT_CLIENT)
+    assert "x-request-id" not in undeclared

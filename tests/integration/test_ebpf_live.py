@@ -249,3 +249,90 @@ def test_rejected_program_gives_clear_error_and_attaches_nothing(
     assert not (mini.bpffs / "node").exists()
     assert bpfload.attached_programs(mini.node, "vpz", "ingress") == []
     assert bpfload.attached_programs(mini.ztunnel, POD_DEV, "ingress") == []
+
+
+# ------------------------------------------------------------ fail modes and UDP
+
+UDP_PORT = 9999
+
+
+def _counter_rule(ns: Netns, match: list[str]) -> None:
+    """A rule that only counts: mangle PREROUTING sees every packet the tc programs let in."""
+    ns.run(["iptables", "-w", "-t", "mangle", "-A", "PREROUTING", *match])
+
+
+def _counted(ns: Netns) -> int:
+    """Packets counted by the first rule of mangle PREROUTING."""
+    done = ns.run(["iptables", "-w", "-t", "mangle", "-L", "PREROUTING", "-v", "-n", "-x"])
+    return int(done.stdout.splitlines()[2].split()[0])
+
+
+def _try_connect(ns: Netns, dest: tuple[str, int]) -> bool:
+    try:
+        _connect(ns, dest).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_tproxy_passes_what_no_listener_matches(mini: MiniNode) -> None:
+    """ztunnel is not listening: ztunnel_tproxy lets the SYN go on to the namespace's stack
+    (netfilter counts it) instead of dropping it in tc, as Istio's program does."""
+    datapath = _datapath(mini)
+    datapath.enroll(PODS["a"], mini.pods["a"], "vpa")
+    _counter_rule(mini.ztunnel, ["-p", "tcp", "--dport", str(APP_PORT)])
+    app = _listen(mini.pods["b"], APP_PORT, transparent=False)
+    with app:
+        assert not _try_connect(mini.pods["a"], (PODS["b"], APP_PORT))
+    assert _counted(mini.ztunnel) >= 1
+
+
+def test_no_ztunnel_attached_drops_the_pods_traffic(mini: MiniNode) -> None:
+    datapath = _datapath(mini)
+    datapath.enroll(PODS["a"], mini.pods["a"], "vpa")
+    datapath.enroll(PODS["b"], mini.pods["b"], "vpb")
+    _counter_rule(mini.ztunnel, ["-p", "tcp", "--dport", str(APP_PORT)])
+    outbound = _listen(mini.ztunnel, 15001, transparent=True)
+    app = _listen(mini.pods["b"], APP_PORT, transparent=False)
+    with outbound, app:
+        datapath.detach_ztunnel()
+        assert not _try_connect(mini.pods["a"], (PODS["b"], APP_PORT))  # app_outbound drops
+        assert not _try_connect(mini.pods["c"], (PODS["b"], APP_PORT))  # app_inbound drops
+        assert _counted(mini.ztunnel) == 0  # dropped in tc: neither ztunnel nor the app saw it
+        app.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            app.accept()
+        datapath.attach_ztunnel()
+        with _connect(mini.pods["a"], (PODS["b"], APP_PORT)) as client:
+            accepted, _ = outbound.accept()
+            with accepted:
+                assert accepted.getsockname() == (PODS["b"], APP_PORT)
+                _exchange(client, accepted)
+
+
+def _udp_socket(ns: Netns, port: int = 0) -> socket.socket:
+    fd = os.open(ns.path, os.O_RDONLY)
+    try:
+        sock = podsockets.call_in_netns(
+            fd, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        )
+    finally:
+        os.close(fd)
+    sock.bind(("0.0.0.0", port))
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def test_udp_of_an_enrolled_pod_goes_through_ztunnels_namespace(mini: MiniNode) -> None:
+    """Steered to ztunnel's veth like TCP (netfilter there counts it), then routed on to its
+    destination, and the answer comes back the same way."""
+    datapath = _datapath(mini)
+    datapath.enroll(PODS["a"], mini.pods["a"], "vpa")
+    _counter_rule(mini.ztunnel, ["-p", "udp"])
+    with _udp_socket(mini.pods["a"]) as sender, _udp_socket(mini.pods["b"], UDP_PORT) as peer:
+        sender.sendto(b"datagram", (PODS["b"], UDP_PORT))
+        data, source = peer.recvfrom(64)
+        assert (data, source[0]) == (b"datagram", PODS["a"])
+        peer.sendto(b"answer", source)
+        assert sender.recvfrom(64) == (b"answer", (PODS["b"], UDP_PORT))
+    assert _counted(mini.ztunnel) == 2  # the datagram and its answer

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
 import pytest
 from podapps import APP_PORT, GreetingServer, connect, finish, greeting, read_line
 
 from testbed.cluster import Cluster, Pod, Topology
+from testbed.cluster.clusterdns import DNS_SERVICE_VIP
 from testbed.redirect import bpfload
 from testbed.redirect.base import http_get
 from testbed.redirect.ebpf import EbpfMode
@@ -160,6 +163,67 @@ def test_unenrolled_pod_is_not_redirected_and_can_come_back(cluster: Cluster) ->
     assert server1.ip in {e.ip for e in mode.datapaths["node1"].enrolled()}
     assert greeting(outsider, server1.ip) == f"server1 {outsider.ip}"
     assert counter(mode, "node1", "istio_tcp_connections_closed_total", 1, **plain) >= 1
+
+
+def resolve(pod: Pod, name: str) -> tuple[int, str]:
+    """`getent hosts NAME` in the pod (its own resolv.conf): exit status and address."""
+    done = pod.run(["getent", "hosts", name], check=False, timeout=15)
+    return done.returncode, (done.stdout.split() or [""])[0]
+
+
+def udp_dns_answer(pod: Pod, name: str, timeout: float = 2.0) -> bytes | None:
+    """One UDP query for `name` to the pod's nameserver; None when no answer comes."""
+    query = dns.message.make_query(name, "A").to_wire()
+    with pod.netns.entered():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.sendto(query, (DNS_SERVICE_VIP, 53))
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return None
+
+
+def dns_dnat_count(cluster: Cluster, node: str) -> int:
+    """Packets the DNS rule in ztunnel's namespace handed to its DNS proxy."""
+    ztunnel = _mode(cluster).ztunnels[node].pod
+    done = ztunnel.netns.run(["iptables", "-w", "-t", "nat", "-L", "PREROUTING", "-v", "-n", "-x"])
+    rows = [line.split() for line in done.stdout.splitlines() if "dpt:53" in line]
+    return sum(int(row[0]) for row in rows)
+
+
+def test_udp_dns_is_answered_by_ztunnel(cluster: Cluster) -> None:
+    client = cluster.pods["client"]
+    vip = cluster.services["server"].vip
+    before = dns_dnat_count(cluster, "node1")
+    assert resolve(client, "server.default.svc.cluster.local") == (0, vip)
+    assert dns_dnat_count(cluster, "node1") > before  # UDP 53 went to ztunnel's 15053
+    # only ztunnel's proxy expands an absolute short name through the pod's search list
+    assert resolve(client, "server.") == (0, vip)
+    assert resolve(client, "nosuch.default.svc.cluster.local")[0] == 2
+    # a pod out of the mesh asks the cluster DNS service, which answers FQDNs only
+    assert resolve(cluster.pods["outsider"], "server.")[0] == 2
+
+
+def test_without_its_ztunnel_a_pod_is_cut_off_until_it_is_back(cluster: Cluster) -> None:
+    """Istio's fail-closed: no ztunnel attached for node1, its enrolled pods' traffic is
+    dropped in tc (both directions), not sent around ztunnel."""
+    mode = _mode(cluster)
+    client, server1, outsider = (cluster.pods[n] for n in ("client", "server1", "outsider"))
+    datapath = mode.datapaths["node1"]
+    datapath.detach_ztunnel()
+    try:
+        with pytest.raises(OSError):
+            connect(client, outsider.ip, timeout=2).close()
+        with pytest.raises(OSError):
+            connect(outsider, server1.ip, timeout=2).close()
+        assert udp_dns_answer(client, "server.default.svc.cluster.local") is None
+    finally:
+        datapath.attach_ztunnel()
+    assert greeting(client, outsider.ip) == f"outsider {client.ip}"
+    assert greeting(outsider, server1.ip) == f"server1 {outsider.ip}"
+    assert udp_dns_answer(client, "server.default.svc.cluster.local") is not None
 
 
 def test_teardown_leaves_no_program_pin_or_mount(runs_root: Path) -> None:

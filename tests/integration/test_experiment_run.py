@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def write_spec(
     folder: Path,
     modes: list[str],
     *,
-    repetitions: int = 2,
+    repetitions: int | str = 2,  # or "{auto: {...}}"
+    placements: str = "[cross-node]",
     name: str = "it",
     extra: str = "",
     trace: bool = False,  # the walks have a test of their own; the rest stays quick
@@ -36,7 +38,7 @@ def write_spec(
         topology: two_nodes
         modes: [{", ".join(modes)}]
         workloads: [tcp_stream]
-        placements: [cross-node]
+        placements: {placements}
         repetitions: {repetitions}
         warmup: 0
         duration: 1
@@ -217,3 +219,41 @@ def test_paths_of_two_modes_give_path_rows_and_the_breakdown(tmp_path: Path) -> 
     assert (run_dir / "figures" / "breakdown_rr_p50.png").stat().st_size > 10_000
     assert "Modes compared on capture alone" in report
     assert not leaked_namespaces(run_dir)
+
+
+def test_auto_repetitions_judge_each_case_and_say_what_ended_it(tmp_path: Path) -> None:
+    # cv 0.5: any working stream is steady at 3 repetitions; budget 1 s: no extra one
+    auto = "{auto: {min: 3, max: 5, cv: 0.5, budget: 1s}}"
+    spec = write_spec(tmp_path, ["none"], name="auto", repetitions=auto)
+    run_dir = run_experiment(
+        spec, results_dir=tmp_path / "results", report=True, show_progress=False
+    )
+    check_run(run_dir, ["none"], 3)
+    throughput = load(run_dir).query("metric == 'throughput'")
+    assert set(throughput["steadiness"]) == {"steady"}
+    assert set(throughput["steadiness_stop"]) == {"steady"}
+    series = json.loads((run_dir / "metadata.json").read_text())["steadiness"]["series"]
+    assert series["none-direct-cross-node-tcp_stream-p1"]["n"] == 3
+    assert "## Steadiness of the repetitions" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy (the native peer) missing")
+def test_native_peer_gives_rows_beside_none(tmp_path: Path) -> None:
+    placements = "[same-node, cross-node]"
+    spec = write_spec(
+        tmp_path, ["none"], name="native", placements=placements, extra="peers: [native]\n"
+    )
+    run_dir = run_experiment(
+        spec, results_dir=tmp_path / "results", report=True, show_progress=False
+    )
+    check_run(run_dir, ["none", "native"], 2 * 2)  # two placements
+    frame = load(run_dir)
+    native = frame[frame["mode"] == "native"]
+    assert set(native["path"]) == {"native"} and set(native["status"]) == {"ok"}
+    assert set(native[native["metric"] == "throughput"]["placement"]) == {"same-node", "cross-node"}
+    # HAProxy's two sides are sampled as the peer's proxies
+    assert set(native[native["metric"] == "rss_max_bytes"]["process"]) == {
+        "haproxy-client",
+        "haproxy-server",
+    }
+    assert "ratio to native" in (run_dir / "report.md").read_text()

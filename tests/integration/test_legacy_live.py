@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import podapps
 import pytest
-from podapps import APP_PORT, EchoServer, read_line
+from podapps import APP_PORT, EchoServer, GreetingServer, read_line
 
-from testbed.cluster import Cluster, Pod
+from testbed.cluster import Cluster, Pod, Topology
 from testbed.mesh.podsockets import IP_TRANSPARENT
 from testbed.netlab import Netns
 from testbed.redirect import create_mode
 from testbed.redirect import legacy_rules as lr
-from testbed.redirect.legacy import choose_tunnel, install_node_plumbing
+from testbed.redirect.base import http_get
+from testbed.redirect.legacy import LegacyMode, choose_tunnel, install_node_plumbing
 
 RELAY_PORTS = (lr.OUTBOUND_PORT, lr.INBOUND_PLAINTEXT_PORT, lr.HBONE_PORT)
 
@@ -106,11 +109,13 @@ class Plumbed:
         return self.cluster.nodes[name].netns
 
     def enroll(self, pod: Pod) -> None:
-        lr.enroll(self.node(pod.node), pod.ip, self.facts[pod.node].host_ip)
+        ztunnel = self.ztunnels[pod.node].netns
+        lr.enroll(self.node(pod.node), ztunnel, pod.ip, self.facts[pod.node].host_ip)
         self.enrolled.append(pod.name)
 
     def unenroll(self, pod: Pod) -> None:
-        lr.unenroll(self.node(pod.node), pod.ip, self.facts[pod.node].host_ip)
+        ztunnel = self.ztunnels[pod.node].netns
+        lr.unenroll(self.node(pod.node), ztunnel, pod.ip, self.facts[pod.node].host_ip)
         self.enrolled.remove(pod.name)
 
     def enrolled_ips(self, node: str) -> list[str]:
@@ -130,9 +135,7 @@ def plumbed() -> Iterator[Plumbed]:
             pod = cluster.add_system_pod(
                 name, f"ztunnel-{name}", namespace="istio-system", service_account="ztunnel"
             )
-            facts[name] = lr.NodeFacts(
-                node.underlay_ip, pod.ip, pod.spec.host_ifname, kind, node.spec.pod_cidr
-            )
+            facts[name] = lr.NodeFacts(node.underlay_ip, pod.ip, pod.spec.host_ifname, kind)
             install_node_plumbing(node.netns, pod.netns, facts[name])
             ztunnels[name] = pod
             relays[name] = StandInRelay(pod.netns)
@@ -184,11 +187,17 @@ def test_ztunnel_rules_equal_the_reference(plumbed: Plumbed) -> None:
         ztunnel = plumbed.ztunnels[name].netns
         assert lr.installed_ztunnel_rules(ztunnel) == lr.expected_ztunnel_rules(facts)
         shown = lr.installed_routing(ztunnel, lr.ZTUNNEL_RULE_PRIORITIES)
-        assert shown["rules"] == [
-            f"20000: from all fwmark {lr.TPROXY_MARK} lookup 100",
-            f"20002: from all to {facts.pod_cidr} ipproto tcp dport 15008 lookup 100",
-            f"20003: from all fwmark {lr.ORIGINAL_SOURCE_RETURN_MARK} lookup 100",
+        local_hbone = [
+            f"20002: from all to {ip} ipproto tcp dport 15008 lookup 100"
+            for ip in plumbed.enrolled_ips(name)
         ]
+        assert sorted(shown["rules"]) == sorted(
+            [
+                f"20000: from all fwmark {lr.TPROXY_MARK} lookup 100",
+                *local_hbone,
+                f"20003: from all fwmark {lr.ORIGINAL_SOURCE_RETURN_MARK} lookup 100",
+            ]
+        )
         assert shown["table 100"] == ["local default dev lo scope host"]
 
 
@@ -274,3 +283,99 @@ def test_uninstall_removes_the_node_rules(plumbed: Plumbed) -> None:
     routing = lr.installed_routing(node, lr.NODE_RULE_PRIORITIES)
     assert routing == {"rules": [], "table 100": [], "table 101": [], "table 102": []}
     assert lr.installed_ipset(node) == []
+
+
+# ---------------------------------------------------------------- with the project's ztunnel
+
+USE_WAYPOINT = "istio.io/use-waypoint"
+BOUND_PORT = 80
+
+
+class LegacyMeshTopology(Topology):
+    """A waypoint on the client's node in front of a service on the other node, and a pod
+    of the client's node for the same-node fast path."""
+
+    name = "legacy_mesh"
+
+    def build(self) -> None:
+        self.add_node("node1")
+        self.add_node("node2")
+        self.add_waypoint("wp", "node1")
+        self.add_pod("client", "node1", labels={"app": "client"})
+        self.add_pod("neighbour", "node1", labels={"app": "neighbour"})
+        self.add_pod("remote", "node2", labels={"app": "remote"})
+        self.add_service(
+            "bound",
+            selector={"app": "remote"},
+            ports={BOUND_PORT: APP_PORT},
+            labels={USE_WAYPOINT: "wp"},
+        )
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fast-path", "no-fast-path"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """One cluster per value of the option, built one after the other."""
+    mode = create_mode("legacy", {"same_node_fast_path": request.param})
+    cluster = Cluster(LegacyMeshTopology(), mode)
+    servers: list[GreetingServer] = []
+    try:
+        cluster.start()
+        servers = [GreetingServer(cluster.pods[name]) for name in ("neighbour",)]
+        podapps.start_http_echo(cluster.pods["remote"])
+        yield cluster
+    finally:
+        for server in servers:
+            server.close()
+        cluster.stop()
+
+
+def _records(cluster: Cluster, node: str) -> list[dict[str, Any]]:
+    mode = cluster.mode
+    assert isinstance(mode, LegacyMode)
+    body = http_get(mode.ztunnels[node].pod, 15000, "/connections")[1]
+    records: list[dict[str, Any]] = json.loads(body)["connections"]
+    return records
+
+
+def _records_to(cluster: Cluster, node: str, original_dst: str) -> list[dict[str, Any]]:
+    """The closed records of `node`'s ztunnel for connections to `original_dst`."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        found = [
+            r for r in _records(cluster, node)
+            if r["original_dst"] == original_dst and r["closed"] is not None
+        ]  # fmt: skip
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_same_node_traffic_takes_the_fast_path_only_with_the_option(mesh: Cluster) -> None:
+    assert isinstance(mesh.mode, LegacyMode)
+    fast = mesh.mode.options.same_node_fast_path
+    client, neighbour = mesh.pods["client"], mesh.pods["neighbour"]
+    assert greeting(client, neighbour.ip) == f"neighbour {client.ip}"
+    target = f"{neighbour.ip}:{APP_PORT}"
+    [*_, outbound] = [r for r in _records_to(mesh, "node1", target) if r["listener"] == 15001]
+    assert outbound["verdict"] == "allow"
+    assert outbound["dst_identity"] == "spiffe://cluster.local/ns/default/sa/neighbour"
+    inbound = [r for r in _records_to(mesh, "node1", target) if r["listener"] == 15008]
+    if fast:  # served in-process: no HBONE, no TLS, no second hop through 15008
+        assert outbound["path"] == "local" and outbound["upstream"] == target
+        assert inbound == []
+    else:  # over HBONE to this ztunnel's own 15008 (rule 20002)
+        assert outbound["path"] == "hbone"
+        assert outbound["upstream"] == f"{neighbour.ip}:15008"
+        assert inbound and inbound[-1]["path"] == "hbone" and inbound[-1]["verdict"] == "allow"
+
+
+def test_a_waypoint_on_the_clients_node_is_reached(mesh: Cluster) -> None:
+    """HBONE to an uncaptured pod of ztunnel's own node (the waypoint) goes to that pod,
+    not to ztunnel's own 15008 (the rule 20002 matches enrolled pods only)."""
+    client, wp = mesh.pods["client"], mesh.pods["wp"]
+    assert client.node == wp.node
+    vip = mesh.services["bound"].vip
+    replies = podapps.http_requests(client, vip, BOUND_PORT, "/", 3)
+    assert [(r.status, r.served_by) for r in replies] == [(200, "remote")] * 3
+    [*_, outbound] = _records_to(mesh, "node1", f"{vip}:{BOUND_PORT}")
+    assert outbound["path"] == "waypoint" and outbound["upstream"] == f"{wp.ip}:15008"

@@ -113,8 +113,12 @@ class Tunnel:
 
 
 @asynccontextmanager
-async def tunnel(ids: Identities, **client_options: Any) -> AsyncIterator[Tunnel]:
-    server = HboneServer(ids.server_ctx(), lambda request: state.on_connect(request))
+async def tunnel(
+    ids: Identities, server_options: dict[str, Any] | None = None, **client_options: Any
+) -> AsyncIterator[Tunnel]:
+    server = HboneServer(
+        ids.server_ctx(), lambda request: state.on_connect(request), **(server_options or {})
+    )
     await server.start(listening_socket())
     state = Tunnel(ids, server, HboneClient(**client_options))
     try:

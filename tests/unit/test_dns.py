@@ -94,7 +94,7 @@ def test_server_keeps_serving_after_garbage() -> None:
     async def scenario() -> tuple[int, int, list[str], bytes]:
         udp, tcp = bind_sockets("127.0.0.1", 0)
         port_udp, port_tcp = udp.getsockname()[1], tcp.getsockname()[1]
-        task = asyncio.create_task(serve(lambda: PROXY, udp, tcp))
+        task = asyncio.create_task(serve(lambda _peer: PROXY, udp, tcp))
         await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -9,7 +9,7 @@ import pytest
 
 from testbed.redirect import bpfload, bpfmaps
 from testbed.redirect.bpfmaps import PodEntry, ZtunnelEntry
-from testbed.redirect.ebpf_node import node_sysctls, ztunnel_routing_argvs
+from testbed.redirect.ebpf_node import node_sysctls, ztunnel_dns_argv, ztunnel_routing_argvs
 
 
 def test_pod_key_is_the_address_in_network_byte_order() -> None:
@@ -25,6 +25,15 @@ def test_pod_value_matches_struct_pod_info() -> None:
 def test_ztunnel_value_matches_struct_ztunnel_info() -> None:
     value = bpfmaps.ztunnel_value(ZtunnelEntry(258, "10.1.0.9", "02:00:00:00:00:01"))
     assert value == bytes([2, 1, 0, 0, 10, 1, 0, 9, 2, 0, 0, 0, 0, 1, 0, 0])
+
+
+def test_ztunnel_value_carries_the_capture_dns_flag() -> None:
+    value = bpfmaps.ztunnel_value(ZtunnelEntry(258, "10.1.0.9", "02:00:00:00:00:01", True))
+    assert value[-2:] == bytes([bpfmaps.CAPTURE_DNS_FLAG, 0])  # __u8 flags, __u8 pad
+
+
+def test_a_detached_ztunnel_is_ifindex_zero() -> None:
+    assert bpfmaps.ztunnel_value(bpfmaps.DETACHED) == bytes(16)
 
 
 def test_host_value_is_the_address() -> None:
@@ -104,6 +113,13 @@ def test_ztunnel_namespace_routes_marked_packets_locally() -> None:
     }
 
 
+def test_captured_dns_in_ztunnel_namespace_goes_to_the_dns_proxy() -> None:
+    assert ztunnel_dns_argv("10.1.0.9") == [
+        "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-p", "udp", "--dport", "53",
+        "-j", "DNAT", "--to-destination", "10.1.0.9:15053",
+    ]  # fmt: skip
+
+
 def test_the_c_sources_and_python_agree_on_names() -> None:
     source = (bpfload.BPF_DIR / "ambient_redirect.bpf.c").read_text()
     maps = (bpfload.BPF_DIR / "ambient_maps.h").read_text()
@@ -112,3 +128,4 @@ def test_the_c_sources_and_python_agree_on_names() -> None:
     for name in bpfmaps.MAP_NAMES:
         assert f'}} {name} SEC(".maps");' in maps
     assert "#define TPROXY_MARK 0x400" in source
+    assert f"#define ZTUNNEL_CAPTURE_DNS 0x{bpfmaps.CAPTURE_DNS_FLAG:x}" in maps

@@ -15,13 +15,22 @@ from testbed.redirect.ebpf import EbpfMode
 def test_defaults_are_tc_filters_and_cluster_local() -> None:
     mode = create_mode("ebpf")
     assert isinstance(mode, EbpfMode)
-    assert mode.facts() == {"ebpf_hook": "tc", "trust_domain": "cluster.local"}
+    assert mode.facts() == {
+        "ebpf_hook": "tc",
+        "same_node_fast_path": "True",
+        "trust_domain": "cluster.local",
+    }
     assert mode.proxy_pids() == {}
 
 
 def test_options_are_taken() -> None:
-    mode = create_mode("ebpf", {"ebpf_hook": "tcx", "trust_domain": "example.org"})
-    assert mode.facts() == {"ebpf_hook": "tcx", "trust_domain": "example.org"}
+    options = {"ebpf_hook": "tcx", "trust_domain": "example.org", "same_node_fast_path": False}
+    mode = create_mode("ebpf", options)
+    assert mode.facts() == {
+        "ebpf_hook": "tcx",
+        "same_node_fast_path": "False",
+        "trust_domain": "example.org",
+    }
 
 
 @pytest.mark.parametrize(

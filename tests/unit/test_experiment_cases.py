@@ -13,6 +13,7 @@ from testbed.experiment.cases import (
     mode_cases,
     path_switches,
     separate_warmup,
+    sitting_cases,
 )
 
 SWEPT = SMALL_SPEC.replace("[tcp_stream]", "[tcp_stream, tcp_rr, http_fixed_qps]") + (
@@ -101,3 +102,22 @@ def test_http_warms_up_inside_its_measured_run(tmp_path: Path) -> None:
     spec = load_fake_spec(tmp_path, SWEPT)[1]
     cases = mode_cases(spec, spec.modes[0])
     assert {c.workload for c in cases if not separate_warmup(c)} == {"http_fixed_qps"}
+
+
+def test_the_native_peer_rides_on_nones_cluster_and_costs_its_cases(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace("[same-node]", "[same-node, cross-node]")
+    spec = load_fake_spec(tmp_path, text + "peers: [native]\n")[1]
+    none, inpod = spec.modes
+    cases = sitting_cases(spec, none)
+    assert [(c.mode, c.path, c.placement, c.repetition) for c in cases] == [
+        (mode, path, placement, repetition)
+        for repetition in (1, 2)
+        for mode, path in (("none", "direct"), ("native", "native"))
+        for placement in ("same-node", "cross-node")
+    ]
+    assert sitting_cases(spec, inpod) == mode_cases(spec, inpod)  # the peer is none's only
+    assert path_switches(cases) == 2 * 3  # per repetition: direct, a tunnel per placement
+    assert cases[-1].describe() == "native cross-node tcp_stream parallel=1 rep 2"
+    assert cases[-1].series_id == "native-native-cross-node-tcp_stream-p1"
+    without = load_fake_spec(tmp_path, text)[1]
+    assert estimated_seconds(spec) > estimated_seconds(without)

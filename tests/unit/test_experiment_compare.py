@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from testbed.experiment.compare import (
@@ -91,3 +92,25 @@ def test_single_repetitions_are_not_compared(tmp_path: Path) -> None:
     b = write_run(tmp_path / "b", {("none", "throughput"): [2.0]})
     text = compare_runs(a, b)
     assert "Compared 0 (case, metric) pairs" in text and "No change" in text
+
+
+def test_compare_marks_a_change_whose_repetitions_were_not_steady(tmp_path: Path) -> None:
+    runs = []
+    for name, values, flag in (
+        ("a", [5.0e9, 5.1e9, 5.05e9, 5.02e9], "steady"),
+        ("b", [6.0e9, 8.0e9, 6.1e9, 8.1e9], "bimodal"),
+    ):
+        folder = write_run(tmp_path / name, {("inpod", "throughput"): values})
+        frame = pd.read_parquet(folder / "results.parquet")
+        frame["steadiness"], frame["steadiness_stop"] = flag, "fixed"
+        frame.to_parquet(folder / "results.parquet")
+        runs.append(folder)
+    text = compare_runs(*runs)
+    assert "A: a (0 of 1 cases not steady)" in text and "B: b (1 of 1 cases not steady)" in text
+    (line,) = [line for line in text.splitlines() if line.startswith("inpod")]
+    assert line.endswith("B bimodal")
+
+
+def test_compare_of_runs_without_steadiness_says_so(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "a", {("none", "throughput"): [1.0, 2.0, 3.0]})
+    assert "A: a (steadiness not recorded)" in compare_runs(a, a)

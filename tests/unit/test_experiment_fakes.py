@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from testbed.experiment.cases import Case
+from testbed.experiment.peers import PeerEndpoint
 from testbed.experiment.runner import Runner
 from testbed.experiment.spec import ExperimentSpec, load_spec
 from testbed.experiment.store import RunStore
@@ -35,7 +37,7 @@ sample_interval: 0.05
 """
 
 # Throughput (bit/s) per mode: inpod costs a third, as a proxy in the path would.
-THROUGHPUT = {"none": 10e9, "inpod": 6.6e9, "sidecar": 5e9}
+THROUGHPUT = {"none": 10e9, "inpod": 6.6e9, "sidecar": 5e9, "native": 4e9}
 
 
 @dataclass
@@ -170,6 +172,24 @@ class FakePaths:
         return FakePod(server.name, "10.96.0.99", server.node, server.commands)
 
 
+class FakePeers:
+    """Stands in for the HAProxy tunnel: records each start and stop, the client reaches
+    a made-up node address, this test process stands in for both HAProxy sides."""
+
+    ADDRESS = "192.168.10.1"
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    @contextmanager
+    def __call__(self, peer: str, cluster: Any, client: Any, server: Any) -> Iterator[Any]:
+        self.log.append(f"start {peer} {client.node}->{server.node} on {cluster.mode}")
+        try:
+            yield PeerEndpoint(self.ADDRESS, {"haproxy-client": os.getpid()})
+        finally:
+            self.log.append(f"stop {peer}")
+
+
 def fake_runner(
     spec: ExperimentSpec,
     store: RunStore,
@@ -177,6 +197,8 @@ def fake_runner(
     workloads: dict[str, Any] | None = None,
     paths: FakePaths | None = None,
     tracer: Any | None = None,
+    peers: FakePeers | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Runner:
     # A fake cluster has nothing to trace: tests that do not pass a tracer trace nothing.
     if tracer is None:
@@ -190,4 +212,6 @@ def fake_runner(
         paths=paths or FakePaths(),
         show_progress=False,
         tracer=tracer or real_tracer,
+        peer_factory=peers or FakePeers(),  # never a real HAProxy from a unit test
+        **({"clock": clock} if clock else {}),
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -8,6 +9,7 @@ import pytest
 from test_experiment_fakes import (
     SMALL_SPEC,
     FakeClusterFactory,
+    FakePeers,
     fake_runner,
     fake_stream,
     load_fake_spec,
@@ -200,3 +202,124 @@ def test_unknown_topology_is_a_spec_error_before_anything_is_built(tmp_path: Pat
             spec_path, results_dir=tmp_path / "results", available_modes=lambda: ["none", "inpod"]
         )
     assert not (tmp_path / "results").exists()
+
+
+AUTO_SPEC = SMALL_SPEC.replace("modes: [none, inpod]", "modes: [none]").replace(
+    "repetitions: 2", "repetitions: {auto: {min: 2, max: 4, cv: 0.10, budget: 5m}}"
+)
+
+
+def by_repetition(values: dict[int, float]) -> Any:
+    """A tcp_stream whose throughput (Gbit/s) is given per repetition."""
+
+    def workload(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        rows = fake_stream(client, server, case, raw_dir)
+        return [replace(rows[0], value=values[case.repetition] * 1e9)]
+
+    return workload
+
+
+def steadiness_of(run_dir: Path) -> tuple[list[int], set[str], set[str]]:
+    rows = load(run_dir)
+    throughput = rows[rows["metric"] == "throughput"]
+    flags = set(throughput["steadiness"])
+    stops = set(throughput["steadiness_stop"])
+    return sorted(throughput["repetition"]), flags, stops
+
+
+def test_fixed_repetitions_are_judged_and_stored(tmp_path: Path) -> None:
+    run_dir = run_fake(tmp_path)[0]
+    assert steadiness_of(run_dir)[1:] == ({"steady"}, {"fixed"})
+    series = json.loads((run_dir / "metadata.json").read_text())["steadiness"]["series"]
+    assert series["inpod-hbone-same-node-tcp_stream-p1"]["flag"] == "steady"
+    assert series["inpod-hbone-same-node-tcp_stream-p1"]["metric"] == "throughput"
+
+
+def test_auto_extends_a_case_until_its_spread_is_within_bounds(tmp_path: Path) -> None:
+    workload = by_repetition({1: 10.0, 2: 12.0, 3: 10.5, 4: 10.2})  # CV 0.13, then 0.096
+    run_dir = run_fake(tmp_path, AUTO_SPEC, workloads={"tcp_stream": workload})[0]
+    assert steadiness_of(run_dir) == ([1, 2, 3], {"steady"}, {"steady"})
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["steadiness"]["auto"]["max"] == 4 and metadata["cases_ok"] == 3
+
+
+def test_auto_stops_a_bimodal_case_at_max(tmp_path: Path) -> None:
+    workload = by_repetition({1: 2.7, 2: 4.3, 3: 2.72, 4: 4.31})
+    run_dir = run_fake(tmp_path, AUTO_SPEC, workloads={"tcp_stream": workload})[0]
+    assert steadiness_of(run_dir) == ([1, 2, 3, 4], {"bimodal"}, {"max"})
+
+
+def test_auto_stops_a_noisy_case_at_the_budget(tmp_path: Path) -> None:
+    # one more 2 s repetition would take longer than the 1 s budget: none is begun
+    spec = AUTO_SPEC.replace("budget: 5m", "budget: 1s")
+    workload = by_repetition({1: 10.0, 2: 14.0})
+    run_dir = run_fake(tmp_path, spec, workloads={"tcp_stream": workload})[0]
+    assert steadiness_of(run_dir) == ([1, 2], {"noisy"}, {"budget"})
+
+
+def test_a_failed_case_is_not_extended(tmp_path: Path) -> None:
+    def failing(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        raise RuntimeError("iperf3: unable to connect")
+
+    run_dir = run_fake(tmp_path, AUTO_SPEC, workloads={"tcp_stream": failing})[0]
+    frame = load(run_dir)
+    assert sorted(frame["repetition"]) == [1, 2]
+    assert set(frame["steadiness"]) == {"unknown"} and set(frame["steadiness_stop"]) == {"failed"}
+
+
+PEER_SPEC = SMALL_SPEC.replace("placements: [same-node]", "placements: [same-node, cross-node]")
+PEER_SPEC += "peers: [native]\n"
+
+
+def test_the_native_peer_runs_on_mode_nones_cluster_interleaved(tmp_path: Path) -> None:
+    peers = FakePeers()
+    run_dir, factory = run_fake(tmp_path, PEER_SPEC, peers=peers)
+    assert factory.log == ["build none", "teardown none", "build inpod", "teardown inpod"]
+    # a tunnel per placement, up only while the peer's cases run, every repetition
+    assert peers.log == [
+        "start native node1->node1 on none", "stop native",
+        "start native node1->node2 on none", "stop native",
+    ] * 2  # fmt: skip
+    frame = load(run_dir)
+    native = frame[frame["mode"] == "native"]
+    assert set(native["path"]) == {"native"} and set(native["status"]) == {"ok"}
+    throughput = native[native["metric"] == "throughput"]
+    assert sorted(throughput["placement"]) == ["cross-node"] * 2 + ["same-node"] * 2
+    assert set(native[native["metric"] == "rss_max_bytes"]["process"]) == {"haproxy-client"}
+    order = frame[frame["metric"] == "throughput"].drop_duplicates("case_id")
+    assert list(order["mode"])[:4] == ["none", "none", "native", "native"]  # rep 1 of each
+    assert list(order["repetition"])[:8] == [1, 1, 1, 1, 2, 2, 2, 2]
+    client = factory.clusters[0].pods[0]
+    assert ["iperf3", "-c", FakePeers.ADDRESS] in client.commands  # the tunnel's entry
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert "haproxy" in metadata["peers"]["native"]["what"]
+
+
+def test_a_peer_without_mode_none_is_a_spec_error(tmp_path: Path) -> None:
+    text = PEER_SPEC.replace("modes: [none, inpod]", "modes: [inpod]")
+    with pytest.raises(SpecError, match=r"small\.yaml: invalid experiment spec: peers: .*none"):
+        load_fake_spec(tmp_path, text)
+
+
+def test_auto_budget_is_shared_by_the_modes_and_unused_time_passes_on(tmp_path: Path) -> None:
+    spec = SMALL_SPEC.replace(
+        "repetitions: 2", "repetitions: {auto: {min: 2, max: 10, budget: 20s}}"
+    )
+    ticks = iter(range(0, 10_000, 5))  # every extra repetition takes 5 s on this clock
+
+    def noisy_inpod(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        rows = fake_stream(client, server, case, raw_dir)  # none: 1 % apart, steady
+        if case.mode == "inpod":
+            return [replace(rows[0], value=(6e9, 9e9, 7e9)[case.repetition % 3])]
+        return rows
+
+    run_dir = run_fake(
+        tmp_path, spec, workloads={"tcp_stream": noisy_inpod}, clock=lambda: next(ticks)
+    )[0]
+    frame = load(run_dir).query("metric == 'throughput'")
+    reps = frame.groupby("mode")["repetition"].max().to_dict()
+    # none needs no extra repetition, so inpod may use the whole 20 s: four 5-s extras
+    assert reps == {"none": 2, "inpod": 6}
+    assert set(frame.loc[frame["mode"] == "inpod", "steadiness_stop"]) == {"budget"}
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["steadiness"]["extra_seconds"] == 20

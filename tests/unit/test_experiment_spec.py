@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from test_experiment_fakes import SMALL_SPEC, write_spec
 
-from testbed.experiment.cases import estimated_seconds, mode_cases
+from testbed.experiment.cases import estimated_seconds, mode_cases, worst_case_seconds
 from testbed.experiment.spec import DATA_PATHS, SpecError, load_spec
 from testbed.redirect import available_modes
 
@@ -120,8 +120,9 @@ def test_default_spec_covers_the_issue_and_fits_in_15_minutes() -> None:
     assert set(spec.placements) == {"same-node", "cross-node"}
     assert {"tcp_stream", "tcp_rr", "tcp_crr", "http_fixed_qps"} <= set(spec.workloads)
     assert {p for mode in spec.modes for p in spec.mode_paths(mode)} == set(DATA_PATHS)
-    assert spec.repetitions >= 2
-    assert estimated_seconds(spec) < 15 * 60
+    assert spec.first_repetitions >= 2
+    assert spec.peers == ["native"]
+    assert worst_case_seconds(spec) < 15 * 60  # the budget for extra repetitions included
     assert "15 minutes" in (EXPERIMENTS / "default.yaml").read_text()
 
 
@@ -181,3 +182,50 @@ def test_a_meshed_mode_needs_more_than_direct(tmp_path: Path) -> None:
 def test_message_sizes_stay_within_64_kib(tmp_path: Path) -> None:
     message = spec_error(tmp_path, SMALL_SPEC + "sweeps: {msg_sizes: [64, 65537]}\n")
     assert "sweeps.msg_sizes[1]" in message and "65536" in message
+
+
+def test_repetitions_auto_takes_a_shorthand_and_durations(tmp_path: Path) -> None:
+    spec = load_spec(
+        write_spec(tmp_path, SMALL_SPEC.replace("repetitions: 2", "repetitions: auto"))
+    )
+    assert spec.auto is not None and (spec.auto.min, spec.auto.max) == (3, 10)
+    assert spec.first_repetitions == 3
+    text = SMALL_SPEC.replace(
+        "repetitions: 2", "repetitions: {auto: {min: 4, max: 8, cv: 0.05, budget: 90s}}"
+    )
+    auto = load_spec(write_spec(tmp_path, text)).auto
+    assert auto is not None and (auto.min, auto.max, auto.cv, auto.budget) == (4, 8, 0.05, 90.0)
+    assert load_spec(write_spec(tmp_path, text.replace("90s", "2m"))).auto.budget == 120.0  # type: ignore[union-attr]
+
+
+def test_estimate_with_auto_adds_the_budget_at_worst(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace("repetitions: 2", "repetitions: {auto: {min: 2, budget: 5m}}")
+    spec = load_spec(write_spec(tmp_path, text))
+    assert worst_case_seconds(spec) == pytest.approx(estimated_seconds(spec) + 300)
+    fixed = load_spec(write_spec(tmp_path))
+    assert estimated_seconds(fixed) == estimated_seconds(spec)  # min 2 == repetitions 2
+
+
+@pytest.mark.parametrize(
+    ("repetitions", "expected"),
+    [
+        ("{auto: {min: 5, max: 3}}", "repetitions.auto: max (3) must be at least min (5)"),
+        ("{auto: {min: 3, budget: soon}}", "repetitions.auto.budget: expected seconds or a"),
+        ("{auto: {min: 1}}", "repetitions.auto.min: Input should be greater than or equal to 2"),
+        ("{auto: {mni: 3}}", "repetitions.auto.mni: Extra inputs are not permitted"),
+        ("{every: 3}", "repetitions.auto: expected a whole number, 'auto' or {auto:"),
+        ("0", "repetitions: Input should be greater than 0"),
+    ],
+)
+def test_bad_repetitions_name_the_file_and_field(
+    tmp_path: Path, repetitions: str, expected: str
+) -> None:
+    message = spec_error(
+        tmp_path, SMALL_SPEC.replace("repetitions: 2", f"repetitions: {repetitions}")
+    )
+    assert expected in message and "\n" not in message
+
+
+def test_unknown_peer_names_the_field(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, SMALL_SPEC + "peers: [envoy]\n")
+    assert "peers[0]: Input should be 'native'" in message

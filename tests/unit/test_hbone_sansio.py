@@ -9,12 +9,13 @@ import random
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 import pytest
 
 from testbed.mesh.hbone import events as ev
 from testbed.mesh.hbone import frames as fr
 from testbed.mesh.hbone.flow import StreamReceiver
-from testbed.mesh.hbone.protocol import HboneProtocol, Settings
+from testbed.mesh.hbone.protocol import HboneProtocol, PeerUnresponsive, Settings
 
 REQUEST = [(":method", "CONNECT"), (":authority", "10.0.0.7:8080")]
 OK = [(":status", "200")]
@@ -69,17 +70,42 @@ def payload_of(events: list[ev.Event]) -> bytes:
 
 
 # -- the connection preface and the CONNECT handshake --------------------------------------
-def test_client_preface_settings_and_connection_window() -> None:
+def announced_settings(out: bytes, server_bound: bool) -> list[tuple[int, int]]:
+    """The (id, value) pairs of the one SETTINGS frame in `out`, in the order sent."""
+    (settings,) = control(out, fr.SETTINGS, server_bound=server_bound)
+    return [(settings.payload[i] << 8 | settings.payload[i + 1],
+             int.from_bytes(settings.payload[i + 2 : i + 6], "big"))
+            for i in range(0, len(settings.payload), 6)]  # fmt: skip
+
+
+def test_client_announces_istios_settings_and_connection_window() -> None:
     client = HboneProtocol(client_side=True)
     client.initiate_connection()
     out = client.data_to_send()
     assert out.startswith(fr.PREFACE)
-    (settings,) = control(out, fr.SETTINGS, server_bound=True)
-    announced = fr.parse_settings(settings.payload)
-    assert announced[fr.SETTINGS_INITIAL_WINDOW_SIZE] == 4 << 20
-    assert announced[fr.SETTINGS_MAX_FRAME_SIZE] == 1 << 20
-    assert announced[fr.SETTINGS_ENABLE_PUSH] == 0
+    # ztunnel's h2 client: no push, 4 MiB stream window, 1 MiB frames, 16 KiB of headers
+    assert announced_settings(out, server_bound=True) == [
+        (fr.SETTINGS_ENABLE_PUSH, 0),
+        (fr.SETTINGS_INITIAL_WINDOW_SIZE, 4 << 20),
+        (fr.SETTINGS_MAX_FRAME_SIZE, 1 << 20),
+        (fr.SETTINGS_MAX_HEADER_LIST_SIZE, 16 << 10),
+    ]
     (update,) = control(out, fr.WINDOW_UPDATE, server_bound=True)
+    assert fr.parse_window_increment(update.payload) == (16 << 20) - fr.DEFAULT_WINDOW_SIZE
+
+
+def test_server_announces_istios_settings_and_connection_window() -> None:
+    server = HboneProtocol(client_side=False)
+    server.initiate_connection()
+    out = server.data_to_send()
+    # ztunnel's h2 server: 200 streams, 4 MiB stream window, 1 MiB frames, 64 KiB of headers
+    assert announced_settings(out, server_bound=False) == [
+        (fr.SETTINGS_MAX_CONCURRENT_STREAMS, 200),
+        (fr.SETTINGS_INITIAL_WINDOW_SIZE, 4 << 20),
+        (fr.SETTINGS_MAX_FRAME_SIZE, 1 << 20),
+        (fr.SETTINGS_MAX_HEADER_LIST_SIZE, 64 << 10),
+    ]
+    (update,) = control(out, fr.WINDOW_UPDATE)
     assert fr.parse_window_increment(update.payload) == (16 << 20) - fr.DEFAULT_WINDOW_SIZE
 
 
@@ -186,6 +212,160 @@ def test_ping_is_answered() -> None:
     assert pair.server.receive_data(fr.frame(fr.PING, 0, 0, b"12345678")) == []
     (ack,) = control(pair.server.data_to_send(), fr.PING)
     assert ack.flags == fr.FLAG_ACK and ack.payload == b"12345678"
+
+
+# -- limits we announce are enforced, the peer's are honoured ------------------------------
+def test_the_server_refuses_a_stream_beyond_its_200() -> None:
+    pair = Pair()
+    ids = [pair.client.open_stream(REQUEST) for _ in range(200)]
+    assert not pair.client.can_open_stream()  # the client honours the server's 200
+    events = pair.to_server()
+    assert [e.stream_id for e in events if isinstance(e, ev.RequestReceived)] == ids
+    extra = pair.client.open_stream(REQUEST)  # a client ignoring the limit
+    assert pair.to_server() == []
+    refusal = pair.server.data_to_send()
+    (reset,) = control(refusal, fr.RST_STREAM)
+    assert (reset.stream_id, fr.parse_u32(reset.payload, "")) == (extra, fr.REFUSED_STREAM)
+    assert pair.client.receive_data(refusal) == [ev.StreamReset(extra, fr.REFUSED_STREAM)]
+    pair.server.reset_stream(ids[0])  # one ends: there is room again
+    pair.client.receive_data(pair.server.data_to_send())
+    assert pair.client.can_open_stream()
+    again = pair.client.open_stream(REQUEST)
+    assert pair.to_server() == [ev.RequestReceived(again, REQUEST, False)]
+
+
+def test_the_client_honours_a_smaller_stream_limit_and_the_server_enforces_it() -> None:
+    pair = Pair()
+    pair.server = HboneProtocol(
+        client_side=False, settings=Settings.server(max_concurrent_streams=2)
+    )
+    pair.client = HboneProtocol(client_side=True)
+    for side in (pair.client, pair.server):
+        side.initiate_connection()
+    pair.to_server(), pair.to_client(), pair.to_server(), pair.to_client()
+    first, second = pair.connect(), pair.connect()
+    assert not pair.client.can_open_stream()
+    third = pair.client.open_stream(REQUEST)
+    assert pair.to_server() == []
+    assert pair.to_client() == [ev.StreamReset(third, fr.REFUSED_STREAM)]
+    assert sorted(pair.server.streams) == [first, second]
+
+
+BIG = [("x-big", "a" * (64 << 10))]  # 64 KiB + 37 bytes by the RFC's measure
+
+
+def test_a_request_over_the_header_limit_gets_431_and_a_reset() -> None:
+    pair = Pair()
+    refused = pair.client.open_stream([*REQUEST, *BIG])
+    assert pair.to_server() == []  # the app never sees it
+    out = pair.server.data_to_send()
+    (answer,) = control(out, fr.HEADERS)
+    assert answer.flags & fr.FLAG_END_STREAM
+    (reset,) = control(out, fr.RST_STREAM)
+    assert (reset.stream_id, fr.parse_u32(reset.payload, "")) == (refused, fr.PROTOCOL_ERROR)
+    events = pair.client.receive_data(out)
+    assert events[0] == ev.ResponseReceived(refused, [(":status", "431")], True)
+    assert pair.connect() == refused + 2  # the connection (and its HPACK state) lives on
+
+
+def test_a_response_over_the_client_header_limit_resets_the_stream() -> None:
+    pair = Pair()
+    stream_id = pair.client.open_stream(REQUEST)
+    pair.to_server()
+    pair.server.send_headers(stream_id, [*OK, ("x-big", "b" * (16 << 10))], end_stream=False)
+    assert pair.to_client() == [ev.StreamReset(stream_id, fr.PROTOCOL_ERROR)]
+    assert pair.to_server() == [ev.StreamReset(stream_id, fr.PROTOCOL_ERROR)]
+    assert pair.connect() == stream_id + 2
+
+
+def test_a_header_list_far_over_the_limit_is_not_decoded() -> None:
+    pair = Pair()
+    bomb = hpack.Encoder().encode([*REQUEST, ("x-bomb", "c" * (300 << 10))], huffman=False)
+    with pytest.raises(fr.FrameError) as failure:
+        pair.server.receive_data(fr.headers_frames(1, bomb, False, 1 << 20))
+    assert failure.value.code == fr.COMPRESSION_ERROR
+
+
+def test_continuation_past_the_header_limit_fails_the_connection() -> None:
+    pair = Pair()
+    piece = b"\x00" * (40 << 10)
+    frames = fr.frame(fr.HEADERS, 0, 1, piece) + fr.frame(fr.CONTINUATION, 0, 1, piece)
+    with pytest.raises(fr.FrameError) as failure:
+        pair.server.receive_data(frames)
+    assert failure.value.code == fr.COMPRESSION_ERROR
+
+
+# -- PING keepalive: time passed in, Istio's 10 s interval and 20 s timeout ----------------
+def pings(data: bytes) -> list[fr.ControlFrame]:
+    return [f for f in control(data, fr.PING) if not f.flags & fr.FLAG_ACK]
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_keepalive_pings_10s_after_start_and_after_each_ack(side: str) -> None:
+    pair = Pair()
+    us, peer = (pair.client, pair.server) if side == "client" else (pair.server, pair.client)
+    assert us.keepalive(100.0) == 110.0  # the first PING waits an interval
+    assert us.keepalive(105.0) == 110.0 and pings(us.data_to_send()) == []  # early: nothing
+    assert us.keepalive(110.0) == 130.0  # sent; the ACK is due within 20 s
+    sent = us.data_to_send()
+    (ping,) = pings(sent)
+    assert peer.receive_data(sent) == []
+    assert us.receive_data(peer.data_to_send()) == [ev.PingAcknowledged()]
+    assert us.keepalive(112.5) == 122.5  # the next one 10 s after the ACK
+    assert us.keepalive(122.5) == 142.5
+    assert pings(us.data_to_send())[0].payload != ping.payload  # a fresh opaque value
+
+
+def test_no_ack_within_20s_declares_the_peer_dead_with_goaway_no_error() -> None:
+    pair = Pair()
+    pair.client.keepalive(0.0)
+    pair.client.keepalive(10.0)
+    pair.client.data_to_send()  # the PING is lost: the peer is frozen
+    assert pair.client.keepalive(29.9) == 30.0  # traffic does not count, only the ACK
+    with pytest.raises(PeerUnresponsive):
+        pair.client.keepalive(30.0)
+    (goaway,) = control(pair.client.data_to_send(), fr.GOAWAY)
+    assert fr.parse_goaway(goaway.payload)[1] == fr.NO_ERROR
+    assert pair.client.keepalive(31.0) is None  # closed: no more timers
+
+
+@pytest.mark.parametrize("silent_from", [0.0, 9.99, 10.0, 10.5, 25.0, 31.7, 40.0])
+def test_with_istios_defaults_a_peer_gone_silent_is_dead_within_30s(silent_from: float) -> None:
+    pair = Pair()
+    now, due = 0.0, pair.client.keepalive(0.0)
+    try:
+        while due is not None:
+            now = due
+            due = pair.client.keepalive(now)
+            sent = pair.client.data_to_send()
+            if now < silent_from:  # the peer answers (at once) until it goes silent
+                pair.server.receive_data(sent)
+                if pair.client.receive_data(pair.server.data_to_send()):
+                    due = pair.client.keepalive(now)
+    except PeerUnresponsive:
+        assert silent_from < now <= silent_from + 30.0
+    else:
+        raise AssertionError("never declared dead")
+
+
+def test_a_stale_or_foreign_ping_ack_does_not_count() -> None:
+    pair = Pair()
+    pair.client.keepalive(0.0)
+    pair.client.keepalive(10.0)
+    pair.client.data_to_send()
+    assert pair.client.receive_data(fr.ping_ack(b"\x00" * 8)) == []
+    with pytest.raises(PeerUnresponsive):
+        pair.client.keepalive(30.0)
+
+
+def test_keepalive_intervals_are_settings_and_can_be_off() -> None:
+    fast = HboneProtocol(
+        client_side=True, settings=Settings.client(ping_interval=0.2, ping_timeout=0.5)
+    )
+    assert fast.keepalive(1.0) == 1.2
+    assert fast.keepalive(1.2) == 1.7
+    off = HboneProtocol(client_side=True, settings=Settings.client(ping_interval=None))
+    assert off.keepalive(1.0) is None
 
 
 # -- the peer breaking the rules: one GOAWAY with the code, then FrameError ----------------

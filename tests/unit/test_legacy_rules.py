@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from testbed.redirect import ModeError, create_mode
 from testbed.redirect import legacy_rules as lr
+from testbed.redirect.legacy import LegacyMode
 
-FACTS = lr.NodeFacts("172.18.0.1", "10.244.0.5", "vp3", "vxlan", "10.244.0.0/24")
-GENEVE = lr.NodeFacts("172.18.0.1", "10.244.0.5", "vp3", "geneve", "10.244.0.0/24")
+FACTS = lr.NodeFacts("172.18.0.1", "10.244.0.5", "vp3", "vxlan")
+GENEVE = lr.NodeFacts("172.18.0.1", "10.244.0.5", "vp3", "geneve")
 
 
 class FakeNetns:
@@ -165,13 +168,30 @@ def test_expected_routing_sorts_enrolled_pods_numerically() -> None:
 
 
 def test_enroll_and_unenroll_commands() -> None:
-    fake = FakeNetns({})
-    lr.enroll(fake, "10.244.0.9", "172.18.0.1")
-    lr.unenroll(fake, "10.244.0.9", "172.18.0.1")
+    fake, ztunnel = FakeNetns({}), FakeNetns({})
+    lr.enroll(fake, ztunnel, "10.244.0.9", "172.18.0.1")
+    lr.unenroll(fake, ztunnel, "10.244.0.9", "172.18.0.1")
     assert fake.ran[0] == ["ipset", "add", "ztunnel-pods-ips", "10.244.0.9", "-exist"]
     assert fake.ran[1][:4] == ["ip", "route", "add", "table"]
     assert fake.ran[2][:4] == ["ip", "route", "del", "table"]
     assert fake.ran[3] == ["ipset", "del", "ztunnel-pods-ips", "10.244.0.9", "-exist"]
+    # only this enrolled pod's HBONE is taken by ztunnel's own 15008 (never a waypoint's)
+    rule = ["priority", "20002", "to", "10.244.0.9/32", "ipproto", "tcp", "dport", "15008",
+            "lookup", "100"]  # fmt: skip
+    assert ztunnel.ran == [["ip", "rule", "add", *rule], ["ip", "rule", "del", *rule]]
+
+
+def test_legacy_mode_takes_istio_1_20s_same_node_fast_path_unless_told_not_to() -> None:
+    ztunnel: Any = SimpleNamespace(ip="10.244.0.5")
+    default = create_mode("legacy")
+    assert default.facts()["same_node_fast_path"] == "True"
+    assert isinstance(default, LegacyMode)
+    assert default.ztunnel_args("node1", ztunnel)[-2:] == ["--same-node-fast-path", "on"]
+    off = create_mode("legacy", {"same_node_fast_path": False})
+    assert isinstance(off, LegacyMode)
+    assert off.ztunnel_args("node1", ztunnel)[-2:] == ["--same-node-fast-path", "off"]
+    with pytest.raises(ModeError, match="same_node_fast_path"):
+        create_mode("legacy", {"same_node_fast_path": "sometimes"})
 
 
 @pytest.mark.parametrize(

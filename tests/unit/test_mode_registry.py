@@ -87,8 +87,8 @@ def test_spec_validation_takes_a_registered_mode(toy: None, tmp_path: Path) -> N
 def test_conformance_parametrisation_takes_a_registered_mode(toy: None) -> None:
     suite = conformance()
     assert suite.mode_cases()["toy"] == ("toy", {})
-    assert "toy-l7" in suite.waypoint_cases()
-    assert "toy" not in suite.waypoint_cases()
+    assert "toy-l7" in suite.l7_cases()
+    assert "toy" not in suite.l7_cases()
 
 
 def test_without_the_entry_the_toy_is_nowhere() -> None:
@@ -98,12 +98,13 @@ def test_without_the_entry_the_toy_is_nowhere() -> None:
         create_mode("toy")
 
 
-def test_conformance_runs_every_variant_and_waypoints_where_istio_ran_them() -> None:
+def test_conformance_runs_every_variant_and_l7_where_istio_has_it() -> None:
     suite = conformance()
     assert list(suite.mode_cases()) == [
         "none", "sidecar", "inpod-redirect", "inpod-tproxy", "inpod-nftables", "legacy", "ebpf"
     ]  # fmt: skip
-    assert list(suite.waypoint_cases()) == ["inpod", "legacy", "ebpf"]
+    # waypoints where Istio ran them; sidecar mode's L7 is in its sidecars
+    assert list(suite.l7_cases()) == ["sidecar", "inpod", "legacy", "ebpf"]
 
 
 def test_readme_modes_table_lists_the_registered_modes() -> None:
@@ -121,7 +122,8 @@ def test_readme_modes_table_lists_the_registered_modes() -> None:
         ("inpod", {"inpod_variant": "ebpf"},
          "mode inpod: option inpod_variant 'ebpf': expected 'redirect', 'tproxy' or 'nftables'"),
         ("legacy", {"tunel": "vxlan"},
-         "mode legacy: unknown option 'tunel'; expected one of trust_domain, tunnel"),
+         "mode legacy: unknown option 'tunel'; expected one of trust_domain, "
+         "same_node_fast_path, tunnel"),
         ("none", {"trust_domain": "x"},
          "mode none: unknown option 'trust_domain'; it takes no options"),
     ],

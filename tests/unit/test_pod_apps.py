@@ -66,6 +66,7 @@ def test_example_topologies_declare_their_apps() -> None:
     assert {n: p.app for n, p in reviews.pods.items() if p.app} == {
         "reviews-v1": AppSpec("http-echo", 8080),
         "reviews-v2": AppSpec("http-echo", 8080),
+        "ratings": AppSpec("http-echo", 8080, ("--fail-every", "3")),
     }
     bare = plan(load_topology("reviews_waypoint,apps=false"))
     assert not [p for p in bare.pods.values() if p.app]

@@ -267,7 +267,7 @@ def test_baggage_and_forwarded_as_istio_writes_them() -> None:
 
 COMMANDS = {
     "testbed.mesh.ztunnel": ["--zds-socket", "/nonexistent.sock"],
-    "testbed.mesh.ztunnel.shared": ["--ztunnel-ip", "10.0.0.9"],
+    "testbed.mesh.ztunnel.shared": ["--ztunnel-ip", "10.0.0.9", "--same-node-fast-path", "on"],
     "testbed.mesh.ztunnel.sidecar": ["--uid", "default-x"],
 }
 

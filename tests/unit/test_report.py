@@ -1,13 +1,21 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_experiment_fakes import SMALL_SPEC, FakeClusterFactory, fake_runner, load_fake_spec
+from test_experiment_fakes import (
+    SMALL_SPEC,
+    FakeClusterFactory,
+    fake_runner,
+    fake_stream,
+    load_fake_spec,
+)
 
 from testbed.experiment.analysis import proxy_cpu_per_1000_rps
+from testbed.experiment.cases import Case
 from testbed.experiment.report import write_report
 from testbed.experiment.run import execute
 from testbed.experiment.store import RunStore
@@ -109,3 +117,33 @@ def test_report_of_a_run_where_nothing_was_measured(tmp_path: Path) -> None:
     text = write_report(store.path).read_text()
     assert "cases ok: 0, not ok: 4" in text
     assert "![" not in text and text.count("| failed |") == 4
+
+
+def test_report_has_a_native_row_its_ratio_and_marks_unsteady_cases(tmp_path: Path) -> None:
+    text = SMALL_SPEC.replace("repetitions: 2", "repetitions: 4") + "peers: [native]\n"
+    spec_path, spec = load_fake_spec(tmp_path, text)
+    store = RunStore.create(tmp_path / "results", spec.name)
+
+    def split_inpod(client: Any, server: Any, case: Case, raw_dir: Path | None) -> Any:
+        rows = fake_stream(client, server, case, raw_dir)
+        if case.mode != "inpod":
+            return rows
+        return [replace(rows[0], value=(2.7e9, 4.3e9)[case.repetition % 2])]
+
+    runner = fake_runner(spec, store, FakeClusterFactory(), {"tcp_stream": split_inpod})
+    execute(spec_path, spec, store, runner)
+    report = write_report(store.path).read_text()
+    assert "| ratio to none | ratio to native |" in report
+    # fake native 4 Gbit/s x (1.01 .. 1.04), none 10 Gbit/s x the same: ratio 2.5
+    assert "| native | same-node | tcp_stream | parallel=1 | throughput | 4.1 |" in report
+    assert re.search(r"\| none \| same-node \| tcp_stream .* \| 4 \| 1 \| 2\.5 \|", report)
+    inpod = re.search(r"\| inpod \| same-node \| tcp_stream .* \| 4 ⚠ bimodal \| (.*) \|", report)
+    # inpod's median 3.5 Gbit/s over none's 10.25 and native's 4.1
+    assert inpod is not None and inpod.group(1) == "0.3415 | 0.8537"
+    assert "⚠ not steady over its repetitions" in report
+    assert (
+        "inpod same-node tcp_stream parallel=1: bimodal, ended as the spec's fixed count" in report
+    )
+    section = report[report.index("## Steadiness of the repetitions") :]
+    assert "| inpod-hbone-same-node-tcp_stream-p1 | bimodal | 4 |" in section
+    assert "Cases: 1 bimodal, 2 steady." in section

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -15,6 +16,7 @@ import pytest
 
 from testbed.mesh import zds
 from testbed.mesh.zds_client import ZdsClient
+from testbed.redirect.agent_process import restore_snapshot, snapshot_entry
 from testbed.redirect.cni_agent import (
     CniAgent,
     ZtunnelNotConnectedError,
@@ -219,5 +221,34 @@ def test_client_acks_add_without_fd_as_error_and_honours_keep(tmp_path: Path) ->
                 assert zds.decode_ack(conn.recv(64)) == ""
             recorder.wait_for(("snapshot", frozenset({"u2"})))
             assert not any(kind == "add" for kind, _ in recorder.events)
+        finally:
+            ztunnel.stop()
+
+
+def test_a_restarted_agent_sends_the_pods_it_was_given_before_serving(tmp_path: Path) -> None:
+    """As Istio's agent (ConstructInitialSnapshot): a ztunnel that reconnects to a new agent
+    gets the pods already in the mesh, so it keeps them, instead of an empty snapshot."""
+    ns1, ns2 = fake_netns(tmp_path, "ns1"), fake_netns(tmp_path, "ns2")
+    snapshot = tmp_path / "snapshot.json"
+    snapshot.write_text(
+        json.dumps(
+            [
+                snapshot_entry("u1", INFO, ns1),
+                snapshot_entry("u2", INFO, ns2),
+                snapshot_entry("gone", INFO, str(tmp_path / "deleted")),
+            ]
+        )
+    )
+    recorder = Recorder()
+    agent = CniAgent(tmp_path / "zds.sock")
+    restore_snapshot(agent, str(snapshot))
+    with agent:
+        with pytest.raises(RuntimeError, match="before start"):
+            agent.restore("u3", INFO, ns1)
+        ztunnel = ClientThread(Path(agent.socket_path), recorder)
+        try:
+            recorder.wait_for(("snapshot", frozenset({"u1", "u2"})))
+            assert ("add", ("u1", INFO, os.stat(ns1).st_ino)) in recorder.events
+            assert sorted(agent.enrolled()) == ["u1", "u2"]
         finally:
             ztunnel.stop()

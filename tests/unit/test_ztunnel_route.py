@@ -8,6 +8,7 @@ from typing import Any
 from testbed.mesh.config import LocalConfig, Service, Workload
 from testbed.mesh.waypoint.via import ViaWaypoint, from_waypoint
 from testbed.mesh.ztunnel.route import (
+    DirectLocal,
     Hbone,
     Passthrough,
     Refuse,
@@ -19,7 +20,11 @@ WAYPOINT_IP = "10.244.9.2"
 WAYPOINT_URI = "spiffe://cluster.local/ns/default/sa/waypoint"
 WEB_VIP, BOUND_VIP, EMPTY_VIP, SVC_WP_VIP = "10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4"
 LOST_VIP = "10.96.0.5"
+FAR_IP = "10.244.2.2"
 IPS = {"client": "10.244.1.2", "web": "10.244.1.3", "bound": "10.244.1.4", "old": "10.244.1.5"}
+
+
+NODE, OTHER_NODE = "node1", "node2"
 
 
 def _workload(name: str, **extra: Any) -> dict[str, Any]:
@@ -30,6 +35,7 @@ def _workload(name: str, **extra: Any) -> dict[str, Any]:
         "serviceAccount": name,
         "workloadIps": [IPS.get(name, WAYPOINT_IP)],
         "protocol": "HBONE",
+        "node": NODE,
         **extra,
     }
 
@@ -58,6 +64,7 @@ def config() -> LocalConfig:
                     "bound", waypoint=waypoint, services={member.format("bound"): {80: 8080}}
                 ),
                 _workload("old", protocol="TCP"),
+                _workload("far", workloadIps=[FAR_IP], node=OTHER_NODE),
             ],
             "services": [
                 _service("web", WEB_VIP),
@@ -146,3 +153,32 @@ def test_only_the_bound_waypoint_identity_from_its_address_counts_as_the_waypoin
 def test_a_destination_bound_to_an_unreachable_waypoint_is_refused_not_sent_around_it() -> None:
     decision = decide(LOST_VIP, 80)
     assert isinstance(decision, Refuse) and "gone.example" in decision.reason
+
+
+# ------------------------------------------------------------ the same-node fast path
+
+
+def decide_on(node: str | None, ip: str, port: int) -> Any:
+    mesh = config()
+    return decide_outbound(mesh, (ip, port), first(mesh), local_node=node)
+
+
+def test_a_workload_of_the_own_node_is_served_in_process_when_asked() -> None:
+    by_ip = decide_on(NODE, IPS["web"], 8080)
+    assert isinstance(by_ip, DirectLocal)
+    assert by_ip.target == (IPS["web"], 8080) and by_ip.workload.name == "web"
+    by_vip = decide_on(NODE, WEB_VIP, 80)
+    assert isinstance(by_vip, DirectLocal) and by_vip.target == (IPS["web"], 8080)
+    assert by_vip.service is not None and by_vip.service.name == "web"
+
+
+def test_without_the_fast_path_the_same_node_goes_over_hbone() -> None:
+    assert isinstance(decide_on(None, IPS["web"], 8080), Hbone)
+
+
+def test_the_fast_path_is_for_the_own_node_mesh_workloads_without_a_waypoint_only() -> None:
+    assert isinstance(decide_on(NODE, FAR_IP, 8080), Hbone)  # another node's
+    assert isinstance(decide_on(NODE, IPS["old"], 5000), Passthrough)  # not in the mesh
+    assert isinstance(decide_on(NODE, IPS["bound"], 8080), ToWaypoint)  # its waypoint first
+    assert isinstance(decide_on(NODE, BOUND_VIP, 80), ToWaypoint)
+    assert isinstance(decide_on(NODE, IPS["web"], 15008), Refuse)

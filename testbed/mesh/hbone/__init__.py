@@ -35,12 +35,16 @@ DATA frames are written from 9 bytes of headroom in the socket read buffer and p
 memoryview slices. Windows are Istio's (stream 4 MiB, connection 16 MiB; 1 MiB frames); a
 stream's credit goes back as bytes arrive while at most 4 MiB wait for a slow app socket,
 batched (>= 1 MiB) into the flush of each receive batch. TLS 1.3 prefers AES-128-GCM.
+SETTINGS, their limits (server: 200 streams, 64 KiB of headers; client: 16 KiB, no push), the
+PING keepalive (10 s, dead after 20 s without an ACK) and the pool's release of connections
+unused for 5 minutes are Istio's; `HboneTimers` (from the environment by default) shortens
+the timers for tests.
 Server and client tune glibc malloc once so 1 MiB buffers are reused (see memory.py).
 
 Modules: events + protocol (sans-I/O HTTP/2), frames (framing), flow (window accounting),
-tls (contexts, SANs, TlsSession), connect (requests, decisions), connection + stream (the
-asyncio driver), server, client, relay (plain TCP), memory (buffer pool), testcerts
-(throwaway PKI for tests and benchmarks).
+timers (keepalive and pool timers), tls (contexts, SANs, TlsSession), connect (requests,
+decisions), connection + stream (the asyncio driver), server, client, relay (plain TCP),
+memory (buffer pool), testcerts (throwaway PKI for tests and benchmarks).
 """
 
 from .client import HboneClient, HboneStream
@@ -58,6 +62,7 @@ from .connect import (
 from .connection import HboneError
 from .relay import connect_tcp, relay_tcp, reset_socket
 from .server import HboneServer
+from .timers import HboneTimers
 from .tls import client_context, server_context, uri_sans
 
 __all__ = [
@@ -71,6 +76,7 @@ __all__ = [
     "HboneError",
     "HboneServer",
     "HboneStream",
+    "HboneTimers",
     "StreamStats",
     "client_context",
     "connect_tcp",

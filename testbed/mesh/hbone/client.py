@@ -8,9 +8,13 @@
     await client.close()
 
 Connections are pooled per (source identity, destination identities, destination address,
-source IP) and carry at most `max_streams` concurrent streams; a full connection makes the
-pool open another. A server whose certificate's URI SAN is not among `expected_identities`
-fails the connection with HboneError; a non-200 answer raises HboneError with `.status`.
+source IP) and carry at most `max_streams` concurrent streams, and never more than the server
+allows (its SETTINGS_MAX_CONCURRENT_STREAMS); a full connection makes the pool open another.
+As in Istio's pool, a connection nobody has asked for in `pool_idle_timeout` (5 minutes) is
+released: it takes no new streams and closes with GOAWAY NO_ERROR once its streams have ended
+(one timer per connection, re-armed lazily: opening a stream only notes the time). A server
+whose certificate's URI SAN is not among `expected_identities` fails the connection with
+HboneError; a non-200 answer raises HboneError with `.status`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import ssl
 from collections.abc import Callable, Iterable
 
 from .connect import Address, StreamStats, format_address, request_headers, response_status
-from .connection import HboneError, TunnelConnection
+from .connection import HboneError, TunnelConnection, log
 from .memory import keep_buffers_in_heap
+from .protocol import Settings
 from .stream import TunnelStream
+from .timers import HboneTimers
 
 MAX_STREAMS_PER_CONNECTION = 100
 CONNECT_TIMEOUT = 10.0
@@ -35,10 +41,24 @@ SocketFactory = Callable[[int], socket.socket]
 class ClientConnection(TunnelConnection):
     server_side = False
 
-    def __init__(self, context: ssl.SSLContext, expected: frozenset[str], max_streams: int) -> None:
-        super().__init__(context)
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        expected: frozenset[str],
+        max_streams: int,
+        timers: HboneTimers,
+    ) -> None:
+        settings = Settings.client(
+            ping_interval=timers.ping_interval, ping_timeout=timers.ping_timeout
+        )
+        super().__init__(context, settings)
         self.expected = expected
         self.max_streams = max_streams
+        self.tls.expect_peer(expected)  # refused during the handshake, with a TLS alert
+        self.idle_timeout = timers.pool_idle_timeout
+        self.last_used = self.loop.time()  # when the pool last handed it out
+        self.released = False  # idle too long: no new streams, closed once its streams end
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def on_established(self) -> None:
         if self.expected and not self.expected.intersection(self.peer_identities):
@@ -55,13 +75,47 @@ class ClientConnection(TunnelConnection):
             and self.transport is not None
             and not self.transport.is_closing()
         )
-        return usable and len(self.streams) < self.max_streams and self.proto.can_open_stream()
+        return (
+            usable
+            and not self.released
+            and len(self.streams) < self.max_streams
+            and self.proto.can_open_stream()
+        )
 
     def open_stream(self, headers: list[tuple[str, str]]) -> TunnelStream:
+        self.last_used = self.loop.time()
         stream_id = self.proto.open_stream(headers)
         stream = self.streams[stream_id] = TunnelStream(self, stream_id)
         self.flush()
         return stream
+
+    # -- idle release -------------------------------------------------------------------
+    def watch_idle(self) -> None:
+        """Arm the idle timer; it re-arms itself while the connection keeps being used."""
+        self._idle_timer = self.loop.call_at(self.last_used + self.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() - self.last_used < self.idle_timeout:
+            self.watch_idle()
+            return
+        log.info(
+            "hbone client %s: releasing the connection, unused for %g s",
+            self.peer_address,
+            self.idle_timeout,
+        )
+        self.released = True
+        if not self.streams:
+            self.close()
+
+    def forget(self, stream: TunnelStream) -> None:
+        super().forget(stream)
+        if self.released and not self.streams:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        super().connection_lost(exc)
 
 
 class HboneStream:
@@ -90,10 +144,13 @@ class HboneClient:
         max_streams: int = MAX_STREAMS_PER_CONNECTION,
         connect_timeout: float = CONNECT_TIMEOUT,
         socket_factory: SocketFactory | None = None,
+        timers: HboneTimers | None = None,
     ) -> None:
-        """`socket_factory(family)` makes the TCP socket to connect (e.g. inside a pod netns)."""
+        """`socket_factory(family)` makes the TCP socket to connect (e.g. inside a pod netns);
+        `timers` (keepalive, idle release) default to Istio's, as the environment overrides."""
         keep_buffers_in_heap()
         self.max_streams = max_streams
+        self.timers = timers or HboneTimers.from_env()
         self.connect_timeout = connect_timeout
         self.socket_factory = socket_factory or (lambda family: socket.socket(family))
         self._pools: dict[PoolKey, list[ClientConnection]] = {}
@@ -153,7 +210,8 @@ class HboneClient:
                 sock.bind((source_ip, 0))
             await asyncio.wait_for(loop.sock_connect(sock, dest), self.connect_timeout)
             _, conn = await loop.create_connection(
-                lambda: ClientConnection(context, expected, self.max_streams), sock=sock
+                lambda: ClientConnection(context, expected, self.max_streams, self.timers),
+                sock=sock,
             )
         except (OSError, TimeoutError) as exc:
             sock.close()
@@ -163,6 +221,7 @@ class HboneClient:
         except (TimeoutError, ConnectionError) as exc:
             conn.close()
             raise HboneError(f"HBONE handshake with {format_address(dest)}: {exc}") from exc
+        conn.watch_idle()
         return conn
 
     def connections(self) -> list[ClientConnection]:

@@ -95,12 +95,15 @@ class ConnectRequest:
 
 @dataclass(frozen=True)
 class StreamStats:
-    """How a relayed stream ended: bytes written to and read from its socket, and whether it
-    ended with a reset (RST_STREAM or a TCP reset) rather than two half-closes."""
+    """How a relayed stream ended: bytes written to and read from its socket, whether it
+    ended with a reset (RST_STREAM or a TCP reset) rather than two half-closes, and `error`:
+    why its HBONE connection failed under it, if it did (e.g. the peer stopped answering
+    PINGs)."""
 
     to_socket: int
     from_socket: int
     reset: bool
+    error: str | None = None
 
 
 @dataclass(frozen=True)

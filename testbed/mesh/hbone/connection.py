@@ -6,6 +6,11 @@ a pooled buffer, hands the plaintext to the protocol object and acts on its even
 are bridged to sockets by stream.py); after each batch the protocol's output (WINDOW_UPDATEs
 included) is encrypted and written in one go. All HTTP/2 rules live in protocol.py. Any
 protocol error closes this connection only, with one log line.
+
+The PING keepalive is one timer per connection (never per stream or frame): it fires when the
+protocol's `keepalive(now)` said, and again after each ACK. A peer that stops answering is
+aborted (no waiting for its full buffers to drain): its streams are reset towards the local
+sockets with a TCP RST, and `close_reason` says why.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from . import events as ev
 from . import frames as fr
 from .connect import Address
 from .memory import BufferPool, Drain
-from .protocol import HboneProtocol
+from .protocol import HboneProtocol, PeerUnresponsive, Settings
 from .stream import TunnelStream
 from .tls import ALPN_H2, TlsSession
 
@@ -47,10 +52,10 @@ class HboneError(TestbedError, ConnectionError):
 class TunnelConnection(asyncio.BufferedProtocol):
     server_side = False
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, settings: Settings) -> None:
         self.loop = asyncio.get_running_loop()
         self.tls = TlsSession(context, self.server_side)
-        self.proto = HboneProtocol(client_side=not self.server_side)
+        self.proto = HboneProtocol(client_side=not self.server_side, settings=settings)
         self.transport: asyncio.Transport | None = None
         self.peer_address: Address = ("", 0)
         self.local_address: Address = ("", 0)
@@ -68,6 +73,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._buffers = BufferPool(READ_BUFFER_SIZE + (64 << 10))
         self._marks: list[tuple[Drain, int]] = []  # writers given views of the current buffer
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self.close_reason: str | None = None  # why we failed the connection, if we did
 
     @property
     def goaway_received(self) -> bool:
@@ -110,8 +117,9 @@ class TunnelConnection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
+        for timer in (self._handshake_timer, self._keepalive_timer):
+            if timer is not None:
+                timer.cancel()
         error = HboneError(f"HBONE connection to {self.peer_address} closed: {exc or 'EOF'}")
         if not self.ready.done():
             self.ready.set_exception(error)
@@ -137,12 +145,17 @@ class TunnelConnection(asyncio.BufferedProtocol):
             type(exc).__name__,
             exc,
         )
+        self.close_reason = self.close_reason or f"{type(exc).__name__}: {exc}"
         if not self.ready.done():
             self.ready.set_exception(exc if isinstance(exc, HboneError) else HboneError(str(exc)))
-        if isinstance(exc, fr.FrameError) and self.tls.established:
+        if isinstance(exc, fr.FrameError | PeerUnresponsive) and self.tls.established:
             self.flush()  # the GOAWAY the protocol queued
+        self._write_tls_output()  # a failed handshake leaves its TLS alert there
         if self.transport is not None:
-            self.transport.close()
+            if isinstance(exc, PeerUnresponsive):
+                self.transport.abort()  # its buffers may never drain: do not wait for them
+            else:
+                self.transport.close()
 
     def _role(self) -> str:
         return "server" if self.server_side else "client"
@@ -165,7 +178,22 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self.proto.initiate_connection()
         self.flush()
         self.ready.set_result(None)
+        self._keepalive()
         return True
+
+    def _keepalive(self) -> None:
+        """The keepalive timer fired, or a PING was answered: let the protocol decide."""
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+        try:
+            due = self.proto.keepalive(self.loop.time())
+        except PeerUnresponsive as exc:
+            self.fail(exc)
+            return
+        self.flush()
+        if due is not None:
+            self._keepalive_timer = self.loop.call_at(due, self._keepalive)
 
     def _receive(self) -> None:
         buffer = self._buffers.take(self.tls.plaintext_bound())
@@ -203,6 +231,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 stream.on_response(event.headers)
         elif isinstance(event, ev.RequestReceived):
             self.on_request(event)
+        elif isinstance(event, ev.PingAcknowledged):
+            self._keepalive()
 
     # -- flow control -------------------------------------------------------------------
     def sendable(self, stream: TunnelStream) -> int:

@@ -47,7 +47,8 @@ class StreamEnded(_StreamEvent):
 
 @dataclass(slots=True)
 class StreamReset(_StreamEvent):
-    """The peer reset `stream_id` (RST_STREAM with `code`)."""
+    """The peer reset `stream_id` (RST_STREAM with `code`), or we did: its response headers
+    were over our limit (PROTOCOL_ERROR)."""
 
     code: int
 
@@ -65,6 +66,11 @@ class ConnectionTerminated:
     last_stream_id: int
 
 
+@dataclass(slots=True)
+class PingAcknowledged:
+    """Our keepalive PING was answered: call `keepalive(now)` to schedule the next one."""
+
+
 Event = (
     RequestReceived
     | ResponseReceived
@@ -73,4 +79,5 @@ Event = (
     | StreamReset
     | WindowOpened
     | ConnectionTerminated
+    | PingAcknowledged
 )

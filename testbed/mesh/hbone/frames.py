@@ -37,6 +37,7 @@ SETTINGS_ENABLE_PUSH = 0x2
 SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
+SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
 NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
@@ -97,6 +98,10 @@ def rst_stream(stream_id: int, code: int) -> bytes:
 
 def goaway(last_stream_id: int, code: int) -> bytes:
     return frame(GOAWAY, 0, 0, _GOAWAY.pack(last_stream_id, code))
+
+
+def ping(opaque: bytes) -> bytes:
+    return frame(PING, 0, 0, opaque)
 
 
 def ping_ack(opaque: bytes) -> bytes:

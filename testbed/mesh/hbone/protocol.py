@@ -12,6 +12,13 @@ CONTINUATION (HPACK via the `hpack` package), stream states, resets and both lev
 control. A peer breaking the rules raises `FrameError` from `receive_data` after a GOAWAY with
 its code has been queued. The bytes are plaintext HTTP/2; the drivers put TLS around them.
 
+Each side announces and enforces what Istio's ztunnel does (`Settings.server()`,
+`Settings.client()`): a server refuses a stream beyond its 200 concurrent ones with
+RST_STREAM REFUSED_STREAM; a header list over the limit (64 KiB server, 16 KiB client) is
+refused as the Rust h2 crate refuses it (431 and RST_STREAM PROTOCOL_ERROR from a server;
+RST_STREAM PROTOCOL_ERROR from a client). The PING keepalive runs on the time the driver
+passes to `keepalive(now)`; there is no clock in here.
+
 Zero copies on the data path: `DataReceived.data` is a view of the buffer given to
 `receive_data`, and `send_data_from_headroom` frames a payload in place behind 9 bytes of
 headroom. `chunks_to_send()` hands the output over as a few pieces (control frames joined
@@ -20,22 +27,36 @@ into one, WINDOW_UPDATEs included) so a driver can encrypt each without joining 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import hpack
+
+from testbed.netlab.errors import TestbedError
 
 from . import events as ev
 from . import frames as fr
 from .flow import ReceiveWindow, SendWindow, StreamReceiver
+from .timers import PING_INTERVAL, PING_TIMEOUT
 
 STREAM_WINDOW = 4 << 20  # Istio ztunnel's stream window
 CONNECTION_WINDOW = 16 << 20  # ... and its connection window
 STREAM_BUFFER_LIMIT = 4 << 20  # bytes a stream may hold for a slow app beyond its window
 CREDIT_THRESHOLD = 1 << 20  # batch WINDOW_UPDATEs: at most one per MiB per stream
 MAX_FRAME_SIZE = 1 << 20
+# Istio ztunnel's server (h2 crate builder): at most 200 streams, 64 KiB of headers; its client
+# takes 16 KiB of headers and no push.
+SERVER_MAX_CONCURRENT_STREAMS = 200
+SERVER_MAX_HEADER_LIST_SIZE = 64 << 10
+CLIENT_MAX_HEADER_LIST_SIZE = 16 << 10
+# A header list this many times over the limit is not decoded at all (an HPACK bomb): the
+# decoder gives up and the connection fails with COMPRESSION_ERROR.
+HEADER_DECODE_FACTOR = 4
+STATUS_HEADERS_TOO_LARGE = "431"
 _LAST_STREAM_ID = 2**31 - 1
+_PING_OPAQUE = struct.Struct(">Q")
 
 Chunk = bytes | memoryview
 
@@ -49,27 +70,49 @@ class StreamState:
     received_end: bool = False
 
 
+class PeerUnresponsive(TestbedError, ConnectionError):
+    """No PING ACK came within the keepalive timeout: the peer is taken for dead."""
+
+
 @dataclass
 class Settings:
-    """What this side announces (the defaults are Istio's ztunnel windows)."""
+    """What this side announces and enforces, and its keepalive (the defaults are Istio's
+    ztunnel windows; `server()` and `client()` add each side's limits)."""
 
     stream_window: int = STREAM_WINDOW
     connection_window: int = CONNECTION_WINDOW
     max_frame_size: int = MAX_FRAME_SIZE
     stream_buffer_limit: int = STREAM_BUFFER_LIMIT
     credit_threshold: int = CREDIT_THRESHOLD
+    max_concurrent_streams: int | None = None  # streams the peer may open (None: no limit)
+    max_header_list_size: int | None = None  # RFC 9113 size: name + value + 32 per field
+    ping_interval: float | None = PING_INTERVAL  # None: no keepalive
+    ping_timeout: float = PING_TIMEOUT
     extra: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def server(cls, **overrides: Any) -> Settings:
+        limits = cls(
+            max_concurrent_streams=SERVER_MAX_CONCURRENT_STREAMS,
+            max_header_list_size=SERVER_MAX_HEADER_LIST_SIZE,
+        )
+        return replace(limits, **overrides)
+
+    @classmethod
+    def client(cls, **overrides: Any) -> Settings:
+        return replace(cls(max_header_list_size=CLIENT_MAX_HEADER_LIST_SIZE), **overrides)
 
 
 class HboneProtocol:
     def __init__(self, client_side: bool, settings: Settings | None = None) -> None:
         self.client_side = client_side
-        self.settings = settings or Settings()
+        self.settings = settings or (Settings.client() if client_side else Settings.server())
         self.streams: dict[int, StreamState] = {}
         self.peer_max_frame = fr.DEFAULT_MAX_FRAME_SIZE
         self.peer_initial_window = fr.DEFAULT_WINDOW_SIZE
         self.peer_max_streams = _LAST_STREAM_ID
         self.goaway_received = False
+        self.goaway_code: int | None = None  # the error code of the peer's GOAWAY
         self.closed = False  # we sent GOAWAY
         self._parser = fr.FrameParser(self.settings.max_frame_size, expect_preface=not client_side)
         self._send_window = SendWindow(fr.DEFAULT_WINDOW_SIZE)
@@ -77,6 +120,9 @@ class HboneProtocol:
         self._receive_window = ReceiveWindow(window, window // 4)
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder()
+        self._header_limit = self.settings.max_header_list_size
+        if self._header_limit is not None:
+            self._decoder.max_header_list_size = self._header_limit * HEADER_DECODE_FACTOR
         self._header_block: tuple[int, int, bytearray] | None = None  # awaiting CONTINUATION
         self._next_stream_id = 1
         self._last_peer_stream = 0
@@ -84,19 +130,28 @@ class HboneProtocol:
         self._control = bytearray()  # small frames, joined into one chunk
         self._credit_due: set[int] = set()  # streams with a WINDOW_UPDATE to write at flush
         self._events: list[ev.Event] = []
+        self._ping_due: float | None = None  # when the next keepalive PING goes out
+        self._ping_sent: float | None = None  # when the unanswered PING went out
+        self._ping_acked = False  # its ACK came: the next keepalive() restarts the interval
+        self._pings = 0
 
     # -- output -------------------------------------------------------------------------
     def initiate_connection(self) -> None:
         if self.client_side:
             self._control += fr.PREFACE
+        s = self.settings
         announced = {
-            fr.SETTINGS_INITIAL_WINDOW_SIZE: self.settings.stream_window,
-            fr.SETTINGS_MAX_FRAME_SIZE: self.settings.max_frame_size,
-            **self.settings.extra,
+            fr.SETTINGS_INITIAL_WINDOW_SIZE: s.stream_window,
+            fr.SETTINGS_MAX_FRAME_SIZE: s.max_frame_size,
+            **s.extra,
         }
         if self.client_side:
             announced[fr.SETTINGS_ENABLE_PUSH] = 0
-        self._control += fr.settings_frame(announced)
+        if s.max_concurrent_streams is not None:
+            announced[fr.SETTINGS_MAX_CONCURRENT_STREAMS] = s.max_concurrent_streams
+        if s.max_header_list_size is not None:
+            announced[fr.SETTINGS_MAX_HEADER_LIST_SIZE] = s.max_header_list_size
+        self._control += fr.settings_frame(dict(sorted(announced.items())))  # h2's order
         increment = self.settings.connection_window - fr.DEFAULT_WINDOW_SIZE
         if increment > 0:
             self._control += fr.window_update(0, increment)
@@ -236,6 +291,36 @@ class HboneProtocol:
             self.closed = True
             self._control += fr.goaway(self._last_peer_stream, code)
 
+    # -- keepalive ----------------------------------------------------------------------
+    def keepalive(self, now: float) -> float | None:
+        """Drive the PING keepalive at time `now`; returns when to call again (None: never).
+
+        Call it once the connection is up, when the returned time comes, and after a
+        `PingAcknowledged` event. As in Istio's ztunnel, a PING goes out `ping_interval` after
+        the start and after each ACK; an ACK later than `ping_timeout` raises PeerUnresponsive
+        (a GOAWAY NO_ERROR is queued, as ztunnel's server sends it)."""
+        interval = self.settings.ping_interval
+        if interval is None or self.closed:
+            return None
+        if self._ping_acked or (self._ping_due is None and self._ping_sent is None):
+            self._ping_acked, self._ping_sent = False, None
+            self._ping_due = now + interval
+        if self._ping_sent is not None:
+            deadline = self._ping_sent + self.settings.ping_timeout
+            if now >= deadline:
+                self.close(fr.NO_ERROR)
+                raise PeerUnresponsive(
+                    f"no PING ACK within {self.settings.ping_timeout:g} s: the peer is gone"
+                )
+            return deadline
+        assert self._ping_due is not None
+        if now < self._ping_due:
+            return self._ping_due
+        self._pings += 1
+        self._control += fr.ping(_PING_OPAQUE.pack(self._pings))
+        self._ping_sent, self._ping_due = now, None
+        return now + self.settings.ping_timeout
+
     # -- input --------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Parse `data`; returns what happened. Raises FrameError (GOAWAY queued)."""
@@ -296,7 +381,12 @@ class HboneProtocol:
     def _on_continuation(self, frame: fr.ControlFrame) -> None:
         if self._header_block is None or self._header_block[0] != frame.stream_id:
             raise fr.FrameError(fr.PROTOCOL_ERROR, "unexpected CONTINUATION")
-        self._header_block[2].extend(frame.payload)
+        block = self._header_block[2]
+        limit = self._header_limit
+        if limit is not None and len(block) + len(frame.payload) > limit:
+            # h2's bound on buffering a header block: past the limit, the connection goes
+            raise fr.FrameError(fr.COMPRESSION_ERROR, "header block over the size limit")
+        block.extend(frame.payload)
         if frame.flags & fr.FLAG_END_HEADERS:
             self._finish_header_block()
 
@@ -309,17 +399,44 @@ class HboneProtocol:
         except hpack.HPACKError as exc:
             raise fr.FrameError(fr.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
         end = bool(flags & fr.FLAG_END_STREAM)
-        if self.client_side:
+        limit = self._header_limit
+        if limit is not None and header_list_size(headers) > limit:
+            self._refuse_headers(stream_id)
+        elif self.client_side:
             self._on_response(stream_id, headers, end)
         else:
             self._on_request(stream_id, headers, end)
 
-    def _on_request(self, stream_id: int, headers: ev.Headers, end: bool) -> None:
+    def _refuse_headers(self, stream_id: int) -> None:
+        """A header list over our limit: a server answers a new request 431; either side then
+        resets the stream with PROTOCOL_ERROR (what the h2 crate does)."""
+        if self.client_side:
+            if self.streams.pop(stream_id, None) is not None:
+                self._control += fr.rst_stream(stream_id, fr.PROTOCOL_ERROR)
+                self._events.append(ev.StreamReset(stream_id, fr.PROTOCOL_ERROR))
+            return
+        if not self._new_peer_stream(stream_id):
+            return  # trailers: the stream is reset if we still know it
+        answer = self._encoder.encode([(":status", STATUS_HEADERS_TOO_LARGE)])
+        self._control += fr.headers_frames(stream_id, answer, True, self.peer_max_frame)
+        self._control += fr.rst_stream(stream_id, fr.PROTOCOL_ERROR)
+
+    def _new_peer_stream(self, stream_id: int) -> bool:
+        """Whether `stream_id` opens a new stream (else: trailers, or a stream we answered)."""
         if stream_id % 2 == 0:
             raise fr.FrameError(fr.PROTOCOL_ERROR, f"client opened even stream {stream_id}")
         if stream_id <= self._last_peer_stream:
-            return  # trailers, or a late frame on a stream we already answered
+            return False
         self._last_peer_stream = stream_id
+        return True
+
+    def _on_request(self, stream_id: int, headers: ev.Headers, end: bool) -> None:
+        if not self._new_peer_stream(stream_id):
+            return  # trailers, or a late frame on a stream we already answered
+        limit = self.settings.max_concurrent_streams
+        if limit is not None and len(self.streams) >= limit:
+            self._control += fr.rst_stream(stream_id, fr.REFUSED_STREAM)
+            return
         stream = self._add_stream(stream_id)
         self._events.append(ev.RequestReceived(stream_id, headers, end))
         if end:
@@ -369,10 +486,14 @@ class HboneProtocol:
             raise fr.FrameError(fr.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
         if not frame.flags & fr.FLAG_ACK:
             self._control += fr.ping_ack(frame.payload)
+        elif self._ping_sent is not None and frame.payload == _PING_OPAQUE.pack(self._pings):
+            self._ping_acked = True
+            self._events.append(ev.PingAcknowledged())
 
     def _on_goaway(self, frame: fr.ControlFrame) -> None:
         self.goaway_received = True
         last, code = fr.parse_goaway(frame.payload)
+        self.goaway_code = code
         self._events.append(ev.ConnectionTerminated(code, last))
 
     def _on_window_update(self, frame: fr.ControlFrame) -> None:
@@ -399,3 +520,8 @@ class HboneProtocol:
         fr.WINDOW_UPDATE: _on_window_update,
         fr.PUSH_PROMISE: _on_push_promise,
     }
+
+
+def header_list_size(headers: ev.Headers) -> int:
+    """The size SETTINGS_MAX_HEADER_LIST_SIZE limits (RFC 9113 section 6.5.2)."""
+    return sum(len(name.encode()) + len(value.encode()) + 32 for name, value in headers)

@@ -31,7 +31,9 @@ from .connect import (
 from .connection import TunnelConnection, log
 from .events import RequestReceived
 from .memory import keep_buffers_in_heap
+from .protocol import SERVER_MAX_CONCURRENT_STREAMS, Settings
 from .stream import TunnelStream
+from .timers import HboneTimers
 
 OnConnect = Callable[[ConnectRequest], Awaitable[ConnectDecision]]
 
@@ -40,7 +42,7 @@ class ServerConnection(TunnelConnection):
     server_side = True
 
     def __init__(self, context: ssl.SSLContext, owner: HboneServer) -> None:
-        super().__init__(context)
+        super().__init__(context, owner.settings)
         self.owner = owner
         self.peer_identity: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -102,9 +104,24 @@ class ServerConnection(TunnelConnection):
 
 
 class HboneServer:
-    def __init__(self, ssl_context: ssl.SSLContext, on_connect: OnConnect) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        on_connect: OnConnect,
+        *,
+        max_streams: int = SERVER_MAX_CONCURRENT_STREAMS,
+        timers: HboneTimers | None = None,
+    ) -> None:
+        """`max_streams` per connection are announced and enforced (Istio's 200); `timers`
+        (the keepalive) default to Istio's, as the environment overrides them."""
         self.ssl_context = ssl_context
         self.on_connect = on_connect
+        chosen = timers or HboneTimers.from_env()
+        self.settings = Settings.server(
+            max_concurrent_streams=max_streams,
+            ping_interval=chosen.ping_interval,
+            ping_timeout=chosen.ping_timeout,
+        )
         keep_buffers_in_heap()
         self.connections: set[ServerConnection] = set()
         self._server: asyncio.Server | None = None

@@ -51,7 +51,8 @@ class TunnelStream:
         self.was_reset = False
 
     def stats(self) -> StreamStats:
-        return StreamStats(self.to_socket, self.from_socket, self.was_reset)
+        error = self.conn.close_reason if self.was_reset else None
+        return StreamStats(self.to_socket, self.from_socket, self.was_reset, error)
 
     # -- tunnel -> socket ---------------------------------------------------------------
     def sent_total(self) -> int:

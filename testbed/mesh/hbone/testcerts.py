@@ -40,14 +40,35 @@ class TestPki:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path, trust_domain: str = "cluster.local") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        trust_domain: str = "cluster.local",
+        *,
+        root: tuple[Path, Path] | None = None,
+    ) -> None:
+        """A new root, or with `root` = (CA cert, CA key) PEM files an existing one (e.g. a
+        mesh CA that `CertificateAuthority.save` wrote), to issue leaves it would not."""
         self.directory = directory
         self.trust_domain = trust_domain
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        if root is None:
+            self._key = ec.generate_private_key(ec.SECP256R1())
+            self._cert = self._self_signed(trust_domain)
+        else:
+            key = serialization.load_pem_private_key(root[1].read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{root[1]}: expected an ECDSA private key")
+            self._key = key
+            self._cert = x509.load_pem_x509_certificate(root[0].read_bytes())
+        self._name = self._cert.subject
+        directory.mkdir(parents=True, exist_ok=True)
+        self.roots = directory / "root-cert.pem"
+        self.roots.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+
+    def _self_signed(self, trust_domain: str) -> x509.Certificate:
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
         now = datetime.datetime.now(datetime.UTC)
-        self._name = name
-        self._cert = (
+        return (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(name)
@@ -58,31 +79,45 @@ class TestPki:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(self._key, hashes.SHA256())
         )
-        directory.mkdir(parents=True, exist_ok=True)
-        self.roots = directory / "root-cert.pem"
-        self.roots.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def identity(self, namespace: str, service_account: str) -> Identity:
+    def identity(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        sans: list[str] | None = None,
+        valid_from: datetime.timedelta = -datetime.timedelta(minutes=5),
+        valid_for: datetime.timedelta = _VALIDITY,
+    ) -> Identity:
+        """A leaf for `spiffe://<td>/ns/<namespace>/sa/<sa>`; for negative tests, `sans`
+        replaces its URI SANs (an empty list: no SAN at all) and `valid_from` (relative to
+        now) and `valid_for` move its validity window."""
         uri = f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
+        uris = [uri] if sans is None else sans
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
+        start = datetime.datetime.now(datetime.UTC) + valid_from
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(x509.Name([]) if uris else self._leaf_name(namespace))
             .issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
-            )
+            .not_valid_before(start)
+            .not_valid_after(start + valid_for)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
         )
+        if uris:
+            names = [x509.UniformResourceIdentifier(u) for u in uris]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
+        cert = builder.sign(self._key, hashes.SHA256())
         stem = f"{namespace}.{service_account}"
         cert_path = self.directory / f"{stem}.cert.pem"
         key_path = self.directory / f"{stem}.key.pem"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(_key_pem(key))
-        return Identity(cert_path, key_path, self.roots, uri)
+        return Identity(cert_path, key_path, self.roots, uris[0] if uris else "")
+
+    @staticmethod
+    def _leaf_name(common_name: str) -> x509.Name:
+        # A leaf without SANs needs a subject (RFC 5280 4.1.2.6).
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])

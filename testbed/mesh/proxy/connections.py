@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 ProxyKind = Literal["ztunnel", "waypoint", "sidecar"]
 Direction = Literal["outbound", "inbound"]
-Path = Literal["hbone", "passthrough", "waypoint", "plaintext", "l7"]
+Path = Literal["hbone", "passthrough", "waypoint", "plaintext", "l7", "local"]  # local: fast path
 Verdict = Literal["allow", "deny", "error"]
 Address = tuple[str, int]
 KEEP = 1000

@@ -22,6 +22,7 @@ from typing import Any
 import uvloop
 
 from testbed.mesh.config import ConfigError
+from testbed.mesh.hbone.timers import HboneTimers, TimerError
 from testbed.mesh.metrics import CONTENT_TYPE, Registry
 from testbed.mesh.proxy import ADMIN_HOST, ADMIN_PORT, METRICS_PORT, PUBLIC_HOST, READY_PORT
 from testbed.mesh.proxy.connections import ConnectionLog
@@ -141,8 +142,9 @@ def main(
         format=f"%(asctime)s {log_name(args)} %(levelname)s %(name)s: %(message)s",
     )
     try:
+        HboneTimers.from_env()  # a bad timer variable fails now, not at the first connection
         proxy = make(args)
-    except ConfigError as exc:
+    except (ConfigError, TimerError) as exc:
         parser.exit(2, f"{parser.prog}: {exc}\n")  # a bad file is one line, not a traceback
     uvloop.run(_until_signalled(proxy))
 

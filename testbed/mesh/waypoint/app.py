@@ -145,7 +145,11 @@ class Waypoint(ProxyProcess):
         self, sock: socket.socket, downstream: Downstream, record: ConnectionRecord | None = None
     ) -> None:
         sock.setblocking(False)
-        protocol, initial = await _sniff(sock)
+        declared = self.proxy.protocol_handling(downstream.target)  # the port's appProtocol
+        protocol: Protocol | None = "tcp"
+        initial = b""
+        if declared != "tcp":
+            protocol, initial = await _sniff(sock, http=declared == "http")
         if protocol == "tcp":  # also a client silent past SNIFF_TIMEOUT (server speaks first)
             if record is not None:
                 record.path = "hbone"
@@ -228,14 +232,17 @@ class Waypoint(ProxyProcess):
         await self.upstreams.close()
 
 
-async def _sniff(sock: socket.socket) -> tuple[Protocol | None, bytes]:
-    """The protocol from the first bytes (None: closed before any byte came)."""
+async def _sniff(sock: socket.socket, http: bool = False) -> tuple[Protocol | None, bytes]:
+    """The protocol from the first bytes (None: closed before any byte came). A port
+    declared HTTP (`http`) is HTTP whatever comes and however late: only the version is
+    read from the bytes (the HTTP/2 preface, else HTTP/1.1, whose parser refuses garbage)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + SNIFF_TIMEOUT
+    deadline = None if http else loop.time() + SNIFF_TIMEOUT
     data = b""
     while True:
         try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, SNIFF_READ), deadline - loop.time())
+            left = None if deadline is None else deadline - loop.time()
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, SNIFF_READ), left)
         except (TimeoutError, ConnectionError):
             return "tcp", data
         if not chunk:
@@ -243,4 +250,4 @@ async def _sniff(sock: socket.socket) -> tuple[Protocol | None, bytes]:
         data += chunk
         protocol = sniff(data)
         if protocol != "more":
-            return protocol, data
+            return ("http/1.1" if http and protocol == "tcp" else protocol), data

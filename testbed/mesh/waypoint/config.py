@@ -15,24 +15,36 @@ camelCase keys). Services, workloads and endpoints come from the mesh config ztu
       action: DENY
       targets: [default/reviews.default.svc.cluster.local]
       rules: [{to: [{paths: [/admin*]}]}]
+    appProtocols:                 # declared Service port protocols (testbed.mesh.appprotocol)
+      default/ratings.default.svc.cluster.local: {9080: http}
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from testbed.mesh.appprotocol import AppProtocol
 from testbed.mesh.config import ConfigError
 from testbed.mesh.waypoint.l7authz import L7Policy
 from testbed.mesh.waypoint.routing import HttpRoute
+
+ServicePort = Annotated[int, Field(ge=1, le=65535)]
 
 
 class WaypointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     routes: list[HttpRoute] = []
     policies: list[L7Policy] = []
+    # "<ns>/<hostname>" -> service port -> its declared appProtocol; undeclared: sniffed
+    app_protocols: dict[str, dict[ServicePort, AppProtocol]] = Field(
+        default={},
+        validation_alias=AliasChoices("appProtocols", "app_protocols"),
+        serialization_alias="appProtocols",
+    )
 
     @classmethod
     def load(cls, path: Path) -> WaypointConfig:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from testbed.mesh.appprotocol import Handling, handling
 from testbed.mesh.config import LocalConfig, Service, Workload
 from testbed.mesh.metrics import TrafficLabels
 from testbed.mesh.waypoint import filters
@@ -99,6 +100,25 @@ def resolve_target(config: LocalConfig, address: Address) -> Target | None:
     return None if workload is None else Target(address, None, workload)
 
 
+def declared_protocol(l7: WaypointConfig, mesh: LocalConfig, target: Target) -> str | None:
+    """The appProtocol declared for the port `target` addresses (None: undeclared). A
+    workload's port (a sidecar's inbound, a workload-addressed waypoint) takes the protocol
+    of the service port whose endpoint it is; a service VIP's port, its own."""
+    if target.workload is None:
+        if target.service is None:
+            return None
+        return l7.app_protocols.get(target.service.key, {}).get(target.address[1])
+    key, port = target.workload.key, target.address[1]
+    for service_key, ports in l7.app_protocols.items():
+        service = mesh.service_by_host(service_key)
+        if service is None:
+            continue
+        for service_port, protocol in ports.items():
+            if any(w.key == key and t == port for w, t in mesh.endpoints(service, service_port)):
+                return protocol
+    return None
+
+
 @dataclass
 class _Outcome:
     response: HttpResponse
@@ -156,6 +176,10 @@ class L7Proxy:
             routes = self.l7.routes if service_key else []
             found = self._tables[service_key] = RouteTable.build(routes, service_key or "")
         return found
+
+    def protocol_handling(self, target: Target) -> Handling:
+        """HTTP, TCP or sniffed, as the target port's declared appProtocol says."""
+        return handling(declared_protocol(self.l7, self.mesh, target))
 
     def allows_tcp(self, downstream: Downstream) -> bool:
         """L4 check for a connection passed through as TCP."""

@@ -21,8 +21,11 @@ SNIFF_READ = 4096
 _MORE_WAIT = 0.005  # a partial method token: look again after this long
 
 
-async def _first_readable(socks: list[socket.socket], timeout: float) -> socket.socket | None:
-    """The first of `socks` with something to read (None: none within `timeout` s)."""
+async def _first_readable(
+    socks: list[socket.socket], timeout: float | None
+) -> socket.socket | None:
+    """The first of `socks` with something to read (None: none within `timeout` s; no
+    timeout: wait as long as it takes)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[socket.socket] = loop.create_future()
 
@@ -33,7 +36,7 @@ async def _first_readable(socks: list[socket.socket], timeout: float) -> socket.
     for sock in socks:
         loop.add_reader(sock.fileno(), wake, sock)
     try:
-        return await asyncio.wait_for(ready, max(timeout, 0.0))
+        return await asyncio.wait_for(ready, None if timeout is None else max(timeout, 0.0))
     except TimeoutError:
         return None
     finally:
@@ -42,16 +45,22 @@ async def _first_readable(socks: list[socket.socket], timeout: float) -> socket.
 
 
 async def peek_protocol(
-    sock: socket.socket, timeout: float = SNIFF_TIMEOUT, server: socket.socket | None = None
+    sock: socket.socket,
+    timeout: float = SNIFF_TIMEOUT,
+    server: socket.socket | None = None,
+    *,
+    http: bool = False,
 ) -> Protocol | None:
     """What the client on `sock` speaks, its bytes left unread; None: it closed silently.
     Plain TCP when it says nothing for `timeout` s, or when `server` (the connection to
-    the app, if open already) speaks first, as server-first protocols do."""
+    the app, if open already) speaks first, as server-first protocols do. A port declared
+    HTTP (`http`) is HTTP whatever comes and however late; only the version is read (the
+    HTTP/2 preface, else HTTP/1.1, whose parser refuses garbage)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    watched = [sock] if server is None else [sock, server]
+    deadline = None if http else loop.time() + timeout
+    watched = [sock] if server is None or http else [sock, server]
     while True:
-        first = await _first_readable(watched, deadline - loop.time())
+        first = await _first_readable(watched, None if deadline is None else deadline - loop.time())
         if first is not sock:
             return "tcp"
         try:
@@ -64,7 +73,7 @@ async def peek_protocol(
             return None
         protocol = sniff(data)
         if protocol != "more":
-            return protocol
+            return "http/1.1" if http and protocol == "tcp" else protocol
         await asyncio.sleep(_MORE_WAIT)
 
 

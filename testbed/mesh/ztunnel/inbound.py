@@ -105,6 +105,23 @@ async def connect_app(pod: PodProxy, dest: Address, source_ip: str) -> socket.so
     )
 
 
+def _inbound_record(
+    pod: PodProxy, peer: Address, dest: Address, request: ConnectRequest | None
+) -> ConnectionRecord:
+    """The connection record of traffic to this pod's app, over HBONE (the CONNECT `request`)
+    or in plaintext (none): the pod is the destination."""
+    return pod.mesh.connections.open(
+        listener=HBONE_PORT if request is not None else INBOUND_PLAINTEXT_PORT,
+        direction="inbound",
+        peer=peer,
+        original_dst=dest,
+        path="hbone" if request is not None else "plaintext",
+        src_identity=request.peer_identity if request is not None else None,
+        dst_identity=pod.workload.identity.uri,
+        connect_target=format_address(dest) if request is not None else None,
+    )
+
+
 class HboneInbound:
     """The `on_connect` of the pod's HBONE server."""
 
@@ -115,16 +132,7 @@ class HboneInbound:
         pod = self.pod
         dest = request.authority
         peer = request.peer_address
-        record = pod.mesh.connections.open(
-            listener=HBONE_PORT,
-            direction="inbound",
-            peer=peer,
-            original_dst=dest,
-            path="hbone",
-            src_identity=request.peer_identity,
-            dst_identity=pod.workload.identity.uri,
-            connect_target=format_address(dest),
-        )
+        record = _inbound_record(pod, peer, dest, request)
         # Policy sees the TCP peer; the app sees the original client (`forwarded`).
         client_ip = (request.forwarded_for or peer)[0]
         labels = _labels(pod, client_ip, request.peer_identity, mtls=True)
@@ -186,14 +194,7 @@ class HboneInbound:
 
 async def serve_inbound_plaintext(pod: PodProxy, client: socket.socket, peer: Address) -> None:
     dest = destination_of(client, INBOUND_PLAINTEXT_PORT)
-    record = pod.mesh.connections.open(
-        listener=INBOUND_PLAINTEXT_PORT,
-        direction="inbound",
-        peer=peer,
-        original_dst=dest,
-        path="plaintext",
-        dst_identity=pod.workload.identity.uri,
-    )
+    record = _inbound_record(pod, peer, dest, None)
     if dest[0] != pod.ip or dest[1] in ZTUNNEL_PORTS:
         pod.mesh.connections.refuse(record, "not for this pod's app")
         reset_socket(client)

@@ -2,8 +2,10 @@
 
 Recover where it was going, decide (testbed.mesh.ztunnel.route), then tunnel it over HBONE
 to the destination pod's 15008 or to the waypoint that serves the destination, with the
-source pod's certificate, or pass it through as plain TCP. Upstream sockets are opened
-inside the source pod's namespace with mark 0x539, so its rules do not capture them again.
+source pod's certificate, hand it to the inbound side in-process (a shared ztunnel's
+same-node fast path, testbed.mesh.ztunnel.local), or pass it through as plain TCP. Upstream
+sockets are opened inside the source pod's namespace with mark 0x539, so its rules do not
+capture them again.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from testbed.mesh.hbone import HboneError, connect_tcp, relay_tcp, reset_socket
 from testbed.mesh.hbone.connect import format_address
 from testbed.mesh.proxy.connections import ConnectionRecord
 from testbed.mesh.proxy.connections import Path as RecordPath
-from testbed.mesh.ztunnel import OUTBOUND_PORT
+from testbed.mesh.ztunnel import OUTBOUND_PORT, local
 from testbed.mesh.ztunnel.netio import Address, ByteMeter, destination_of
 from testbed.mesh.ztunnel.pods import PodProxy
 from testbed.mesh.ztunnel.route import (
+    DirectLocal,
     Hbone,
     Outbound,
     Passthrough,
@@ -35,9 +38,19 @@ log = logging.getLogger(__name__)
 
 async def serve_outbound(pod: PodProxy, client: socket.socket, peer: Address) -> None:
     destination = destination_of(client, OUTBOUND_PORT)
-    decision = decide_outbound(pod.mesh.config, destination, pod.mesh.pick)
+    local_node = pod.mesh.node if pod.local_pod is not None else None
+    decision = decide_outbound(pod.mesh.config, destination, pod.mesh.pick, local_node)
     source = pod.workload
     record = _record(pod, peer, destination, decision)
+    local_pod = None
+    if isinstance(decision, DirectLocal):
+        assert pod.local_pod is not None
+        local_pod = pod.local_pod(decision.target[0])
+        if local_pod is None:
+            decision = Refuse(f"{decision.target[0]} is no workload of this node")
+        elif local.denied(pod, local_pod, peer, decision, record):
+            reset_socket(client)
+            return
     if isinstance(decision, Refuse):
         log.info(
             "outbound %s -> %s refused: %s",
@@ -62,6 +75,9 @@ async def serve_outbound(pod: PodProxy, client: socket.socket, peer: Address) ->
         try:
             if isinstance(decision, Passthrough):
                 await _passthrough(pod, client, decision.target)
+            elif isinstance(decision, DirectLocal):
+                assert local_pod is not None
+                await local.relay(pod, local_pod, client, peer, decision, record)
             elif isinstance(decision, Hbone):
                 await _tunnel(
                     pod,
@@ -99,6 +115,8 @@ def _record(
     elif isinstance(decision, Hbone):
         path, dst_identity, upstream = "hbone", decision.identity, decision.hop
         connect_target = format_address(decision.target)
+    elif isinstance(decision, DirectLocal):
+        path, dst_identity, upstream = "local", decision.workload.identity.uri, decision.target
     elif isinstance(decision, ToWaypoint):
         path, upstream, connect_target = "waypoint", decision.via.address, decision.via.authority
         dst_identity = next(iter(sorted(decision.via.identities)), None)
@@ -164,7 +182,9 @@ async def _tunnel(
         source_identity=source_identity.uri,
         headers=headers,
     )
-    await stream.relay(client)
+    stats = await stream.relay(client)
+    if stats.error is not None:  # the tunnel died under the stream: the record says why
+        raise HboneError(f"HBONE connection to {format_address(hop)} failed: {stats.error}")
 
 
 async def _passthrough(pod: PodProxy, client: socket.socket, address: Address) -> None:

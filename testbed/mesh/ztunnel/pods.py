@@ -85,6 +85,8 @@ class PodProxy:
         self.hbone_server: HboneServer | None = None
         self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()  # run on after stop (drain)
+        # a shared ztunnel with the same-node fast path: the local workload at an address
+        self.local_pod: Callable[[str], PodProxy | None] | None = None
 
     @property
     def workload(self) -> Workload:
@@ -140,7 +142,7 @@ class PodProxy:
             raise
         for sock, handler in ((out_sock, outbound), (plain_sock, inbound_plaintext)):
             self._accepting.append(asyncio.ensure_future(self._accept_loop(sock, handler)))
-        zone = lambda: dns.proxy_zone(self.mesh.config, self.workload.namespace)  # noqa: E731
+        zone = lambda _peer: dns.proxy_zone(self.mesh.config, self.workload.namespace)  # noqa: E731
         self._accepting.append(asyncio.ensure_future(dns.serve_in_netns(self.netns_fd, zone)))
 
     async def stop(self) -> None:

@@ -7,8 +7,14 @@ the destination pod, or pass it through as plain TCP.
     ... whose address is unknown           -> Refuse
     service VIP, no healthy endpoint       -> Refuse
     service VIP -> endpoint with waypoint  -> ToWaypoint (target: the endpoint's ip:port)
+    mesh workload on `local_node`          -> DirectLocal (same-node fast path, asked for)
     mesh workload (protocol HBONE)         -> Hbone to <pod ip>:15008
     anything else                          -> Passthrough
+
+DirectLocal is Istio 1.20's shared-mode ztunnel fast path (RequestType::DirectLocal): a
+destination workload on the ztunnel's own node, with no waypoint, is handed to the inbound
+side in the same process (its L4 policy still applies) with no TLS and no HBONE. A caller
+that serves one node from a shared ztunnel passes that node as `local_node` to take it.
 
 Round-robin over a service's endpoints is state, so the caller passes `pick`.
 """
@@ -54,10 +60,19 @@ class ToWaypoint:
     service: Service | None = None
 
 
-Outbound = Refuse | ToWaypoint | Hbone | Passthrough
+@dataclass(frozen=True)
+class DirectLocal:
+    target: Address  # <pod ip>:<target port>, a workload of this ztunnel's own node
+    workload: Workload
+    service: Service | None = None
 
 
-def decide_outbound(config: LocalConfig, destination: Address, pick: Pick) -> Outbound:
+Outbound = Refuse | ToWaypoint | DirectLocal | Hbone | Passthrough
+
+
+def decide_outbound(
+    config: LocalConfig, destination: Address, pick: Pick, local_node: str | None = None
+) -> Outbound:
     ip, port = destination
     if port in ZTUNNEL_PORTS:
         return Refuse(f"port {port} is ztunnel's own")
@@ -70,7 +85,7 @@ def decide_outbound(config: LocalConfig, destination: Address, pick: Pick) -> Ou
         workload = None if service is not None else config.workload_by_ip(ip)
         return ToWaypoint(via, workload, service)
     if service is None:
-        return _to_workload(config.workload_by_ip(ip), destination, None)
+        return _to_workload(config.workload_by_ip(ip), destination, None, local_node)
     picked = pick(service, port)
     if picked is None:
         return Refuse(f"service {service.hostname}:{port} has no healthy endpoint")
@@ -82,11 +97,15 @@ def decide_outbound(config: LocalConfig, destination: Address, pick: Pick) -> Ou
         except LookupError as exc:
             return Refuse(str(exc))
         return ToWaypoint(via, workload, service)
-    return _to_workload(workload, target, service)
+    return _to_workload(workload, target, service, local_node)
 
 
-def _to_workload(workload: Workload | None, target: Address, service: Service | None) -> Outbound:
+def _to_workload(
+    workload: Workload | None, target: Address, service: Service | None, local_node: str | None
+) -> Outbound:
     if workload is None or workload.protocol != "HBONE":
         return Passthrough(target, workload, service)
+    if local_node is not None and workload.node == local_node:
+        return DirectLocal(target, workload, service)
     hop = (str(workload.workload_ips[0]), HBONE_PORT)
     return Hbone(hop, workload.identity.uri, target, workload, service)

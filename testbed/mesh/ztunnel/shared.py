@@ -3,9 +3,10 @@
 One process in the ztunnel pod's own namespace serves every mesh workload of its node. The
 node's rules and the TPROXY rules in this namespace deliver captured connections to three
 IP_TRANSPARENT listeners: 15001 (outbound, from a local pod), 15006 (plaintext inbound) and
-15008 (HBONE inbound). The original destination is the accepted socket's local address; the
-local workload is found by address: the client's for outbound, the destination's for
-inbound, whose certificate the HBONE server then presents.
+15008 (HBONE inbound), and its DNS proxy on 15053 (UDP and TCP, where the ebpf mode's rules
+send the pods' captured DNS). The original destination is the accepted socket's local
+address; the local workload is found by address: the client's for outbound, the
+destination's for inbound, whose certificate the HBONE server then presents.
 
 Per workload the in-pod handlers (testbed.mesh.ztunnel.outbound/inbound) run unchanged on a
 `PodProxy` whose "pod namespace" is ztunnel's own: connections to apps leave from the
@@ -14,7 +15,12 @@ client's address (IP_TRANSPARENT) and come back through the node's 0x210/0x040 m
 one to a workload of this same node (routed to the local table by the ztunnel-netns rule
 for port 15008) is answered over loopback.
 
-    python -m testbed.mesh.ztunnel.shared --config FILE --certs DIR --node N --ztunnel-ip IP
+With the same-node fast path on (Istio 1.20's behaviour), a connection to a workload of
+this node is handed to its inbound side in-process (testbed.mesh.ztunnel.local); off, it
+goes over HBONE to this ztunnel's own 15008 like any other.
+
+    python -m testbed.mesh.ztunnel.shared --config FILE --certs DIR --node N --ztunnel-ip IP \
+        --same-node-fast-path on|off
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from contextvars import ContextVar
 
+from testbed.mesh import dns
 from testbed.mesh.config import LocalConfig
 from testbed.mesh.hbone import HboneClient, HboneServer, reset_socket
 from testbed.mesh.hbone.server import ServerConnection
@@ -53,9 +61,17 @@ _client_ip: ContextVar[str | None] = ContextVar("client_ip", default=None)
 class SharedPod(PodProxy):
     """A workload served from ztunnel's own namespace."""
 
-    def __init__(self, mesh: MeshState, uid: str, home_fd: int, ztunnel_ip: str) -> None:
+    def __init__(
+        self,
+        mesh: MeshState,
+        uid: str,
+        home_fd: int,
+        ztunnel_ip: str,
+        local_pod: Callable[[str], PodProxy | None] | None,
+    ) -> None:
         super().__init__(mesh, uid, os.dup(home_fd))
         self.ztunnel_ip = ztunnel_ip
+        self.local_pod = local_pod
         self.hbone_client = HboneClient(socket_factory=self._hbone_socket)
         self.hbone_server = HboneServer(
             mesh.certs.server_context(self.workload.identity), HboneInbound(self)
@@ -94,8 +110,18 @@ class SharedZtunnel(ZtunnelProcess):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args.config, args.certs, args.node)
         self.ztunnel_ip: str = args.ztunnel_ip
+        self.fast_path = args.same_node_fast_path == "on"
         self.home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._listeners: list[socket.socket] = []
+        self._dns_sockets: tuple[socket.socket, socket.socket] | None = None
+
+    def dns_zone(self, client_ip: str) -> dns.Zone:
+        """What the DNS proxy answers a client: the services, through the search list of the
+        client's namespace (fully qualified names only for a client the mesh does not know)."""
+        workload = self.mesh.config.workload_by_ip(client_ip)
+        if workload is None:
+            return dns.Zone(dns.proxy_zone(self.mesh.config, "").records)
+        return dns.proxy_zone(self.mesh.config, workload.namespace)
 
     def pod_for(self, ip: str) -> PodProxy | None:
         """The local mesh workload with this address (None for any other address)."""
@@ -106,7 +132,8 @@ class SharedZtunnel(ZtunnelProcess):
             return None
         pod = self.pods.get(workload.uid)
         if pod is None:
-            pod = SharedPod(self.mesh, workload.uid, self.home_fd, self.ztunnel_ip)
+            local_pod = self.pod_for if self.fast_path else None
+            pod = SharedPod(self.mesh, workload.uid, self.home_fd, self.ztunnel_ip, local_pod)
             self.pods[workload.uid] = pod
         return pod
 
@@ -122,14 +149,19 @@ class SharedZtunnel(ZtunnelProcess):
             transparent_listener(port)
             for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT)
         ]
+        self._dns_sockets = dns.bind_sockets("0.0.0.0", dns.PROXY_PORT)
         self.ready = True
         log.info("ztunnel (shared) for %s serving", self.node)
 
     async def serve(self) -> None:
-        await asyncio.gather(*(self._accept_loop(sock) for sock in self._listeners))
+        assert self._dns_sockets is not None
+        await asyncio.gather(
+            dns.serve(self.dns_zone, *self._dns_sockets),
+            *(self._accept_loop(sock) for sock in self._listeners),
+        )
 
     async def stop(self) -> None:
-        for sock in self._listeners:
+        for sock in (*self._listeners, *(self._dns_sockets or ())):
             sock.close()
         await super().stop()
 
@@ -172,6 +204,10 @@ if __name__ == "__main__":
     main(
         "testbed.mesh.ztunnel.shared",
         SharedZtunnel,
-        {"ztunnel-ip": "this ztunnel pod's address"},
+        {
+            "ztunnel-ip": "this ztunnel pod's address",
+            "same-node-fast-path": "on: a workload of this node is served in-process (Istio"
+            " 1.20), off: over HBONE to this ztunnel's own 15008",
+        },
         __doc__,
     )

@@ -4,10 +4,11 @@ one workload with ztunnel's L4 handlers and, for HTTP, the waypoint's L7 pipelin
 
 The pod's istio-iptables rules REDIRECT outbound TCP to 15001 and inbound TCP to 15006; HBONE
 arrives on 15008. Every socket the proxy opens carries mark 0x539, which the rules exempt.
-HTTP is recognised by sniffing the first bytes (the mesh config, like ztunnel's, carries no
-appProtocol); routes and L7 policies come from `--l7-config` (the waypoint's file format,
-every route and policy of the mesh; without it: no routes, no L7 policies). The file is
-watched and reloaded like the mesh config. Being the L7 proxy itself, a sidecar ignores
+A port's declared `appProtocol` says HTTP or TCP; an undeclared one is sniffed from its first
+bytes. Routes, L7 policies and the declared protocols come from `--l7-config` (the
+waypoint's file format, every route, policy and declaration of the mesh: the mesh config,
+like ztunnel's, carries no appProtocol; without it: no routes, no L7 policies, all sniffed).
+The file is watched and reloaded like the mesh config. Being the L7 proxy itself, a sidecar ignores
 waypoint attachments in the mesh config (no waypoint runs in sidecar mode): it goes to the
 endpoints directly and takes HBONE from any peer its policies allow.
 

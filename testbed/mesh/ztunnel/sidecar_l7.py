@@ -1,22 +1,26 @@
 """The sidecar's L7 half: HTTP through the waypoint's pipeline, as Istio's Envoy sidecars do.
 
-Outbound (15001): a connection to a mesh destination is sniffed (its bytes left in the
-socket; 100 ms of silence means a server-first protocol, plain TCP); HTTP/1.1 or HTTP/2 is
-served by an L7Proxy with the destination service's routes, Envoy's defaults (retries,
-LEAST_REQUEST, x-request-id and x-forwarded-*) and metrics reported as "source"; each
-request goes over HBONE, in the client's HTTP version, to the endpoint the pipeline picked
-(the sidecar's own certificate, no client address forwarded). Anything else (plain TCP, a
-passthrough, a waypoint, a refusal) takes the L4 path unchanged.
+Outbound (15001): a connection to a mesh destination on a port whose service declares an
+`appProtocol` (testbed.mesh.appprotocol) is HTTP or TCP as declared; an undeclared one is
+sniffed (its bytes left in the socket; 100 ms of silence means a server-first protocol,
+plain TCP). HTTP/1.1 or HTTP/2 is served by an L7Proxy with the destination service's
+routes, Envoy's defaults (retries, LEAST_REQUEST, x-request-id and x-forwarded-*) and
+metrics reported as "source"; each request goes over HBONE, in the client's HTTP version,
+to the endpoint the pipeline picked (the sidecar's own certificate, no client address
+forwarded). Anything else (plain TCP, a passthrough, a waypoint, a refusal) takes the L4
+path unchanged.
 
 Inbound (15008): the L4 checks and the app connection are HboneInbound's; the stream is then
-sniffed (an app that speaks first makes it plain TCP), and HTTP goes through an L7Proxy with
-the L7 policies of the destination (403 "RBAC: access denied"), no routes and no retries,
-metrics reported as "destination", to that one app connection (opened again if the app
-closed it). Plain TCP is relayed as before.
+HTTP or TCP as the port's service declares, or sniffed (an app that speaks first makes it
+plain TCP); HTTP goes through an L7Proxy with the L7 policies of the destination (403 "RBAC:
+access denied"), no routes and no retries, metrics reported as "destination", to that one
+app connection (opened again if the app closed it). Plain TCP is relayed as before.
 
-The L7 file (`--l7-config`, the waypoint's format) holds every route and L7 policy of the
-mesh; the sidecar applies those of the destination: routes whose parents name the service
-called, policies that target a service of this workload or, with no targets, its namespace.
+The L7 file (`--l7-config`, the waypoint's format) holds every route, L7 policy and declared
+port protocol of the mesh; the sidecar applies those of the destination: routes whose
+parents name the service called, policies that target a service of this workload or, with
+no targets, its namespace; the declaration of the port called (a workload port: that of the
+service port targeting it; Istio asks services sharing a pod port to agree on its protocol).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from testbed.mesh.appprotocol import Handling, handling
 from testbed.mesh.config import LocalConfig, Service, Workload
 from testbed.mesh.hbone import ConnectDecision, ConnectRequest, relay_tcp
 from testbed.mesh.hbone.connect import format_address
@@ -42,6 +47,7 @@ from testbed.mesh.waypoint.proxy import (
     L7Proxy,
     Target,
     UpstreamConnectError,
+    declared_protocol,
     resolve_target,
 )
 from testbed.mesh.waypoint.routing import RetryPolicy, RouteRule
@@ -86,7 +92,7 @@ def inbound_policies(l7: WaypointConfig, config: LocalConfig, workload: Workload
         for p in l7.policies
         if mine.intersection(p.targets) or (not p.targets and p.namespace == workload.namespace)
     ]
-    return WaypointConfig(policies=policies)
+    return WaypointConfig(policies=policies, app_protocols=l7.app_protocols)
 
 
 class AppConnection:
@@ -152,7 +158,8 @@ class SidecarL7:
     def update(self, l7: WaypointConfig | None = None) -> None:
         """After a mesh config or L7 file reload."""
         self.l7 = l7 or self.l7
-        self.outbound.update(self.pod.mesh.config, WaypointConfig(routes=self.l7.routes))
+        outbound = WaypointConfig(routes=self.l7.routes, app_protocols=self.l7.app_protocols)
+        self.outbound.update(self.pod.mesh.config, outbound)
         self.inbound_l7 = inbound_policies(self.l7, self.pod.mesh.config, self.pod.workload)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -167,11 +174,14 @@ class SidecarL7:
         decision = decide_outbound(pod.mesh.config, destination, pod.mesh.pick)
         target = resolve_target(pod.mesh.config, destination)
         if isinstance(decision, Hbone) and target is not None:
-            protocol = await peek_protocol(client, OUTBOUND_SNIFF_TIMEOUT)
-            if protocol in HTTP:
-                assert protocol is not None
-                await self._serve_outbound_http(client, peer, destination, target, protocol)
-                return
+            declared = self.outbound.protocol_handling(target)  # the port's appProtocol
+            if declared != "tcp":  # declared HTTP: no sniffing, however late it speaks
+                http = declared == "http"
+                protocol = await peek_protocol(client, OUTBOUND_SNIFF_TIMEOUT, http=http)
+                if protocol in HTTP:
+                    assert protocol is not None
+                    await self._serve_outbound_http(client, peer, destination, target, protocol)
+                    return
         await serve_outbound(pod, client, peer)
 
     async def _serve_outbound_http(
@@ -232,7 +242,11 @@ class SidecarL7:
         self, sock: socket.socket, app: socket.socket, downstream: Downstream
     ) -> None:
         sock.setblocking(False)
-        protocol = await peek_protocol(sock, server=app)
+        declared = self._inbound_handling(downstream.target)
+        if declared == "tcp":
+            protocol: Protocol | None = "tcp"
+        else:
+            protocol = await peek_protocol(sock, server=app, http=declared == "http")
         if protocol is None:
             sock.close()
             app.close()
@@ -253,6 +267,10 @@ class SidecarL7:
             await serve_http(sock, protocol, functools.partial(proxy.handle, downstream))
         finally:
             upstream.close()
+
+    def _inbound_handling(self, target: Target) -> Handling:
+        """The declared protocol of the workload's port (through the service it serves)."""
+        return handling(declared_protocol(self.inbound_l7, self.pod.mesh.config, target))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -16,13 +16,19 @@ struct pod_info {
 	__u8 pad[2];
 };
 
-/* The node's ztunnel. */
+/* The node's ztunnel; ifindex 0 means no ztunnel is attached (the pods' traffic is
+ * dropped until one is). */
 struct ztunnel_info {
 	__u32 ifindex; /* ztunnel's host-side veth, in the node namespace */
 	__u32 addr;    /* ztunnel's own address: traffic to it is not intercepted */
 	__u8 mac[6];   /* ztunnel's eth0 */
-	__u8 pad[2];
+	__u8 flags;    /* ZTUNNEL_CAPTURE_DNS */
+	__u8 pad;
 };
+
+/* ztunnel_info.flags: the pods' UDP DNS (port 53) goes to ztunnel too (Istio's
+ * CAPTURE_DNS_FLAG); without it DNS queries keep their normal path. */
+#define ZTUNNEL_CAPTURE_DNS 0x1
 
 /* The node's own address as pods see it; traffic to or from it is never captured. */
 struct host_info {

@@ -2,14 +2,18 @@
 /* tc programs of the ebpf redirection mode (docs/architecture.md), written for this project.
  *
  * Per node, one copy of this object is loaded with its own maps:
- *   app_outbound          pod host-side veth, ingress: an enrolled pod's TCP goes to ztunnel
- *   app_inbound           pod host-side veth, egress: TCP for an enrolled pod goes to ztunnel
+ *   app_outbound          pod host-side veth, ingress: an enrolled pod's TCP and UDP go to
+ *                         ztunnel (UDP to port 53 only when ztunnel captures DNS)
+ *   app_inbound           pod host-side veth, egress: TCP and UDP for an enrolled pod go to
+ *                         ztunnel (DNS answers, UDP from port 53, excepted)
  *   ztunnel_host_ingress  ztunnel host-side veth, ingress: what ztunnel sends to a pod of the
  *                         node goes straight to that pod, past app_inbound
- *   ztunnel_tproxy        eth0 inside ztunnel's namespace, ingress: hand each packet to the
- *                         ztunnel socket it belongs to (bpf_sk_assign), like TPROXY does
- * Only TCP is steered: ztunnel has no UDP listeners here, so UDP, ICMP and ARP keep their
- * normal path (this is narrower than Istio's TCP/UDP match, on purpose).
+ *   ztunnel_tproxy        eth0 inside ztunnel's namespace, ingress: hand each TCP packet to
+ *                         the ztunnel socket it belongs to (bpf_sk_assign), like TPROXY does
+ * Istio's fail modes: with no ztunnel attached (ztunnel map ifindex 0) the app programs
+ * drop the pod's traffic (fail closed); ztunnel_tproxy lets a packet no listener matches
+ * go on (TC_ACT_OK) to the ztunnel namespace's own stack. UDP is not sk-assigned there:
+ * the namespace's netfilter takes a captured DNS query to ztunnel's DNS proxy (15053).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -22,6 +26,8 @@
 #define ETH_P_IP 0x0800
 #define ETH_HLEN 14
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define DNS_PORT 53
 
 #define OUTBOUND_PORT 15001
 #define INBOUND_PLAIN_PORT 15006
@@ -42,10 +48,11 @@ struct flow {
 	__u32 daddr;
 	__u16 sport; /* network byte order, as on the wire */
 	__u16 dport;
+	__u8 protocol; /* IPPROTO_TCP or IPPROTO_UDP */
 };
 
-/* The IPv4 TCP flow of an Ethernet frame; false for anything else. */
-static __always_inline bool load_tcp_flow(struct __sk_buff *skb, struct flow *flow)
+/* The IPv4 TCP or UDP flow of an Ethernet frame; false for anything else. */
+static __always_inline bool load_flow(struct __sk_buff *skb, struct flow *flow)
 {
 	struct iphdr ip;
 	__u16 ports[2];
@@ -55,7 +62,7 @@ static __always_inline bool load_tcp_flow(struct __sk_buff *skb, struct flow *fl
 		return false;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return false;
-	if (ip.protocol != IPPROTO_TCP || ip.ihl < 5)
+	if ((ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP) || ip.ihl < 5)
 		return false;
 	if (ip.frag_off & bpf_htons(0x1fff))
 		return false; /* a later fragment carries no ports */
@@ -66,7 +73,13 @@ static __always_inline bool load_tcp_flow(struct __sk_buff *skb, struct flow *fl
 	flow->daddr = ip.daddr;
 	flow->sport = ports[0];
 	flow->dport = ports[1];
+	flow->protocol = ip.protocol;
 	return true;
+}
+
+static __always_inline bool is_udp_port(struct flow *flow, __u16 port, bool source)
+{
+	return flow->protocol == IPPROTO_UDP && (source ? flow->sport : flow->dport) == bpf_htons(port);
 }
 
 static __always_inline bool is_host(__u32 addr)
@@ -85,26 +98,38 @@ static __always_inline int redirect_to(struct __sk_buff *skb, __u32 ifindex, __u
 	return bpf_redirect(ifindex, 0);
 }
 
-static __always_inline int redirect_to_ztunnel(struct __sk_buff *skb)
+static __always_inline struct ztunnel_info *attached_ztunnel(void)
 {
 	__u32 zero = 0;
 	struct ztunnel_info *zt = bpf_map_lookup_elem(&ztunnel_map, &zero);
 
-	if (!zt || zt->ifindex == 0)
-		return TC_ACT_OK; /* no ztunnel on this node yet: leave traffic alone */
+	return zt && zt->ifindex != 0 ? zt : NULL;
+}
+
+static __always_inline int redirect_to_ztunnel(struct __sk_buff *skb)
+{
+	struct ztunnel_info *zt = attached_ztunnel();
+
+	if (!zt)
+		return TC_ACT_SHOT; /* no ztunnel on this node: an enrolled pod's traffic must not leak */
 	return redirect_to(skb, zt->ifindex, zt->mac);
 }
 
 SEC("tc")
 int app_outbound(struct __sk_buff *skb)
 {
+	struct ztunnel_info *zt = attached_ztunnel();
 	struct flow flow;
 
-	if (!load_tcp_flow(skb, &flow) || is_host(flow.daddr))
+	if (!zt)
+		return TC_ACT_SHOT; /* fail closed, as Istio's app_outbound: before anything else */
+	if (!load_flow(skb, &flow) || is_host(flow.daddr))
 		return TC_ACT_OK;
 	if (!bpf_map_lookup_elem(&pod_map, &flow.saddr))
 		return TC_ACT_OK; /* not enrolled */
-	return redirect_to_ztunnel(skb);
+	if (is_udp_port(&flow, DNS_PORT, false) && !(zt->flags & ZTUNNEL_CAPTURE_DNS))
+		return TC_ACT_OK;
+	return redirect_to(skb, zt->ifindex, zt->mac);
 }
 
 SEC("tc")
@@ -114,10 +139,12 @@ int app_inbound(struct __sk_buff *skb)
 
 	if (skb->cb[BYPASS_CB_SLOT] == BYPASS_CB_VALUE)
 		return TC_ACT_OK;
-	if (!load_tcp_flow(skb, &flow) || is_host(flow.saddr))
+	if (!load_flow(skb, &flow) || is_host(flow.saddr))
 		return TC_ACT_OK;
 	if (!bpf_map_lookup_elem(&pod_map, &flow.daddr))
 		return TC_ACT_OK;
+	if (is_udp_port(&flow, DNS_PORT, true))
+		return TC_ACT_OK; /* a DNS answer for the pod */
 	return redirect_to_ztunnel(skb);
 }
 
@@ -127,14 +154,15 @@ int ztunnel_host_ingress(struct __sk_buff *skb)
 	struct flow flow;
 	struct pod_info *pod;
 
-	if (!load_tcp_flow(skb, &flow))
+	if (!load_flow(skb, &flow))
 		return TC_ACT_OK;
 	pod = bpf_map_lookup_elem(&pod_map, &flow.daddr);
 	if (!pod)
 		return TC_ACT_OK; /* another node's pod, or outside the mesh: route it */
 	/* HBONE between two pods of this node is ztunnel talking to itself: send it back
 	 * in, where ztunnel_tproxy hands it to the 15008 listener or the connecting socket. */
-	if (flow.dport == bpf_htons(INBOUND_HBONE_PORT) || flow.sport == bpf_htons(INBOUND_HBONE_PORT))
+	if (flow.protocol == IPPROTO_TCP && (flow.dport == bpf_htons(INBOUND_HBONE_PORT) ||
+					      flow.sport == bpf_htons(INBOUND_HBONE_PORT)))
 		return redirect_to_ztunnel(skb);
 	skb->cb[BYPASS_CB_SLOT] = BYPASS_CB_VALUE;
 	return redirect_to(skb, pod->ifindex, pod->mac);
@@ -170,8 +198,8 @@ int ztunnel_tproxy(struct __sk_buff *skb)
 	__u32 zero = 0;
 	struct ztunnel_info *zt;
 
-	if (!load_tcp_flow(skb, &flow))
-		return TC_ACT_OK;
+	if (!load_flow(skb, &flow) || flow.protocol != IPPROTO_TCP)
+		return TC_ACT_OK; /* UDP is left to this namespace's stack */
 	zt = bpf_map_lookup_elem(&ztunnel_map, &zero);
 	if (zt && zt->addr == flow.daddr)
 		return TC_ACT_OK; /* for ztunnel itself (admin, readiness, metrics) */
@@ -188,10 +216,10 @@ int ztunnel_tproxy(struct __sk_buff *skb)
 	tuple.ipv4.dport = bpf_htons(listener_port(&flow));
 	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
-		return TC_ACT_SHOT; /* ztunnel is not listening: captured traffic must not leak */
+		return TC_ACT_OK; /* no listener matches: Istio passes it to the stack */
 	if (sk->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
-		return TC_ACT_SHOT;
+		return TC_ACT_OK;
 	}
 	return assign(skb, sk);
 }
