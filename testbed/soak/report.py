@@ -69,9 +69,11 @@ def summarize(
     churned = counts.get("connections_churned", 0.0)
     lines = [
         f"soak: mode {options.mode}, {options.duration:g} s, a sample every {options.interval:g} s",
-        f"connections churned: {churned:.0f} (errors {counts.get('churn_errors', 0):.0f})"
+        f"connections churned: {churned:.0f} (failed attempts, fast while the L4 DENY is on: "
+        f"{counts.get('churn_errors', 0):.0f})"
         + ("" if churned >= CHURN_TARGET else f"; FEWER than the {CHURN_TARGET} asked for"),
-        f"HTTP requests through the waypoint: {counts.get('http_requests', 0):.0f} "
+        f"HTTP requests to reviews (through its waypoint in ambient modes): "
+        f"{counts.get('http_requests', 0):.0f} "
         f"(errors, 403s of the L7 DENY included: {counts.get('http_errors', 0):.0f})",
         f"bulk transfers: {counts.get('bulk_transfers', 0):.0f} "
         f"({counts.get('bulk_bytes', 0) / 1e9:.2f} GB)",

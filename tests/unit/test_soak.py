@@ -113,7 +113,8 @@ def test_the_summary_names_each_leak_and_a_churn_shortfall() -> None:
     ]
     counts = {"connections_churned": 9000.0, "policy_changes": 20.0}
     text = summarize(SoakOptions(duration=600), verdicts, counts, {"http": "timed out"})
-    assert "connections churned: 9000 (errors 0); FEWER than the 10000 asked for" in text
+    assert "connections churned: 9000 (failed attempts" in text
+    assert "0); FEWER than the 10000 asked for" in text
     assert "policy changes: 20" in text
     assert "http: 0 steps failed, the last: timed out" in text
     assert "ok: waypoint fds" in text
