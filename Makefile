@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TESTBED := $(VENV)/bin/testbed
 EXPERIMENT ?= experiments/default.yaml
 
-.PHONY: setup python-env test unit integration experiment bench report lint fuzz chaos clean
+.PHONY: setup python-env test unit integration experiment bench report lint fuzz chaos soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,10 @@ fuzz: setup
 # (default inpod,legacy,ebpf); prints the summary, writes results/chaos/summary.json.
 chaos: setup
 	$(PY) scripts/chaos.py $(if $(DURATION),--duration $(DURATION),) $(if $(MODES),--modes $(MODES),)
+
+# make soak [DURATION=10m] [MODE=inpod]: mixed traffic + policy changes; exit 1 on a leak
+soak: setup
+	$(TESTBED) soak --duration $(or $(DURATION),10m) $(if $(MODE),--mode $(MODE),)
 
 clean: setup
 	$(TESTBED) clean --all

@@ -384,6 +384,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from testbed.soak import SoakOptions, parse_duration, run_soak
+
+    options = SoakOptions(
+        duration=parse_duration(args.duration), mode=args.mode, interval=args.interval,
+        http_qps=args.qps, out=args.out, name=args.name, root=args.root,
+    )  # fmt: skip
+    result = run_soak(options, say=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    return 1 if result.leaks else 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from testbed.redirect import available_modes
@@ -490,6 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native", action="store_true", help="skip the HAProxy native peer")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="rows.csv and summary")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("soak", help="mixed traffic and policy changes for a while; fail on leaks")
+    p.add_argument("--duration", default="10m", help="600, 600s, 10m, 1h (default 10m)")
+    p.add_argument("--mode", default="inpod", help=f"one of {', '.join(modes)} (default inpod)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--qps", type=int, default=50, help="HTTP requests/s through the waypoint")
+    p.add_argument("--name", default="soak", help="the testbed's name (default soak)")
+    p.add_argument("--out", type=Path, default=Path("results/soak"), help="results folder")
+    p.set_defaults(func=cmd_soak)
     return parser
 
 

@@ -14,6 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from fuzz_support import end_with_parent
+
 from testbed.mesh.hbone import ConnectDecision, ConnectRequest, HboneServer, connect_tcp
 from testbed.mesh.hbone import server_context as make_server_context
 from testbed.mesh.hbone.testcerts import Identity
@@ -58,4 +60,5 @@ async def main(pki: Path) -> None:
 
 
 if __name__ == "__main__":
+    end_with_parent()
     asyncio.run(main(Path(sys.argv[1])))

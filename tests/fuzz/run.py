@@ -24,9 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 CORPUS = HERE / "corpus"
 INPUTS = int(os.environ.get("FUZZ_INPUTS", "100000"))
-SECONDS = float(os.environ.get("FUZZ_SECONDS", "1500"))
+SECONDS = float(os.environ.get("FUZZ_SECONDS", "2700"))
 ARTIFACTS = Path(os.environ.get("FUZZ_ARTIFACTS", "/tmp/testbed-fuzz-artifacts"))
-BATCH = 8
+BATCH = int(os.environ.get("FUZZ_BATCH", "16"))  # inputs per hypothesis example (fuzz_support)
 
 # name -> (module, function): `function(data: bytes)` checks one input
 ATHERIS = {
@@ -38,14 +38,14 @@ ATHERIS = {
 }
 # name -> (pytest node, inputs per example)
 HYPOTHESIS = {
-    "zds-client": ("test_fuzz_zds.py::test_client_nacks_what_it_cannot_read_and_reconnects", 1),
+    "zds-client": ("test_fuzz_zds.py::test_client_nacks_what_it_cannot_read_and_reconnects", BATCH),
     "http1-server": (
         "test_fuzz_http1.py::test_server_answers_garbage_with_its_status_and_closes",
-        1,
+        BATCH,
     ),
     "waypoint-h2": (
         "test_fuzz_waypoint_h2.py::test_hostile_http2_is_refused_with_goaway_and_others_flow",
-        1,
+        BATCH,
     ),
     "hbone": (
         "test_fuzz_hbone.py::test_hostile_http2_after_tls_closes_only_that_connection",
@@ -111,6 +111,7 @@ def atheris_merge_child(name: str, workdir: str) -> None:
 def start(name: str, logs: Path) -> tuple[subprocess.Popen[bytes], Path, str | None]:
     log = logs / f"{name}.log"
     env = {**os.environ, "FUZZ_SECONDS": str(SECONDS), "FUZZ_PROFILE": "fuzz"}
+    env["FUZZ_BATCH"] = str(BATCH)
     if name in ATHERIS and have_atheris():
         workdir = tempfile.mkdtemp(prefix=f"fuzz-{name}-")
         argv = [sys.executable, __file__, "--atheris-child", name, workdir]

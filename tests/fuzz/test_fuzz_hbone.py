@@ -145,7 +145,10 @@ class HboneUnderFuzz:
         client = pki.identity("ns-a", "sa-a")
         self.context = client_context(client.cert, client.key, client.roots)
         self.server = subprocess.Popen(
-            [sys.executable, str(SERVER), self.tmp.name], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(SERVER), self.tmp.name],
+            stdin=subprocess.PIPE,  # it ends when this closes (fuzz_support.end_with_parent)
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.server.stdout is not None
         port, echo = (int(p) for p in self.server.stdout.readline().split())

@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuzz_support import ServerProcess, exchange, note_outcome, replay, tried
+from fuzz_support import (
+    BATCH,
+    ServerProcess,
+    exchange,
+    in_parallel,
+    note_outcome,
+    replay,
+    tried,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -139,6 +147,29 @@ class Http1Server:
             response += chunk
         return response.startswith(b"HTTP/1.1 200 ")
 
+    def attack(self, data: bytes) -> None:
+        """One input on its own connection: the status the parser gives it, then the close."""
+        if not tried(SERVER_TARGET):
+            return
+        reply = exchange(self.address, data)  # returns once the server closed the connection
+        statuses = [int(s) for s in _STATUS.findall(reply)]
+        expected = expected_status(data)
+        note_outcome(SERVER_TARGET, f"{expected},{statuses[-1:] or None}", data)
+        if expected is not None:
+            assert statuses and statuses[0] == expected, (expected, reply[:200])
+            assert reply.count(b"HTTP/1.1 ") == 1, "nothing may follow the error answer"
+        for status in statuses:
+            assert status in {100, 200} | STATUSES, status
+
+    def batch(self, inputs: list[bytes]) -> None:
+        """Inputs on concurrent connections, then the properties of the whole server."""
+        try:
+            in_parallel(self.attack, inputs)
+        finally:
+            assert self.server.alive(), "the waypoint's HTTP/1.1 server process died"
+        assert self.canary_served(), "another connection on the same server stopped flowing"
+        assert self.server.rss() < RSS_LIMIT, "the server's memory grows without bound"
+
     def close(self) -> None:
         self.canary.close()
         self.server.close()
@@ -151,21 +182,12 @@ def server() -> Iterator[Http1Server]:
     running.close()
 
 
-@given(data=_inputs)
+@given(st.lists(_inputs, min_size=BATCH, max_size=BATCH))
 def test_server_answers_garbage_with_its_status_and_closes(
-    server: Http1Server, data: bytes
+    server: Http1Server, inputs: list[bytes]
 ) -> None:
-    if not tried(SERVER_TARGET):
-        return
-    reply = exchange(server.address, data)  # returns once the server closed the connection
-    statuses = [int(s) for s in _STATUS.findall(reply)]
-    expected = expected_status(data)
-    note_outcome(SERVER_TARGET, f"{expected},{statuses[-1:] or None}", data)
-    if expected is not None:
-        assert statuses and statuses[0] == expected, (expected, reply[:200])
-        assert reply.count(b"HTTP/1.1 ") == 1, "nothing may follow the error answer"
-    for status in statuses:
-        assert status in {100, 200} | STATUSES, status
-    assert server.server.alive(), "the waypoint's HTTP/1.1 server process died"
-    assert server.canary_served(), "another connection on the same server stopped flowing"
-    assert server.server.rss() < RSS_LIMIT, "the server's memory grows without bound"
+    server.batch(inputs)
+
+
+def test_saved_server_seeds_still_get_their_status(server: Http1Server) -> None:
+    replay(SERVER_TARGET, lambda data: server.batch([data]))

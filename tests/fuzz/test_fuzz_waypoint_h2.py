@@ -19,16 +19,19 @@ import h2.connection
 import h2.events
 import pytest
 from fuzz_support import (
+    BATCH,
     ServerProcess,
     exchange,
     h2_probe,
     h2_verdict,
+    in_parallel,
     note_outcome,
     replay,
     tried,
 )
 from h2_inputs import h2_inputs
 from hypothesis import given
+from hypothesis import strategies as st
 
 TARGET = "waypoint-h2"
 RSS_LIMIT = 128 << 20  # the server process's whole RSS (~30 MiB idle)
@@ -67,15 +70,24 @@ class WaypointH2:
         self.address = self.server.address
         self.canary = Canary(self.address)
 
-    def one_input(self, data: bytes) -> None:
+    def attack(self, data: bytes) -> None:
         if not tried(TARGET):
             return
         verdict = h2_verdict(exchange(self.address, data + h2_probe()))
         note_outcome(TARGET, f"{verdict.goaway_codes[-1:]},{verdict.ping_acked}", data)
-        assert self.server.alive(), "the waypoint's HTTP/2 server process died"
         verdict.check(data)
+
+    def batch(self, inputs: list[bytes]) -> None:
+        """Inputs on concurrent connections, then the properties of the whole server."""
+        try:
+            in_parallel(self.attack, inputs)
+        finally:
+            assert self.server.alive(), "the waypoint's HTTP/2 server process died"
         assert self.canary.served(), "another connection on the same server stopped flowing"
         assert self.server.rss() < RSS_LIMIT, "the server's memory grows without bound"
+
+    def one_input(self, data: bytes) -> None:
+        self.batch([data])
 
     def close(self) -> None:
         self.canary.sock.close()
@@ -93,11 +105,11 @@ def waypoint() -> Iterator[WaypointH2]:
     running.close()
 
 
-@given(h2_inputs())
+@given(st.lists(h2_inputs(), min_size=BATCH, max_size=BATCH))
 def test_hostile_http2_is_refused_with_goaway_and_others_flow(
-    waypoint: WaypointH2, data: bytes
+    waypoint: WaypointH2, inputs: list[bytes]
 ) -> None:
-    waypoint.one_input(data)
+    waypoint.batch(inputs)
 
 
 def test_saved_seeds_still_get_goaway_or_answers(waypoint: WaypointH2) -> None:

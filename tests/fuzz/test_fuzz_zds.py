@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuzz_support import note_outcome, replay, tried
+from fuzz_support import BATCH, note_outcome, replay, tried
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -193,12 +193,13 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     running.close()
 
 
-@given(
-    st.one_of(
-        st.binary(min_size=1, max_size=200), st.lists(_fields, min_size=1, max_size=4).map(b"".join)
-    )
+_packets = st.one_of(
+    st.binary(min_size=1, max_size=200), st.lists(_fields, min_size=1, max_size=4).map(b"".join)
 )
-def test_client_nacks_what_it_cannot_read_and_reconnects(agent: Agent, packet: bytes) -> None:
+
+
+def nacks_or_acks(agent: Agent, packet: bytes) -> None:
+    """One packet on the session: an undecodable one is nacked and ends the session."""
     if not tried("zds-client"):
         return
     try:
@@ -213,3 +214,15 @@ def test_client_nacks_what_it_cannot_read_and_reconnects(agent: Agent, packet: b
         assert agent.session_ends_and_restarts(), "Istio ends a session that sent garbage"
     else:
         assert error is not None
+
+
+@given(st.lists(_packets, min_size=BATCH, max_size=BATCH))
+def test_client_nacks_what_it_cannot_read_and_reconnects(
+    agent: Agent, packets: list[bytes]
+) -> None:
+    for packet in packets:  # one session, in order: a ZDS session is a sequence of requests
+        nacks_or_acks(agent, packet)
+
+
+def test_saved_client_seeds_still_get_nacked_or_acked(agent: Agent) -> None:
+    replay("zds-client", lambda packet: nacks_or_acks(agent, packet))

@@ -110,14 +110,14 @@ def test_loaders_refuse_hostile_documents_with_one_error(
     or validated 9^9 aliased values for minutes; now one ConfigError / SpecError, at once."""
     path = tmp_path / "hostile.yaml"
     path.write_bytes(text)
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not wall: the machine is shared, load varies
     with pytest.raises(ConfigError, match=message) as config_error:
         LocalConfig.load(path)
     with pytest.raises(SpecError, match=message):
         load_spec(path)
     assert str(config_error.value).startswith(f"{path}: ")
     assert "\n" not in str(config_error.value)
-    assert time.monotonic() - started < 10
+    assert time.process_time() - started < 10
 
 
 @pytest.mark.parametrize("value", [b"5\xb3", b"\xb2", b"\xd9\xa3"])
@@ -142,7 +142,7 @@ def test_http1_content_length_of_non_ascii_digits_is_a_400(value: bytes) -> None
 def test_topology_of_absurd_size_fails_at_once(spec: str, message: str) -> None:
     """topology-spec (atheris): nodes=209209 built 400k objects for 211 s and ~300 MiB
     before the size check; now the model refuses the 201st node or the 50001st pod."""
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not wall: the machine is shared, load varies
     with pytest.raises(TopologyError, match=message):
         plan(load_topology(spec))
-    assert time.monotonic() - started < 10
+    assert time.process_time() - started < 10

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from fuzz_support import end_with_parent
+
 from testbed.mesh.waypoint.http1 import serve_http1
 from testbed.mesh.waypoint.http2 import Http2Server
 from testbed.mesh.waypoint.messages import MAX_HEADER_BYTES, HttpRequest, HttpResponse
@@ -38,4 +40,5 @@ async def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
+    end_with_parent()
     asyncio.run(main(sys.argv[1]))
