@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,9 +148,27 @@ def clean_run(manifest: RunManifest) -> TeardownReport:
     except OSError as exc:
         report.errors.append(f"the run's namespaces: {exc}")
     if not report.errors:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(manifest.dir)
+        _remove_manifest_dir(report, manifest.dir)
     return report
+
+
+MANIFEST_DIR_TRIES = 20
+
+
+def _remove_manifest_dir(report: TeardownReport, directory: Path) -> None:
+    """Remove the run's folder. Cleaned from another process, a run whose own process is
+    still alive (an experiment between cases) may write a file there while it goes: try
+    again for a moment, then say so instead of failing."""
+    for _ in range(MANIFEST_DIR_TRIES):
+        try:
+            shutil.rmtree(directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            error = exc
+            time.sleep(0.05)
+    report.errors.append(f"{directory}: {error} (is the run's own process still writing to it?)")
 
 
 def _remove_into(report: TeardownReport, entry: Entry) -> None:

@@ -102,11 +102,6 @@ class RunManifest:
     def state_file(self, name: str) -> Path:
         return self.dir / name
 
-    def remove_dir(self) -> None:
-        for child in self.dir.iterdir():
-            child.unlink()
-        self.dir.rmdir()
-
 
 def list_runs(root: Path = RUNS_ROOT) -> Iterator[RunManifest]:
     if not root.is_dir():

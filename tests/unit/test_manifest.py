@@ -1,7 +1,11 @@
+import errno
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from testbed.netlab import lab as lab_module
 from testbed.netlab.lab import Lab, clean_run
 from testbed.netlab.manifest import ManifestError, RunManifest, list_runs
 
@@ -34,3 +38,43 @@ def test_clean_removes_exactly_what_was_recorded(tmp_path: Path) -> None:
     assert other.exists()
     assert not lab.manifest.dir.exists()
     assert report.errors == []
+
+
+class _Shutil:
+    def __init__(self, rmtree: Callable[[Path], None]) -> None:
+        self.rmtree = rmtree
+
+
+def _rmtree_failing(times: int, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """shutil.rmtree as seen while a run's own process writes into its folder."""
+    real, calls = shutil.rmtree, []
+
+    def rmtree(path: Path) -> None:
+        calls.append(path)
+        if len(calls) <= times:
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        real(path)
+
+    monkeypatch.setattr(lab_module, "shutil", _Shutil(rmtree))
+    return calls
+
+
+def test_clean_tries_again_while_the_run_still_writes_into_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab.create("busy", tmp_path)
+    calls = _rmtree_failing(2, monkeypatch)
+    report = clean_run(lab.manifest)
+    assert report.errors == [] and len(calls) == 3
+    assert not lab.manifest.dir.exists()
+
+
+def test_clean_says_so_when_the_folder_never_empties(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab.create("busier", tmp_path)
+    _rmtree_failing(10_000, monkeypatch)
+    report = clean_run(lab.manifest)
+    (error,) = report.errors
+    assert "Directory not empty" in error and "still writing" in error
+    assert lab.manifest.dir.exists()
