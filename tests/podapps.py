@@ -5,43 +5,31 @@ HTTP echo server as a pod process, and an HTTP client that requests from inside 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 from testbed.cluster import Pod
 from testbed.netlab import ManagedProcess
+from testbed.netlab.tcpserver import NetnsTcpServer
 
 APP_PORT = 8080
 
 
-class GreetingServer:
+class GreetingServer(NetnsTcpServer):
     """Listens in `pod`; greets each connection, then reads to EOF and answers the sha256
     of what it read."""
 
     def __init__(self, pod: Pod, port: int = APP_PORT, *, backlog: int = 128) -> None:
         self.pod = pod
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", port), backlog=backlog)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(pod.netns, port, backlog=backlog)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer_ip: str) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
-            self.answer(conn)
+    def serve(self, conn: socket.socket, peer_ip: str) -> None:
+        conn.sendall(f"{self.pod.name} {peer_ip}\n".encode())
+        self.answer(conn)
 
     def answer(self, conn: socket.socket) -> None:
         digest = hashlib.sha256()

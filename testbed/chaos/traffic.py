@@ -16,7 +16,6 @@ the integration tests do), so no tool's output needs parsing to tell these apart
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
@@ -25,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
+
+from testbed.netlab.tcpserver import NetnsTcpServer
 
 if TYPE_CHECKING:
     from testbed.cluster.cluster import Pod
@@ -54,34 +55,18 @@ def classify(exc: BaseException) -> Outcome:
     return "reset"
 
 
-class Sha256Sink:
+class Sha256Sink(NetnsTcpServer):
     """Listens in `pod` on `port`; answers each connection the sha256 of what it read."""
 
     def __init__(self, pod: Pod, port: int = SINK_PORT) -> None:
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", port), backlog=128)
-        self.port = port
-        threading.Thread(target=self._accept, name=f"sink-{pod.name}", daemon=True).start()
+        super().__init__(pod.netns, port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(HANG_SECONDS * 3)  # a peer that vanished does not pin a thread
-            digest = hashlib.sha256()
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-            conn.sendall(digest.hexdigest().encode())
-
-    def close(self) -> None:
-        self.listener.close()
+    def serve(self, conn: socket.socket, peer_ip: str) -> None:
+        conn.settimeout(HANG_SECONDS * 3)  # a peer that vanished does not pin a thread
+        digest = hashlib.sha256()
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+        conn.sendall(digest.hexdigest().encode())
 
 
 def connect_from(pod: Pod, ip: str, port: int, timeout: float = HANG_SECONDS) -> socket.socket:

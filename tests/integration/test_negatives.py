@@ -34,7 +34,6 @@ answers there was not checked.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import threading
@@ -52,6 +51,7 @@ from testbed.cluster import Cluster, Pod, Topology
 from testbed.cluster.waypoints import USE_WAYPOINT
 from testbed.mesh.ca import CA_CERT_FILE, CA_KEY_FILE
 from testbed.mesh.hbone.testcerts import Identity, TestPki
+from testbed.netlab.tcpserver import NetnsTcpServer
 from testbed.redirect import create_mode
 from testbed.redirect.base import MeshMode
 from testbed.redirect.inpod import InPodMode
@@ -94,44 +94,30 @@ class NegativesTopology(Topology):
         )
 
 
-class CountingServer:
+class CountingServer(NetnsTcpServer):
     """Counts accepted connections and bytes read; answers each HTTP request 200."""
 
     def __init__(self, pod: Pod, port: int = APP_PORT) -> None:
         self.accepted = 0
         self.received = 0
         self._lock = threading.Lock()
-        with pod.netns.entered():
-            self.listener = socket.create_server(("0.0.0.0", port), backlog=64)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(pod.netns, port, backlog=64)
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return self.accepted, self.received
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, peer_ip: str) -> None:
+        with self._lock:
+            self.accepted += 1
         pending = b""
-        with conn, contextlib.suppress(OSError):
-            while chunk := conn.recv(65536):
-                with self._lock:
-                    self.received += len(chunk)
-                pending += chunk
-                while b"\r\n\r\n" in pending:
-                    _, pending = pending.split(b"\r\n\r\n", 1)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-
-    def close(self) -> None:
-        self.listener.close()
+        while chunk := conn.recv(65536):
+            with self._lock:
+                self.received += len(chunk)
+            pending += chunk
+            while b"\r\n\r\n" in pending:
+                _, pending = pending.split(b"\r\n\r\n", 1)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
 
 
 @dataclass
