@@ -37,6 +37,7 @@ from testbed.mesh.hbone import (
     memory,
     server_context,
 )
+from testbed.mesh.hbone.connect import StreamStats
 from testbed.mesh.hbone.testcerts import TestPki
 
 CHUNK = 1 << 20
@@ -59,9 +60,37 @@ def _listen() -> socket.socket:
     return sock
 
 
+async def _tunnel(
+    pki: TestPki, app: asyncio.Server
+) -> tuple[
+    HboneServer,
+    HboneClient,
+    asyncio.Task[StreamStats],
+    tuple[asyncio.StreamReader, asyncio.StreamWriter],
+]:
+    """An HBONE server and client on loopback with one stream to `app`, relayed to a
+    socketpair whose far end is returned as (reader, writer)."""
+    server_id, client_id = pki.identity("ns-b", "sa-b"), pki.identity("ns-a", "sa-a")
+
+    async def on_connect(request: ConnectRequest) -> ConnectDecision:
+        return ConnectDecision.accept(await connect_tcp(request.authority))
+
+    server = HboneServer(server_context(server_id.cert, server_id.key, pki.roots), on_connect)
+    await server.start(_listen())
+    client = HboneClient()
+    stream = await client.open(
+        server.address,
+        f"127.0.0.1:{app.sockets[0].getsockname()[1]}",
+        ssl_context=client_context(client_id.cert, client_id.key, pki.roots),
+        expected_identities={server_id.uri},
+    )
+    ours, theirs = socket.socketpair()
+    relay = asyncio.create_task(stream.relay(theirs))
+    return server, client, relay, await asyncio.open_connection(sock=ours)
+
+
 async def transfer(mib: int, pause_every: int, certs: Path) -> dict[str, object]:
     pki = TestPki(certs)
-    server_id, client_id = pki.identity("ns-b", "sa-b"), pki.identity("ns-a", "sa-a")
     received = 0
     done = asyncio.Event()
 
@@ -77,23 +106,7 @@ async def transfer(mib: int, pause_every: int, certs: Path) -> dict[str, object]
         done.set()
 
     app = await asyncio.start_server(sink, sock=_listen())
-    app_port = app.sockets[0].getsockname()[1]
-
-    async def on_connect(request: ConnectRequest) -> ConnectDecision:
-        return ConnectDecision.accept(await connect_tcp(request.authority))
-
-    server = HboneServer(server_context(server_id.cert, server_id.key, pki.roots), on_connect)
-    await server.start(_listen())
-    client = HboneClient()
-    stream = await client.open(
-        server.address,
-        f"127.0.0.1:{app_port}",
-        ssl_context=client_context(client_id.cert, client_id.key, pki.roots),
-        expected_identities={server_id.uri},
-    )
-    ours, theirs = socket.socketpair()
-    relay = asyncio.create_task(stream.relay(theirs))
-    _, writer = await asyncio.open_connection(sock=ours)
+    server, client, relay, (_, writer) = await _tunnel(pki, app)
     block = b"x" * CHUNK
     cpu0, wall0 = time.process_time(), time.monotonic()
     for _ in range(mib):
@@ -162,7 +175,6 @@ async def new_streams(count: int, certs: Path) -> dict[str, object]:
 async def ping_pong(count: int, certs: Path) -> dict[str, object]:
     """`count` 64 B round trips on one stream: CPU and wall time per round trip."""
     pki = TestPki(certs)
-    server_id, client_id = pki.identity("ns-b", "sa-b"), pki.identity("ns-a", "sa-a")
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(64):
@@ -170,22 +182,7 @@ async def ping_pong(count: int, certs: Path) -> dict[str, object]:
         writer.close()
 
     app = await asyncio.start_server(echo, sock=_listen())
-
-    async def on_connect(request: ConnectRequest) -> ConnectDecision:
-        return ConnectDecision.accept(await connect_tcp(request.authority))
-
-    server = HboneServer(server_context(server_id.cert, server_id.key, pki.roots), on_connect)
-    await server.start(_listen())
-    client = HboneClient()
-    stream = await client.open(
-        server.address,
-        f"127.0.0.1:{app.sockets[0].getsockname()[1]}",
-        ssl_context=client_context(client_id.cert, client_id.key, pki.roots),
-        expected_identities={server_id.uri},
-    )
-    ours, theirs = socket.socketpair()
-    relay = asyncio.create_task(stream.relay(theirs))
-    reader, writer = await asyncio.open_connection(sock=ours)
+    server, client, relay, (reader, writer) = await _tunnel(pki, app)
     cpu0, wall0 = time.process_time(), time.monotonic()
     for _ in range(count):
         writer.write(b"r" * 64)
